@@ -1,0 +1,111 @@
+"""Device meshes, batch sharding and multi-host helpers, in plain JAX.
+
+Every analysis and training step runs under a one-axis `jax.sharding.Mesh` named `DATA_AXIS`
+over all devices of all hosts (one CPU is a mesh of one). Each host reads only its share of the
+data (`host_shard`), and `global_batch` assembles the hosts' local arrays into one global
+`jax.Array` sharded along the batch dimension.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis mesh named `DATA_AXIS` over `devices` (default: all devices of all hosts)."""
+  devices = jax.devices() if devices is None else list(devices)
+  if not devices:
+    raise ValueError("make_mesh needs at least one device.")
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding that splits an array's leading (batch) dimension over the data axis."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding that keeps a full copy of an array on every device of `mesh`."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  """Raises ValueError unless the batch splits evenly over devices and hosts.
+
+  Args:
+    global_batch_size: examples per step summed over all hosts.
+    mesh: the mesh the batch is sharded over.
+  """
+  num_devices = mesh.devices.size
+  if global_batch_size <= 0 or global_batch_size % num_devices:
+    raise ValueError(
+        f"Global batch size {global_batch_size} is not divisible by the {num_devices} devices "
+        f"of the mesh; choose a multiple of {num_devices} (e.g. "
+        f"{max(1, global_batch_size // num_devices) * num_devices}).")
+  num_processes = jax.process_count()
+  if global_batch_size % num_processes:
+    raise ValueError(
+        f"Global batch size {global_batch_size} is not divisible by the {num_processes} hosts.")
+
+
+def host_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """The number of examples this host loads per step (validated against `mesh`)."""
+  check_global_batch_size(global_batch_size, mesh)
+  return global_batch_size // jax.process_count()
+
+
+def host_shard(num_examples: int, process_index: int | None = None,
+               process_count: int | None = None) -> tuple[int, int]:
+  """The `[start, stop)` range of example indices this host reads.
+
+  Hosts get contiguous, disjoint, equally sized ranges; the `num_examples % process_count`
+  examples at the end are read by no host, so every host runs the same number of steps.
+
+  Args:
+    num_examples: examples in the whole (possibly subset) split.
+    process_index: this host's index (default `jax.process_index()`).
+    process_count: number of hosts (default `jax.process_count()`).
+
+  Returns:
+    (start, stop) with `stop - start == num_examples // process_count`.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+  per_host = num_examples // process_count
+  if per_host == 0:
+    raise ValueError(
+        f"{num_examples} examples cannot be split over {process_count} hosts; "
+        "use more examples or fewer hosts.")
+  start = process_index * per_host
+  return start, start + per_host
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Assembles each host's local arrays into global arrays sharded over the batch axis.
+
+  Args:
+    local_batch: pytree of host-local arrays `[host_batch, ...]`; every host passes the same
+      structure and shapes.
+    mesh: the mesh to shard over.
+
+  Returns:
+    The same pytree of `jax.Array`s of shape `[host_batch * process_count, ...]`.
+  """
+  sharding = batch_sharding(mesh)
+
+  def to_global(x):
+    x = np.asarray(x)
+    if x.shape[0] % (mesh.devices.size // jax.process_count()):
+      raise ValueError(
+          f"Host batch of {x.shape[0]} examples does not split over this host's "
+          f"{mesh.devices.size // jax.process_count()} devices.")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(to_global, local_batch)

@@ -13,6 +13,8 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=[
         "absl-py>=2.1",
+        # epath: checkpoint paths, local or gs:// (vit_repr.checkpoints).
+        "etils[epath]>=1.5",
         "flax>=0.10,<0.13",
         "jax>=0.6",
         "matplotlib>=3.8",
@@ -22,6 +24,8 @@ setuptools.setup(
         "orbax-checkpoint>=0.11",
         # The embedded offline dataset (scikit-learn's bundled handwritten digits).
         "scikit-learn>=1.3",
+        # ndimage.zoom: the original ViT position-embedding resize (vit_repr.checkpoints).
+        "scipy>=1.11",
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",
     ],

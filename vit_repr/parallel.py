@@ -42,11 +42,15 @@ def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     mesh: the mesh the batch is sharded over.
   """
   num_devices = mesh.devices.size
-  if global_batch_size <= 0 or global_batch_size % num_devices:
+  if global_batch_size <= 0:
+    raise ValueError(f"Global batch size must be positive, got {global_batch_size}.")
+  if global_batch_size % num_devices:
     raise ValueError(
         f"Global batch size {global_batch_size} is not divisible by the {num_devices} devices "
-        f"of the mesh; choose a multiple of {num_devices} (e.g. "
-        f"{max(1, global_batch_size // num_devices) * num_devices}).")
+        f"of the mesh; choose a multiple of {num_devices}, e.g. "
+        + (f"{global_batch_size // num_devices * num_devices} or "
+           if global_batch_size > num_devices else "")
+        + f"{-(-global_batch_size // num_devices) * num_devices}.")
   num_processes = jax.process_count()
   if global_batch_size % num_processes:
     raise ValueError(

@@ -1,0 +1,386 @@
+"""Tests for vit_repr.data: embedded digits, TFDS (mocked, offline), subsets, hosts, sharding."""
+
+import os
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn import datasets as sk_datasets
+from sklearn import model_selection
+
+from tests.conftest import run_python
+from vit_repr import data
+
+
+def np_resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """Bilinear resize with half-pixel centres and edge clamping, float64."""
+  image = image.astype(np.float64)
+
+  def axis(n_in, n_out):
+    centre = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    low = np.floor(centre)
+    frac = centre - low
+    return np.clip(low, 0, n_in - 1).astype(int), np.clip(low + 1, 0, n_in - 1).astype(int), frac
+
+  r0, r1, fr = axis(image.shape[0], out_h)
+  c0, c1, fc = axis(image.shape[1], out_w)
+  rows = image[r0] * (1 - fr)[:, None, None] + image[r1] * fr[:, None, None]
+  return rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
+
+
+def digits_reference(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The documented 'digits' split, built directly from scikit-learn: uint8 images, labels."""
+  digits = sk_datasets.load_digits()
+  train, test = model_selection.train_test_split(
+      np.arange(1797), test_size=360, stratify=digits.target, random_state=0)
+  idx = {"train": train, "test": test}[split]
+  images = np.round(digits.images[idx] * 255.0 / 16.0)
+  return np.repeat(images[..., None], 3, axis=-1), digits.target[idx]
+
+
+def collect(batches):
+  batches = list(batches)
+  return (np.concatenate([b["image"] for b in batches]),
+          np.concatenate([b["label"] for b in batches]))
+
+
+# ------------------------------------------------------------------------------------------
+# Embedded dataset.
+
+
+def test_digits_info_and_split():
+  info = data.dataset_info("digits")
+  assert info.num_classes == 10 and dict(info.splits) == {"train": 1437, "test": 360}
+  assert info.image_shape == (8, 8, 3)
+  assert "BSD-3" in info.license and "Alpaydin" in info.citation
+  assert "digits" in data.known_datasets() and "cifar10" in data.known_datasets()
+  _, train_labels = digits_reference("train")
+  _, test_labels = digits_reference("test")
+  # Stratified: every class's test share is within one example of 360/1797 of its size.
+  totals = np.bincount(np.concatenate([train_labels, test_labels]))
+  assert np.all(np.abs(np.bincount(test_labels) - totals * 360 / 1797) <= 1)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_digits_eval_matches_numpy_reference(split):
+  images, labels = collect(data.eval_numpy_batches(
+      "digits", split, image_size=20, global_batch_size=50))
+  ref_images, ref_labels = digits_reference(split)
+  n = (len(ref_labels) // 50) * 50
+  assert images.shape == (n, 20, 20, 3) and images.dtype == np.float32
+  assert labels.dtype == np.int32
+  np.testing.assert_array_equal(labels, ref_labels[:n])
+  expected = np.stack([np_resize_bilinear(im, 20, 20) for im in ref_images[:n]]) / 127.5 - 1
+  np.testing.assert_allclose(images, expected, atol=2e-5)
+  assert images.min() >= -1.0 and images.max() <= 1.0
+
+
+def test_eval_is_deterministic_and_counts_drops():
+  kwargs = dict(image_size=16, global_batch_size=64, num_examples=300)
+  a_images, a_labels = collect(data.eval_numpy_batches("digits", "train", **kwargs))
+  b_images, b_labels = collect(data.eval_numpy_batches("digits", "train", **kwargs))
+  np.testing.assert_array_equal(a_images, b_images)
+  np.testing.assert_array_equal(a_labels, b_labels)
+  plan = data.eval_plan(1437, global_batch_size=64, num_examples=300)
+  assert (plan.num_batches, plan.num_examples, plan.num_dropped) == (4, 256, 44)
+  assert len(a_labels) == 256
+
+
+# ------------------------------------------------------------------------------------------
+# Eval preprocessing on synthetic images.
+
+
+@pytest.mark.parametrize("shape,size", [((13, 9), 16), ((40, 25), 12), ((8, 8), 8)],
+                         ids=["up-nonsquare", "down-nonsquare", "identity"])
+def test_eval_resize_matches_numpy(shape, size):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+  out = data._eval_preprocess(image, size, None).numpy()
+  expected = np_resize_bilinear(image, size, size) / 127.5 - 1
+  np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape,size,fraction,resized,offset", [
+    ((20, 30), 8, 0.5, (16, 24), (4, 8)),
+    ((30, 20), 8, 0.5, (24, 16), (8, 4)),
+    ((50, 50), 14, 0.875, (16, 16), (1, 1)),
+], ids=["landscape", "portrait", "square-0.875"])
+def test_eval_central_crop_matches_numpy(shape, size, fraction, resized, offset):
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+  out = data._eval_preprocess(image, size, fraction).numpy()
+  full = np_resize_bilinear(image, *resized) / 127.5 - 1
+  top, left = offset
+  np.testing.assert_allclose(out, full[top:top + size, left:left + size], atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Nested subsets.
+
+
+def test_subsets_are_nested_and_sized():
+  sets = {f: data.subset_indices(1000, f, subset_seed=3) for f in (0.1, 0.3, 1.0)}
+  assert [len(sets[f]) for f in (0.1, 0.3, 1.0)] == [100, 300, 1000]
+  assert set(sets[0.1]) <= set(sets[0.3]) <= set(sets[1.0])
+  assert np.all(np.diff(sets[0.3]) > 0)
+  other = data.subset_indices(1000, 0.3, subset_seed=4)
+  assert set(other) != set(sets[0.3])
+  np.testing.assert_array_equal(data.subset_indices(1000, 0.3, subset_seed=3), sets[0.3])
+
+
+def test_eval_subset_reads_the_subset_examples():
+  _, ref_labels = digits_reference("train")
+  idx = data.subset_indices(1437, 0.1, subset_seed=7)
+  _, labels = collect(data.eval_numpy_batches(
+      "digits", "train", image_size=8, global_batch_size=16, subset_fraction=0.1,
+      subset_seed=7))
+  assert len(idx) == 144
+  np.testing.assert_array_equal(labels, ref_labels[idx])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5, 1e-5], ids=["zero", "above-one", "empty"])
+def test_bad_subset_fraction(fraction):
+  with pytest.raises(ValueError, match="subset_fraction"):
+    data.subset_indices(1000, fraction)
+
+
+# ------------------------------------------------------------------------------------------
+# Hosts.
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_eval_host_split_assembles_to_single_host(hosts):
+  plans = [data.eval_plan(360, global_batch_size=32, process_index=h, process_count=hosts)
+           for h in range(hosts)]
+  single = data.eval_plan(360, global_batch_size=32, process_index=0, process_count=1)
+  per_host = [p.host_indices.reshape(p.num_batches, -1) for p in plans]
+  assert all(p.shape == (11, 32 // hosts) for p in per_host)
+  np.testing.assert_array_equal(np.concatenate(per_host, axis=1).ravel(), single.host_indices)
+  batches = [list(data.eval_numpy_batches("digits", "test", image_size=8, global_batch_size=32,
+                                          process_index=h, process_count=hosts))
+             for h in range(hosts)]
+  images, labels = collect(data.eval_numpy_batches("digits", "test", image_size=8,
+                                                   global_batch_size=32, process_count=1))
+  joined = [np.concatenate([b[i]["label"] for b in batches]) for i in range(11)]
+  np.testing.assert_array_equal(np.concatenate(joined), labels)
+  joined = [np.concatenate([b[i]["image"] for b in batches]) for i in range(11)]
+  np.testing.assert_array_equal(np.concatenate(joined), images)
+
+
+# ------------------------------------------------------------------------------------------
+# Training pipeline.
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+TRAIN = dict(image_size=12, global_batch_size=40, seed=5)
+
+
+def test_train_shapes_ranges_and_epochs():
+  batches = take(data.train_numpy_batches("digits", "test", **TRAIN), 18)
+  assert batches[0]["image"].shape == (40, 12, 12, 3) and batches[0]["image"].dtype == np.float32
+  assert batches[0]["label"].dtype == np.int32
+  images = np.stack([b["image"] for b in batches])
+  assert images.min() >= -1.0 and images.max() <= 1.0
+  _, ref_labels = digits_reference("test")
+  # 360 examples = 9 batches: each epoch holds every example once, in a new order.
+  first = np.concatenate([b["label"] for b in batches[:9]])
+  second = np.concatenate([b["label"] for b in batches[9:]])
+  np.testing.assert_array_equal(np.bincount(first), np.bincount(ref_labels))
+  np.testing.assert_array_equal(np.bincount(second), np.bincount(ref_labels))
+  assert not np.array_equal(first, second)
+  assert not np.array_equal(first, ref_labels)
+
+
+def test_train_is_deterministic_and_seeded():
+  a = take(data.train_numpy_batches("digits", "test", **TRAIN), 3)
+  b = take(data.train_numpy_batches("digits", "test", **TRAIN), 3)
+  c = take(data.train_numpy_batches("digits", "test", **{**TRAIN, "seed": 6}), 3)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+@pytest.mark.parametrize("start_step", [4, 9, 13], ids=["mid-epoch", "epoch-start", "epoch-2"])
+def test_train_resume_equals_uninterrupted(start_step):
+  full = take(data.train_numpy_batches("digits", "test", **TRAIN), start_step + 3)
+  resumed = take(data.train_numpy_batches("digits", "test", start_step=start_step, **TRAIN), 3)
+  for x, y in zip(full[start_step:], resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_train_augmentation_is_crop_flip_of_the_image():
+  # Full-area crops leave only the flip: each training image is its eval image or its mirror.
+  batch = take(data.train_numpy_batches("digits", "test", area_range=(1.0, 1.0), **TRAIN), 1)[0]
+  ref_images, ref_labels = digits_reference("test")
+  candidates = np.stack([np_resize_bilinear(im, 12, 12) for im in ref_images]) / 127.5 - 1
+  flips = 0
+  for image, label in zip(batch["image"], batch["label"]):
+    dist = np.abs(candidates - image).max(axis=(1, 2, 3))
+    dist_flip = np.abs(candidates[:, :, ::-1] - image).max(axis=(1, 2, 3))
+    match = min(dist.min(), dist_flip.min())
+    assert match < 2e-5
+    best = np.argmin(np.minimum(dist, dist_flip))
+    assert ref_labels[best] == label
+    flips += dist_flip.min() < dist.min()
+  assert 5 < flips < 35
+
+
+def test_train_hosts_cover_the_split():
+  _, ref_labels = digits_reference("test")
+  labels = [np.concatenate([b["label"] for b in take(data.train_numpy_batches(
+      "digits", "test", process_index=h, process_count=2, **TRAIN), 9)]) for h in range(2)]
+  # Host h reads the contiguous half [180h, 180(h+1)): 9 steps of 20 = one epoch of its half.
+  for h in range(2):
+    np.testing.assert_array_equal(np.bincount(labels[h], minlength=10),
+                                  np.bincount(ref_labels[180 * h:180 * (h + 1)], minlength=10))
+
+
+def test_train_subset_uses_only_subset_examples():
+  _, ref_labels = digits_reference("train")
+  idx = data.subset_indices(1437, 0.25, subset_seed=1)
+  steps = len(idx) // 40
+  labels = np.concatenate([b["label"] for b in take(data.train_numpy_batches(
+      "digits", "train", subset_fraction=0.25, subset_seed=1, **TRAIN), steps)])
+  assert np.all(np.bincount(labels, minlength=10) <= np.bincount(ref_labels[idx], minlength=10))
+
+
+# ------------------------------------------------------------------------------------------
+# Summary.
+
+
+def test_summarize_matches_numpy():
+  summary = data.summarize("digits", "test", image_size=8, examples_per_class=3, max_classes=4,
+                           batch_size=50)
+  ref_images, ref_labels = digits_reference("test")
+  scaled = ref_images / 127.5 - 1
+  np.testing.assert_array_equal(summary["class_counts"], np.bincount(ref_labels))
+  np.testing.assert_allclose(summary["pixel_mean"], scaled.mean(axis=(0, 1, 2)), atol=1e-6)
+  np.testing.assert_allclose(summary["pixel_std"], scaled.std(axis=(0, 1, 2)), atol=1e-6)
+  assert summary["montage"].shape == (4 * 8, 3 * 8, 3)
+  for c in range(4):
+    for j in range(3):
+      tile = summary["montage"][8 * c:8 * (c + 1), 8 * j:8 * (j + 1)]
+      np.testing.assert_allclose(tile, ref_images[ref_labels == c][j] / 255.0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_unknown_dataset_lists_known_names():
+  with pytest.raises(ValueError, match=r"(?s)Unknown dataset 'cifar_10'.*cifar10.*digits"):
+    data.dataset_info("cifar_10")
+
+
+def test_unknown_split():
+  with pytest.raises(ValueError, match="splits are"):
+    list(data.eval_numpy_batches("digits", "validation", image_size=8, global_batch_size=8))
+
+
+@pytest.mark.parametrize("name,hint", [("cifar10", "tfds build cifar10"),
+                                       ("imagenet2012", "manual_dir")])
+def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path, name, hint):
+  with pytest.raises(FileNotFoundError, match=hint):
+    data.dataset_info(name, data_dir=str(tmp_path))
+  assert not any(tmp_path.rglob("*.tar*"))  # nothing was downloaded
+
+
+def test_too_many_examples():
+  with pytest.raises(ValueError, match="only 360 examples"):
+    data.eval_plan(360, global_batch_size=8, num_examples=400)
+  with pytest.raises(ValueError, match="smaller than one global batch"):
+    data.eval_plan(360, global_batch_size=64, num_examples=40)
+
+
+# ------------------------------------------------------------------------------------------
+# TFDS datasets, offline through tfds.testing.mock_data.
+
+MOCK_EXAMPLES = 20
+
+
+@pytest.fixture
+def mock_cifar10(tmp_path):
+  """Writes cifar10 metadata (splits of MOCK_EXAMPLES) and mocks its records."""
+  builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+  template = tfds.core.naming.ShardedFileTemplate(
+      data_dir=builder.data_dir, dataset_name="cifar10", filetype_suffix="tfrecord")
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=s, shard_lengths=[MOCK_EXAMPLES], num_bytes=0,
+                          filename_template=template.replace(split=s))
+      for s in ("train", "test")]))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, data_dir=str(tmp_path),
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    yield str(tmp_path)
+
+
+def test_tfds_eval_matches_direct_read(mock_cifar10):
+  info = data.dataset_info("cifar10", data_dir=mock_cifar10)
+  assert info.num_classes == 10 and info.splits["test"] == MOCK_EXAMPLES
+  builder = tfds.builder("cifar10", data_dir=mock_cifar10)
+  raw = list(builder.as_dataset(split="test", shuffle_files=False).as_numpy_iterator())
+  images, labels = collect(data.eval_numpy_batches(
+      "cifar10", "test", image_size=16, global_batch_size=8, data_dir=mock_cifar10))
+  assert images.shape == (16, 16, 16, 3)
+  np.testing.assert_array_equal(labels, [ex["label"] for ex in raw[:16]])
+  expected = np.stack([np_resize_bilinear(ex["image"], 16, 16) for ex in raw[:16]]) / 127.5 - 1
+  np.testing.assert_allclose(images, expected, atol=2e-5)
+
+
+def test_tfds_train_resume(mock_cifar10):
+  kwargs = dict(image_size=16, global_batch_size=8, seed=0, data_dir=mock_cifar10)
+  full = take(data.train_numpy_batches("cifar10", "train", **kwargs), 5)
+  resumed = take(data.train_numpy_batches("cifar10", "train", start_step=3, **kwargs), 2)
+  assert full[0]["image"].shape == (8, 16, 16, 3)
+  for x, y in zip(full[3:], resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+# ------------------------------------------------------------------------------------------
+# Sharding over 8 fake CPU devices.
+
+
+@pytest.mark.slow
+def test_batches_sharded_over_eight_devices():
+  code = textwrap.dedent("""
+      import numpy as np, jax
+      from vit_repr import data, parallel
+      mesh = parallel.make_mesh()
+      assert mesh.devices.size == 8
+      batches = data.eval_batches("digits", "test", image_size=8, global_batch_size=16,
+                                  mesh=mesh, num_examples=48)
+      assert len(batches) == 3
+      ref = list(data.eval_numpy_batches("digits", "test", image_size=8, global_batch_size=16,
+                                         num_examples=48))
+      for batch, expected in zip(batches, ref):
+        assert batch["image"].shape == (16, 8, 8, 3) and batch["label"].shape == (16,)
+        assert batch["image"].sharding.is_equivalent_to(parallel.batch_sharding(mesh), 4)
+        for shard in batch["image"].addressable_shards:
+          rows = shard.index[0]
+          assert shard.data.shape == (2, 8, 8, 3)
+          np.testing.assert_array_equal(np.asarray(shard.data), expected["image"][rows])
+        np.testing.assert_array_equal(np.asarray(batch["label"]), expected["label"])
+      train = data.train_batches("digits", "test", image_size=8, global_batch_size=16,
+                                 mesh=mesh, seed=1)
+      host = data.train_numpy_batches("digits", "test", image_size=8, global_batch_size=16,
+                                      seed=1)
+      for _ in range(3):
+        a, b = next(train), next(host)
+        np.testing.assert_array_equal(np.asarray(a["image"]), b["image"])
+      try:
+        data.eval_batches("digits", "test", image_size=8, global_batch_size=12, mesh=mesh)
+      except ValueError as e:
+        assert "12" in str(e) and "8 devices" in str(e), e
+      else:
+        raise AssertionError("no error for a batch of 12 on 8 devices")
+      print("OK")
+      """)
+  assert "OK" in run_python(code, num_devices=8).stdout

@@ -1,0 +1,34 @@
+r"""The main job: reproduces the paper's studies into one work directory.
+
+    python -m experiments.reproduce --workdir=outputs/reproduce
+    python -m experiments.reproduce --config=configs/reproduce.py:local --workdir=/tmp/r
+
+`make demo` runs the first line on the embedded dataset.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import common
+from vit_repr import reproduction
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "reproduce.py"),
+    "Reproduction config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for arrays, figures and logs.",
+                               required=True)
+
+
+def main(argv):
+  common.setup(argv, _CONFIG.value, _WORKDIR.value)
+  summary = reproduction.run(_CONFIG.value, _WORKDIR.value)
+  logging.info("Summary: %s", json.dumps(summary))
+  print(f"Results are in {os.path.abspath(_WORKDIR.value)} "
+        f"(figures in {os.path.abspath(os.path.join(_WORKDIR.value, 'figures'))}).")
+
+
+if __name__ == "__main__":
+  app.run(main)

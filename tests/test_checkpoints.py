@@ -1,0 +1,387 @@
+"""Tests for vit_repr.checkpoints: original .npz layouts, repairs, errors and orbax round trips.
+
+Checkpoints are written here in the original key layouts and shapes (np.savez with '/'-joined
+keys) and checked against NumPy float64 forward passes written directly from the flat dicts.
+"""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from vit_repr import checkpoints
+from vit_repr.models import create
+
+WIDTH, HEADS, MLP, PATCH, CLASSES = 32, 4, 64, 8, 10
+
+
+# --- Checkpoints in the original layouts -------------------------------------------------------
+
+def _dense(rng, shape, fan_in):
+  return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+
+def _vector(rng, n, mean=0.0):
+  return (mean + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+
+def vit_checkpoint(seed=0, *, depth=2, grid=4, classifier="token", representation_size=None,
+                   num_classes=CLASSES):
+  """A random ViT in the vision_transformer layout (pos embedding with the CLS slot)."""
+  rng = np.random.default_rng(seed)
+  d, hd = WIDTH, WIDTH // HEADS
+  w = {"embedding/kernel": _dense(rng, (PATCH, PATCH, 3, d), PATCH * PATCH * 3),
+       "embedding/bias": _vector(rng, d)}
+  slot = 1 if classifier == "token" else 0
+  if slot:
+    w["cls"] = _vector(rng, (1, 1, d))
+  w["Transformer/posembed_input/pos_embedding"] = _vector(rng, (1, slot + grid * grid, d))
+  for i in range(depth):
+    b = f"Transformer/encoderblock_{i}/"
+    for ln in ("LayerNorm_0", "LayerNorm_2"):
+      w[f"{b}{ln}/scale"], w[f"{b}{ln}/bias"] = _vector(rng, d, 1.0), _vector(rng, d)
+    a = f"{b}MultiHeadDotProductAttention_1/"
+    for name in ("query", "key", "value"):
+      w[f"{a}{name}/kernel"] = _dense(rng, (d, HEADS, hd), d)
+      w[f"{a}{name}/bias"] = _vector(rng, (HEADS, hd))
+    w[f"{a}out/kernel"], w[f"{a}out/bias"] = _dense(rng, (HEADS, hd, d), d), _vector(rng, d)
+    w[f"{b}MlpBlock_3/Dense_0/kernel"] = _dense(rng, (d, MLP), d)
+    w[f"{b}MlpBlock_3/Dense_0/bias"] = _vector(rng, MLP)
+    w[f"{b}MlpBlock_3/Dense_1/kernel"] = _dense(rng, (MLP, d), MLP)
+    w[f"{b}MlpBlock_3/Dense_1/bias"] = _vector(rng, d)
+  w["Transformer/encoder_norm/scale"] = _vector(rng, d, 1.0)
+  w["Transformer/encoder_norm/bias"] = _vector(rng, d)
+  head_in = d
+  if representation_size:
+    w["pre_logits/kernel"] = _dense(rng, (d, representation_size), d)
+    w["pre_logits/bias"] = _vector(rng, representation_size)
+    head_in = representation_size
+  w["head/kernel"] = _dense(rng, (head_in, num_classes), head_in)
+  w["head/bias"] = _vector(rng, num_classes)
+  return w
+
+
+def mixer_checkpoint(seed=0, *, depth=2, grid=4, tokens_mlp=12, channels_mlp=48):
+  """A random MLP-Mixer in the vision_transformer layout."""
+  rng = np.random.default_rng(seed)
+  d, n = WIDTH, grid * grid
+  w = {"stem/kernel": _dense(rng, (PATCH, PATCH, 3, d), PATCH * PATCH * 3),
+       "stem/bias": _vector(rng, d)}
+  for i in range(depth):
+    b = f"MixerBlock_{i}/"
+    for ln in ("LayerNorm_0", "LayerNorm_1"):
+      w[f"{b}{ln}/scale"], w[f"{b}{ln}/bias"] = _vector(rng, d, 1.0), _vector(rng, d)
+    for mlp, outer, inner in (("token_mixing", n, tokens_mlp), ("channel_mixing", d, channels_mlp)):
+      w[f"{b}{mlp}/Dense_0/kernel"] = _dense(rng, (outer, inner), outer)
+      w[f"{b}{mlp}/Dense_0/bias"] = _vector(rng, inner)
+      w[f"{b}{mlp}/Dense_1/kernel"] = _dense(rng, (inner, outer), inner)
+      w[f"{b}{mlp}/Dense_1/bias"] = _vector(rng, outer)
+  w["pre_head_layer_norm/scale"] = _vector(rng, d, 1.0)
+  w["pre_head_layer_norm/bias"] = _vector(rng, d)
+  w["head/kernel"], w["head/bias"] = _dense(rng, (d, CLASSES), d), _vector(rng, CLASSES)
+  return w
+
+
+_BV_NAMES = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_1":
+             "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1",
+             "MlpBlock_3": "MlpBlock_0"}
+
+
+def to_big_vision(w, *, depth, scanned=False, prefix="params/"):
+  """The same function in big_vision's layout: CLS + its pos-embedding slot folded together."""
+  out = {}
+  blocks = {}
+  for key, value in w.items():
+    if key == "Transformer/posembed_input/pos_embedding":
+      out["pos_embedding"] = value[:, 1:]
+      out["cls"] = w["cls"] + value[:, :1]
+    elif key.startswith("Transformer/encoderblock_"):
+      _, block, module, rest = key.split("/", 3)
+      blocks[(int(block.rsplit("_", 1)[1]), f"{_BV_NAMES[module]}/{rest}")] = value
+    elif key != "cls":
+      out[key] = value
+  names = sorted({name for _, name in blocks})
+  for name in names:
+    if scanned:
+      out[f"Transformer/encoderblock/{name}"] = np.stack([blocks[i, name] for i in range(depth)])
+    else:
+      out.update({f"Transformer/encoderblock_{i}/{name}": blocks[i, name] for i in range(depth)})
+  return {prefix + k: v for k, v in out.items()}
+
+
+def write(tmp_path, name, arrays):
+  path = os.path.join(tmp_path, name)
+  np.savez(path, **arrays)
+  return path
+
+
+# --- Independent NumPy float64 forward passes --------------------------------------------------
+
+def np_layer_norm(x, scale, bias):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
+
+
+def np_gelu(x):  # Flax's default GELU: the tanh approximation.
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def np_patches(images, kernel, bias):
+  b, h, wd, c = images.shape
+  p = kernel.shape[0]
+  x = images.reshape(b, h // p, p, wd // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (wd // p), p * p * c) @ kernel.reshape(p * p * c, -1) + bias
+
+
+def np_vit(w, images):
+  """ViT logits from a vision_transformer-layout dict, in float64."""
+  w = {k: v.astype(np.float64) for k, v in w.items()}
+  x = np_patches(images.astype(np.float64), w["embedding/kernel"], w["embedding/bias"])
+  if "cls" in w:
+    x = np.concatenate([np.repeat(w["cls"], len(x), axis=0), x], axis=1)
+  x = x + w["Transformer/posembed_input/pos_embedding"]
+  depth = len({k.split("/")[1] for k in w if k.startswith("Transformer/encoderblock_")})
+  for i in range(depth):
+    b = f"Transformer/encoderblock_{i}/"
+    a = b + "MultiHeadDotProductAttention_1/"
+    y = np_layer_norm(x, w[b + "LayerNorm_0/scale"], w[b + "LayerNorm_0/bias"])
+    q, k, v = (np.einsum("btd,dhe->bthe", y, w[f"{a}{n}/kernel"]) + w[f"{a}{n}/bias"]
+               for n in ("query", "key", "value"))
+    scores = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    heads = np.einsum("bhqk,bkhe->bqhe", probs, v)
+    x = x + np.einsum("bqhe,hed->bqd", heads, w[a + "out/kernel"]) + w[a + "out/bias"]
+    y = np_layer_norm(x, w[b + "LayerNorm_2/scale"], w[b + "LayerNorm_2/bias"])
+    m = b + "MlpBlock_3/"
+    y = np_gelu(y @ w[m + "Dense_0/kernel"] + w[m + "Dense_0/bias"])
+    x = x + y @ w[m + "Dense_1/kernel"] + w[m + "Dense_1/bias"]
+  x = np_layer_norm(x, w["Transformer/encoder_norm/scale"], w["Transformer/encoder_norm/bias"])
+  x = x[:, 0] if "cls" in w else x.mean(1)
+  if "pre_logits/kernel" in w:
+    x = np.tanh(x @ w["pre_logits/kernel"] + w["pre_logits/bias"])
+  return x @ w["head/kernel"] + w["head/bias"]
+
+
+def np_mixer(w, images):
+  """Mixer logits from a vision_transformer-layout dict, in float64."""
+  w = {k: v.astype(np.float64) for k, v in w.items()}
+  x = np_patches(images.astype(np.float64), w["stem/kernel"], w["stem/bias"])
+  depth = len({k.split("/")[0] for k in w if k.startswith("MixerBlock_")})
+  for i in range(depth):
+    b = f"MixerBlock_{i}/"
+    y = np_layer_norm(x, w[b + "LayerNorm_0/scale"], w[b + "LayerNorm_0/bias"]).transpose(0, 2, 1)
+    t = b + "token_mixing/"
+    y = np_gelu(y @ w[t + "Dense_0/kernel"] + w[t + "Dense_0/bias"])
+    x = x + (y @ w[t + "Dense_1/kernel"] + w[t + "Dense_1/bias"]).transpose(0, 2, 1)
+    y = np_layer_norm(x, w[b + "LayerNorm_1/scale"], w[b + "LayerNorm_1/bias"])
+    c = b + "channel_mixing/"
+    y = np_gelu(y @ w[c + "Dense_0/kernel"] + w[c + "Dense_0/bias"])
+    x = x + y @ w[c + "Dense_1/kernel"] + w[c + "Dense_1/bias"]
+  x = np_layer_norm(x, w["pre_head_layer_norm/scale"], w["pre_head_layer_norm/bias"]).mean(1)
+  return x @ w["head/kernel"] + w["head/bias"]
+
+
+def images(n=3, size=32, seed=1):
+  return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def tiny_vit(**overrides):
+  fields = dict(image_size=32, patch_size=PATCH, hidden_size=WIDTH, num_heads=HEADS,
+                mlp_dim=MLP, depth=2, num_classes=CLASSES)
+  return create("ViT-Ti/16", **{**fields, **overrides})
+
+
+def tiny_mixer(**overrides):
+  fields = dict(image_size=32, patch_size=PATCH, hidden_size=WIDTH, depth=2,
+                tokens_mlp_dim=12, channels_mlp_dim=48, num_classes=CLASSES)
+  return create("Mixer-S/32", **{**fields, **overrides})
+
+
+def logits(model, params, x):
+  return np.asarray(jax.jit(model.apply)({"params": params}, x))
+
+
+# --- Tests -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("classifier,representation_size", [
+    ("token", None), ("token", 24), ("gap", None)], ids=["token", "token-prelogits", "gap"])
+def test_vit_logits_match_numpy_float64(tmp_path, classifier, representation_size):
+  w = vit_checkpoint(classifier=classifier, representation_size=representation_size)
+  model = tiny_vit(classifier=classifier, representation_size=representation_size)
+  params = checkpoints.load(write(tmp_path, "vit.npz", w), model)
+  x = images()
+  np.testing.assert_allclose(logits(model, params, x), np_vit(w, x), rtol=1e-5, atol=1e-5)
+
+
+def test_mixer_logits_match_numpy_float64(tmp_path):
+  w = mixer_checkpoint()
+  model = tiny_mixer()
+  params = checkpoints.load(write(tmp_path, "mixer.npz", w), model)
+  x = images()
+  np.testing.assert_allclose(logits(model, params, x), np_mixer(w, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "mixer"])
+def test_load_round_trips_every_array(tmp_path, kind):
+  w = vit_checkpoint(representation_size=24) if kind == "vit" else mixer_checkpoint()
+  model = tiny_vit(representation_size=24) if kind == "vit" else tiny_mixer()
+  params = checkpoints.load(write(tmp_path, "c.npz", w), model)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  assert flat.keys() == w.keys()
+  for key, value in w.items():
+    assert flat[key].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(flat[key]), value, err_msg=key)
+
+
+@pytest.mark.parametrize("scanned,prefix", [
+    (False, "params/"), (True, "params/"), (False, "params/img/")],
+    ids=["unrolled", "scanned", "img-tower"])
+def test_big_vision_layout_gives_the_same_logits(tmp_path, scanned, prefix):
+  w = vit_checkpoint()
+  bv = to_big_vision(w, depth=2, scanned=scanned, prefix=prefix)
+  if prefix == "params/img/":  # a two-tower checkpoint: the text tower is ignored
+    bv["params/txt/Embed_0/embedding"] = np.zeros((5, 3), np.float32)
+  model = tiny_vit(posemb_includes_cls=False)
+  params = checkpoints.load(write(tmp_path, "bv.npz", bv), model)
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 16, WIDTH)
+  x = images()
+  np.testing.assert_allclose(logits(model, params, x), np_vit(w, x), rtol=1e-5, atol=1e-5)
+
+
+def test_big_vision_pos_embedding_needs_the_matching_model(tmp_path):
+  path = write(tmp_path, "bv.npz", to_big_vision(vit_checkpoint(), depth=2))
+  with pytest.raises(ValueError, match="posemb_includes_cls=False"):
+    checkpoints.load(path, tiny_vit())
+  with pytest.raises(ValueError, match="posemb_includes_cls=True"):
+    checkpoints.load(write(tmp_path, "vt.npz", vit_checkpoint()),
+                     tiny_vit(posemb_includes_cls=False))
+
+
+def _align_corners_bilinear(grid, new):
+  """Direct formula: output i samples input i * (old - 1) / (new - 1), bilinearly."""
+  old = grid.shape[0]
+  pos = np.arange(new) * (old - 1) / (new - 1)
+  lo = np.minimum(np.floor(pos).astype(int), old - 2)
+  frac = pos - lo
+  rows = grid[lo] * (1 - frac)[:, None, None] + grid[lo + 1] * frac[:, None, None]
+  return rows[:, lo] * (1 - frac)[None, :, None] + rows[:, lo + 1] * frac[None, :, None]
+
+
+@pytest.mark.parametrize("classifier,image_size", [("token", 48), ("token", 24), ("gap", 56)],
+                         ids=["token-4to6", "token-4to3", "gap-4to7"])
+def test_pos_embedding_is_resized_bilinearly(tmp_path, caplog, classifier, image_size):
+  w = vit_checkpoint(classifier=classifier)
+  model = tiny_vit(classifier=classifier, image_size=image_size)
+  with caplog.at_level(logging.INFO):
+    params = checkpoints.load(write(tmp_path, "c.npz", w), model)
+  assert "resizing the position embedding" in caplog.text
+  got = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+  old = w["Transformer/posembed_input/pos_embedding"].astype(np.float64)
+  slot = 1 if classifier == "token" else 0
+  new = image_size // PATCH
+  want_grid = _align_corners_bilinear(old[0, slot:].reshape(4, 4, WIDTH), new)
+  np.testing.assert_allclose(got[0, slot:], want_grid.reshape(new * new, WIDTH), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_array_equal(got[:, :slot], old[:, :slot])
+  logits(model, params, images(size=image_size))  # the resized tree runs
+
+
+def test_head_is_replaced_by_zeros_when_classes_differ(tmp_path, caplog):
+  path = write(tmp_path, "c.npz", vit_checkpoint(num_classes=7))
+  model = tiny_vit(num_classes=5)
+  with caplog.at_level(logging.INFO):
+    params = checkpoints.load(path, model)
+  assert "zero-initialised" in caplog.text
+  assert params["head"]["kernel"].shape == (WIDTH, 5)
+  assert not np.any(np.asarray(params["head"]["kernel"]))
+  assert not np.any(np.asarray(params["head"]["bias"]))
+  np.testing.assert_array_equal(logits(model, params, images()), 0.0)
+
+
+def test_pre_logits_are_dropped_when_the_model_has_none(tmp_path, caplog):
+  w = vit_checkpoint(representation_size=24)
+  with caplog.at_level(logging.INFO):
+    params = checkpoints.load(write(tmp_path, "c.npz", w), tiny_vit())
+  assert "dropping pre_logits" in caplog.text
+  assert "pre_logits" not in params
+  assert params["head"]["kernel"].shape == (WIDTH, CLASSES)  # [24, C] -> zeros [D, C]
+
+
+def test_mismatch_raises_one_error_listing_every_kind(tmp_path):
+  w = vit_checkpoint(depth=3)
+  del w["Transformer/encoder_norm/scale"]
+  w["embedding/bias"] = np.zeros(WIDTH + 1, np.float32)
+  with pytest.raises(ValueError) as error:
+    checkpoints.load(write(tmp_path, "c.npz", w), tiny_vit())
+  message = str(error.value)
+  assert "1 missing from the checkpoint:\n    Transformer/encoder_norm/scale (32,)" in message
+  assert "16 unexpected in the checkpoint (first 8):" in message
+  assert "Transformer/encoderblock_2/LayerNorm_0/bias (32,)" in message
+  assert "1 with mismatched shapes:\n    embedding/bias: checkpoint (33,), model (32,)" in message
+  assert "Build the model that matches the checkpoint" in message
+
+
+def test_wrong_family_is_a_mismatch(tmp_path):
+  with pytest.raises(ValueError, match="missing from the checkpoint"):
+    checkpoints.load(write(tmp_path, "m.npz", mixer_checkpoint()), tiny_vit())
+
+
+def test_pickled_arrays_are_refused(tmp_path):
+  path = os.path.join(tmp_path, "evil.npz")
+  np.savez(path, **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
+  with pytest.raises(ValueError, match="allow_pickle"):
+    checkpoints.load(path, tiny_vit())
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No checkpoint at"):
+    checkpoints.load(os.path.join(tmp_path, "nope.npz"), tiny_vit())
+
+
+def test_raw_bfloat16_arrays_are_decoded(tmp_path):
+  w = mixer_checkpoint()
+  w["head/kernel"] = w["head/kernel"].astype(jnp.bfloat16)
+  raw = dict(w, **{"head/kernel": w["head/kernel"].view(np.dtype("V2"))})
+  params = checkpoints.load(write(tmp_path, "c.npz", raw), tiny_mixer())
+  np.testing.assert_array_equal(np.asarray(params["head"]["kernel"]),
+                                w["head/kernel"].astype(np.float32))
+
+
+def test_bit_layout_strips_the_resnet_prefix(tmp_path):
+  model = create("BiT-R50x1", image_size=32, num_classes=CLASSES, units_per_stage=(1, 1, 1, 1),
+                 width_factor=0.5)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))["params"]
+  rng = np.random.default_rng(0)
+  w = {f"resnet/{k}": rng.standard_normal(s.shape).astype(np.float32)
+       for k, s in traverse_util.flatten_dict(shapes, sep="/").items()}
+  assert "resnet/block1/unit01/a/proj/standardized_conv2d/kernel" in w
+  params = checkpoints.load(write(tmp_path, "bit.npz", w), model)
+  for key, value in traverse_util.flatten_dict(params, sep="/").items():
+    np.testing.assert_array_equal(np.asarray(value), w[f"resnet/{key}"], err_msg=key)
+
+
+def test_orbax_save_restore_round_trip(tmp_path):
+  model = tiny_vit(representation_size=24)
+  params = checkpoints.load(write(tmp_path, "c.npz", vit_checkpoint(representation_size=24)),
+                            model)
+  directory = os.path.join(tmp_path, "ours")
+  checkpoints.save(directory, params)
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    checkpoints.save(directory, params)
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))["params"]
+  for target in (None, abstract, params):
+    restored = checkpoints.restore(directory, target)
+    assert jax.tree.structure(restored) == jax.tree.structure(params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 restored, params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  checkpoints.save(directory, zeros, overwrite=True)
+  assert not any(np.any(np.asarray(a)) for a in jax.tree.leaves(checkpoints.restore(directory)))

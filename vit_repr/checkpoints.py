@@ -1,0 +1,385 @@
+"""Checkpoints: the original Google `.npz` files (ViT, MLP-Mixer, BiT) and our own, via orbax.
+
+`load(path, model)` reads a public checkpoint released with the models Raghu et al., "Do Vision
+Transformers See Like Convolutional Neural Networks?" (NeurIPS 2021) study, from a local path
+or gs://, converts it to the parameter tree of a `vit_repr.models` module and checks it against
+`jax.eval_shape(model.init, ...)`. Supported key layouts (flat '/'-joined `.npz` keys):
+
+- vision_transformer (google-research/vision_transformer): ViT and Mixer keys equal our
+  parameter paths; the ViT position embedding has a CLS slot. Keys under `opt/target/` (old
+  training checkpoints) are read too.
+- big_vision (google-research/big_vision): ViT keys under `params/` or `params/img/`; block
+  sub-modules named LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0
+  (renamed to _0, _1, _2, _3); `pos_embedding` at the top level and without a CLS slot, since
+  big_vision adds it to the patches before concatenating CLS (load into a model built with
+  posemb_includes_cls=False); blocks optionally scanned, stored as `Transformer/encoderblock/...`
+  with a leading depth axis (unstacked).
+- big_transfer (google-research/big_transfer): BiT keys under `resnet/` (prefix stripped).
+
+Repairs, each logged, as the original fine-tuning code makes them (vision_transformer's
+`checkpoint.load_pretrained`): a head whose shape differs from the model's (another number of
+classes) is replaced by a zero-initialised one; pre-logits weights are dropped when the model has
+no pre-logits layer; a ViT position embedding for another patch grid is resized by order-1
+(bilinear, corner-aligned) `scipy.ndimage.zoom` of the grid, the CLS entry kept as is. Anything
+else that does not match raises one ValueError listing the missing, unexpected and mis-shaped
+keys. Files are read with `allow_pickle=False`; nothing in them is executed.
+
+`save(directory, params)` / `restore(directory, target)` store our own trained parameters with
+orbax's StandardCheckpointer.
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import scipy.ndimage
+from absl import logging
+from etils import epath
+from flax import traverse_util
+
+POS_EMBEDDING = "Transformer/posembed_input/pos_embedding"
+# big_vision's block sub-module names -> vision_transformer's (and ours).
+_BIG_VISION_BLOCK_NAMES = {"LayerNorm_0": "LayerNorm_0",
+                           "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+                           "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
+_SCANNED_BLOCK = "Transformer/encoderblock/"
+_SHOWN_KEYS = 8  # keys listed per category in a mismatch error
+
+
+def read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
+  """Reads every array of a `.npz` file (local or gs://) with `allow_pickle=False`.
+
+  Args:
+    path: local path or gs:// URL of the `.npz` file.
+
+  Returns:
+    `{key: array}` in file order.
+
+  Raises:
+    FileNotFoundError: nothing at `path`.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"No checkpoint at {path}. Check the path (local or gs://) and, "
+                            "for gs://, that you are authenticated to read the bucket.")
+  with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+    return {key: npz[key] for key in npz.files}
+
+
+def _decode_bfloat16(array: np.ndarray, key: str) -> np.ndarray:
+  """big_vision may store bfloat16 arrays as raw 2-byte records; reinterpret those."""
+  if array.dtype.kind == "V" and array.dtype.itemsize == 2:
+    logging.info("checkpoints: reading %s, stored as raw 2-byte values, as bfloat16.", key)
+    return array.view(jnp.bfloat16)
+  return array
+
+
+def _split_prefix(flat: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  """Keeps the keys under `prefix` (stripped); logs how many others are ignored."""
+  kept = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  ignored = sorted(k for k in flat if not k.startswith(prefix))
+  if ignored:
+    logging.info("checkpoints: ignoring %d keys outside %r (e.g. %s).", len(ignored), prefix,
+                 ", ".join(ignored[:3]))
+  return kept
+
+
+def _unstack_scanned_blocks(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Splits big_vision's scanned `Transformer/encoderblock/...` [depth, ...] into blocks."""
+  scanned = {k: v for k, v in flat.items() if k.startswith(_SCANNED_BLOCK)}
+  if not scanned:
+    return flat
+  depths = {v.shape[0] for v in scanned.values()}
+  if len(depths) != 1:
+    raise ValueError(f"Scanned block parameters under {_SCANNED_BLOCK!r} disagree on the "
+                     f"leading depth axis ({sorted(depths)}); the checkpoint is corrupt.")
+  depth = depths.pop()
+  logging.info("checkpoints: unstacking %d scanned big_vision blocks into encoderblock_{i}.",
+               depth)
+  out = {k: v for k, v in flat.items() if not k.startswith(_SCANNED_BLOCK)}
+  for key, value in scanned.items():
+    rest = key[len(_SCANNED_BLOCK):]
+    for i in range(depth):
+      out[f"Transformer/encoderblock_{i}/{rest}"] = value[i]
+  return out
+
+
+def _rename_big_vision_blocks(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Renames big_vision block sub-modules (…_0, LayerNorm_1, MlpBlock_0) to the original's."""
+  pattern = re.compile(r"^(Transformer/encoderblock_\d+/)([^/]+)(/.*)$")
+  if not any((m := pattern.match(k)) and m.group(2) == "MultiHeadDotProductAttention_0"
+             for k in flat):
+    return flat
+  logging.info("checkpoints: renaming big_vision block sub-modules %s.",
+               ", ".join(f"{a}->{b}" for a, b in _BIG_VISION_BLOCK_NAMES.items() if a != b))
+  out = {}
+  for key, value in flat.items():
+    m = pattern.match(key)
+    if m and m.group(2) in _BIG_VISION_BLOCK_NAMES:
+      key = m.group(1) + _BIG_VISION_BLOCK_NAMES[m.group(2)] + m.group(3)
+    out[key] = value
+  return out
+
+
+def to_model_keys(flat: Mapping[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
+  """Detects a checkpoint's key layout and renames its keys to our parameter paths.
+
+  Args:
+    flat: `{'/'-joined key: array}` as stored in the `.npz`.
+
+  Returns:
+    (layout, converted) with layout one of 'vision_transformer', 'big_vision',
+    'big_transfer'. The position embedding keeps the checkpoint's shape (CLS slot or not).
+  """
+  flat = {k: _decode_bfloat16(np.asarray(v), k) for k, v in flat.items()}
+  if any(k.startswith("resnet/") for k in flat):
+    logging.info("checkpoints: big_transfer (BiT) layout; stripping the 'resnet/' prefix.")
+    return "big_transfer", _split_prefix(flat, "resnet/")
+  if any(k.startswith("params/") for k in flat):
+    prefix = "params/img/" if any(k.startswith("params/img/") for k in flat) else "params/"
+    logging.info("checkpoints: big_vision layout under %r.", prefix)
+    flat = _rename_big_vision_blocks(_unstack_scanned_blocks(_split_prefix(flat, prefix)))
+    for old in ("pos_embedding", "Transformer/pos_embedding"):
+      if old in flat:
+        logging.info("checkpoints: moving %s to %s.", old, POS_EMBEDDING)
+        flat[POS_EMBEDDING] = flat.pop(old)
+    return "big_vision", flat
+  if any(k.startswith("opt/target/") for k in flat):
+    logging.info("checkpoints: vision_transformer training layout; using 'opt/target/'.")
+    flat = _split_prefix(flat, "opt/target/")
+  else:
+    logging.info("checkpoints: vision_transformer layout.")
+  return "vision_transformer", flat
+
+
+def _grid_side(num_tokens: int) -> int | None:
+  """The side of a square grid of `num_tokens` patches, or None if not a square."""
+  side = int(round(np.sqrt(num_tokens)))
+  return side if side * side == num_tokens else None
+
+
+def resize_pos_embedding(pos_embedding: np.ndarray, grid_side: int, num_prefix: int
+                         ) -> np.ndarray:
+  """Resizes a ViT position embedding to another square patch grid, as vision_transformer does.
+
+  The first `num_prefix` entries (the CLS slot) are kept; the square grid of the rest is
+  resampled with `scipy.ndimage.zoom(grid, (new/old, new/old, 1), order=1)`: bilinear
+  interpolation with the corner patches aligned (output patch i samples input position
+  i * (old - 1) / (new - 1)).
+
+  Args:
+    pos_embedding: `[1, num_prefix + old**2, D]`.
+    grid_side: the new grid side `new`.
+    num_prefix: leading non-grid entries (1 for a CLS slot, else 0).
+
+  Returns:
+    `[1, num_prefix + new**2, D]`, same dtype.
+
+  Raises:
+    ValueError: the grid entries do not form a square.
+  """
+  prefix, grid = pos_embedding[:, :num_prefix], pos_embedding[0, num_prefix:]
+  old = _grid_side(grid.shape[0])
+  if old is None:
+    raise ValueError(f"Position embedding {pos_embedding.shape} minus {num_prefix} CLS "
+                     f"entries does not hold a square grid of patches; cannot resize it.")
+  grid = grid.reshape(old, old, -1)
+  grid = scipy.ndimage.zoom(grid, (grid_side / old, grid_side / old, 1), order=1)
+  grid = grid.reshape(1, grid_side * grid_side, -1)
+  return np.concatenate([prefix, grid], axis=1)
+
+
+def _fix_pos_embedding(flat: dict[str, np.ndarray], expected_shape: tuple[int, ...],
+                       model: nn.Module) -> None:
+  """Checks the CLS-slot convention and resizes the grid when it differs (in place)."""
+  pos_embedding = flat[POS_EMBEDDING]
+  if pos_embedding.ndim != 3 or pos_embedding.shape[2] != expected_shape[2]:
+    return  # reported as a shape mismatch
+  tokens = pos_embedding.shape[1]
+  if _grid_side(tokens) is not None:
+    has_slot = False
+  elif _grid_side(tokens - 1) is not None:
+    has_slot = True
+  else:
+    raise ValueError(f"Checkpoint position embedding {pos_embedding.shape} holds neither a "
+                     f"square patch grid nor a CLS slot plus one; it cannot be used.")
+  wants_slot = (getattr(model, "classifier", None) == "token"
+                and getattr(model, "posemb_includes_cls", True))
+  if has_slot and not wants_slot:
+    raise ValueError(
+        f"The checkpoint's position embedding {pos_embedding.shape} has a CLS slot (the "
+        f"vision_transformer convention: CLS concatenated before the embedding is added), but "
+        f"the model (classifier={getattr(model, 'classifier', None)!r}, posemb_includes_cls="
+        f"{getattr(model, 'posemb_includes_cls', None)}) has none. Build it with "
+        f"classifier='token', posemb_includes_cls=True.")
+  if wants_slot and not has_slot:
+    fix = ("posemb_includes_cls=False" if "cls" in flat else
+           "classifier='gap' (the checkpoint has no CLS token)")
+    raise ValueError(
+        f"The checkpoint's position embedding {pos_embedding.shape} has no CLS slot (the "
+        f"big_vision convention, where the embedding is added before CLS is concatenated, or a "
+        f"'gap' model), but the model expects one. Build it with {fix}.")
+  if pos_embedding.shape[1] != expected_shape[1]:
+    side = _grid_side(expected_shape[1] - int(has_slot))
+    logging.info("checkpoints: resizing the position embedding %s -> %s (patch grid %d -> %d, "
+                 "order-1 zoom, CLS entry kept).", pos_embedding.shape, expected_shape,
+                 _grid_side(tokens - int(has_slot)), side)
+    flat[POS_EMBEDDING] = resize_pos_embedding(pos_embedding, side, int(has_slot))
+
+
+def _mismatch_error(origin: str, model: nn.Module, missing: list[str], unexpected: list[str],
+                    misshaped: list[str], flat: Mapping[str, np.ndarray],
+                    expected: Mapping[str, jax.ShapeDtypeStruct]) -> ValueError:
+  """One readable error listing what does not match between checkpoint and model."""
+  def listing(title, keys, describe):
+    if not keys:
+      return []
+    more = f" (first {_SHOWN_KEYS})" if len(keys) > _SHOWN_KEYS else ""
+    return [f"  {len(keys)} {title}{more}:"] + [f"    {describe(k)}"
+                                              for k in keys[:_SHOWN_KEYS]]
+  lines = [f"Checkpoint {origin} does not match the {type(model).__name__} model:"]
+  lines += listing("missing from the checkpoint", missing,
+                   lambda k: f"{k} {tuple(expected[k].shape)}")
+  lines += listing("unexpected in the checkpoint", unexpected,
+                   lambda k: f"{k} {tuple(flat[k].shape)}")
+  lines += listing("with mismatched shapes", misshaped,
+                   lambda k: f"{k}: checkpoint {tuple(flat[k].shape)}, model "
+                             f"{tuple(expected[k].shape)}")
+  lines.append("Build the model that matches the checkpoint (model name and overrides such as "
+               "depth, hidden_size, patch_size, classifier, representation_size).")
+  return ValueError("\n".join(lines))
+
+
+def convert(flat: Mapping[str, np.ndarray], model: nn.Module, *, origin: str = "<arrays>"
+            ) -> dict[str, Any]:
+  """Converts a flat original checkpoint into `model`'s parameters; see the module docstring.
+
+  Args:
+    flat: `{'/'-joined key: array}` as stored in an original `.npz`.
+    model: an unbound `vit_repr.models` module (it needs an `image_size` field).
+    origin: how to name the checkpoint in log lines and errors.
+
+  Returns:
+    The 'params' collection of `model`: a nested dict of float32 `jax.Array`s.
+
+  Raises:
+    ValueError: the checkpoint does not match the model after the logged repairs (one message
+      listing missing, unexpected and mis-shaped keys), or a ViT position embedding follows the
+      other CLS-slot convention than the model.
+  """
+  image_size = getattr(model, "image_size", None)
+  if image_size is None:
+    raise ValueError(f"{type(model).__name__} has no image_size field; build it with "
+                     "vit_repr.models.create(...).")
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  expected = traverse_util.flatten_dict(
+      jax.eval_shape(model.init, jax.random.key(0), images)["params"], sep="/")
+  layout, flat = to_model_keys(flat)
+  logging.info("checkpoints: %s: %d arrays in the %s layout.", origin, len(flat), layout)
+
+  if any(k.startswith("pre_logits/") for k in flat) and not any(
+      k.startswith("pre_logits/") for k in expected):
+    logging.info("checkpoints: dropping pre_logits %s: the model has no pre-logits layer "
+                 "(the original's drop-head variant).",
+                 tuple(flat.get("pre_logits/kernel", np.zeros(0)).shape))
+    flat = {k: v for k, v in flat.items() if not k.startswith("pre_logits/")}
+  head = sorted(k for k in expected if k.startswith("head/"))
+  head_ckpt = sorted(k for k in flat if k.startswith("head/"))
+  if head and (head != head_ckpt or any(flat[k].shape != expected[k].shape for k in head)):
+    logging.info("checkpoints: replacing the head %s with a zero-initialised one %s, as the "
+                 "original fine-tuning code does.",
+                 {k: tuple(flat[k].shape) for k in head_ckpt},
+                 {k: tuple(expected[k].shape) for k in head})
+    flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
+    flat.update({k: np.zeros(expected[k].shape, expected[k].dtype) for k in head})
+  if POS_EMBEDDING in flat and POS_EMBEDDING in expected:
+    _fix_pos_embedding(flat, tuple(expected[POS_EMBEDDING].shape), model)
+
+  missing = sorted(expected.keys() - flat.keys())
+  unexpected = sorted(flat.keys() - expected.keys())
+  misshaped = sorted(k for k in expected.keys() & flat.keys()
+                     if tuple(flat[k].shape) != tuple(expected[k].shape))
+  if missing or unexpected or misshaped:
+    raise _mismatch_error(f"{origin} ({layout} layout)", model, missing, unexpected, misshaped,
+                          flat, expected)
+  cast = sorted(k for k in expected if flat[k].dtype != expected[k].dtype)
+  if cast:
+    logging.info("checkpoints: casting %d arrays (e.g. %s: %s) to %s.", len(cast), cast[0],
+                 flat[cast[0]].dtype, expected[cast[0]].dtype)
+  return traverse_util.unflatten_dict(
+      {k: jnp.asarray(flat[k], expected[k].dtype) for k in expected}, sep="/")
+
+
+def load(path: str | epath.PathLike, model: nn.Module) -> dict[str, Any]:
+  """Loads an original ViT / Mixer / BiT `.npz` checkpoint into `model`'s parameters.
+
+  Args:
+    path: local path or gs:// URL of the `.npz`.
+    model: an unbound `vit_repr.models` module, e.g. `create('ViT-B/16', num_classes=1000)`.
+
+  Returns:
+    The 'params' collection: use `model.apply({'params': params}, images)`.
+
+  Raises:
+    FileNotFoundError: nothing at `path`.
+    ValueError: see `convert`.
+  """
+  logging.info("checkpoints: loading %s into %s.", path, type(model).__name__)
+  return convert(read_npz(path), model, origin=str(path))
+
+
+def _absolute(directory: str | epath.PathLike) -> epath.Path:
+  """orbax needs absolute paths; gs:// URLs already are."""
+  path = epath.Path(directory)
+  return path if str(path).startswith("gs://") else path.absolute()
+
+
+def save(directory: str | epath.PathLike, params: Any, *, overwrite: bool = False) -> None:
+  """Saves a parameter pytree (our own trained models) with orbax.
+
+  Args:
+    directory: checkpoint directory to create (local or gs://).
+    params: pytree of arrays, e.g. the 'params' collection.
+    overwrite: replace an existing checkpoint at `directory`.
+
+  Raises:
+    FileExistsError: `directory` exists and `overwrite` is False.
+  """
+  path = _absolute(directory)
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"Checkpoint directory {path} already exists; pass overwrite=True to "
+                          "replace it, or choose a new directory.")
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, params, force=overwrite)
+    checkpointer.wait_until_finished()
+  logging.info("checkpoints: saved %d arrays to %s.", len(jax.tree.leaves(params)), path)
+
+
+def restore(directory: str | epath.PathLike, target: Any = None) -> Any:
+  """Restores a parameter pytree written by `save`.
+
+  Args:
+    directory: the checkpoint directory.
+    target: optional pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. from
+      `jax.eval_shape(model.init, ...)['params']`) giving the structure, dtypes and shardings
+      to restore into; None restores the tree as saved.
+
+  Returns:
+    The parameter pytree.
+
+  Raises:
+    FileNotFoundError: nothing at `directory`.
+  """
+  path = _absolute(directory)
+  if not path.exists():
+    raise FileNotFoundError(f"No checkpoint directory at {path}; pass the directory given to "
+                            "checkpoints.save.")
+  if target is not None:
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, target)

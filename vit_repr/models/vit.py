@@ -1,0 +1,453 @@
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021, arXiv 2010.11929), sowing its representations.
+
+The ViT of google-research/vision_transformer, the main model family of Raghu et al., "Do Vision
+Transformers See Like Convolutional Neural Networks?" (NeurIPS 2021). Module and parameter names
+are those of the public `.npz` checkpoints, so loading one is an unflatten of its '/'-joined keys
+(see `vit_repr.checkpoints`). With T tokens (N = (image_size / patch_size)^2 patches, plus one
+CLS token for classifier='token'), D = hidden_size, H heads of size d = D / H, F = mlp_dim,
+R = representation_size and C = num_classes, the parameters are:
+
+  embedding/{kernel [p, p, 3, D], bias [D]}             patch embedding (a stride-p convolution)
+  cls                                           [1, 1, D]  (classifier='token' only)
+  Transformer/posembed_input/pos_embedding      [1, T, D]  ([1, N, D] if posemb_includes_cls=False)
+  Transformer/encoderblock_{i}/LayerNorm_0/{scale, bias}                 [D]
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query, key, value}/kernel [D, H, d]
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query, key, value}/bias   [H, d]
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/out/{kernel [H, d, D], bias [D]}
+  Transformer/encoderblock_{i}/LayerNorm_2/{scale, bias}                 [D]
+  Transformer/encoderblock_{i}/MlpBlock_3/Dense_0/{kernel [D, F], bias [F]}
+  Transformer/encoderblock_{i}/MlpBlock_3/Dense_1/{kernel [F, D], bias [D]}
+  Transformer/encoder_norm/{scale, bias}                                 [D]
+  pre_logits/{kernel [D, R], bias [R]}                     (representation_size set only)
+  head/{kernel [D or R, C], bias [C]}
+
+As in the original: pre-norm blocks, LayerNorm eps 1e-6, GELU with the tanh approximation
+(Flax's default), attention logits scaled by 1/sqrt(d), the CLS token concatenated BEFORE the
+position embedding is added (posemb_includes_cls=True; big_vision checkpoints add it to the
+patches before concatenating CLS, posemb_includes_cls=False), the encoder norm applied to all
+tokens before pooling ('token': the CLS output; 'gap': the mean over tokens), pre-logits
+`tanh(dense(x))` when representation_size is set, and a zero-initialised head.
+
+Intermediates, sown into the 'intermediates' collection (names are module path + tag,
+'/'-joined; `vit_repr.models.flatten_intermediates` gives a flat dict), for a batch of b images:
+
+  Transformer/in                               [b, T, D]     tokens entering block 0: patch
+                                                             embeddings, CLS concatenated and the
+                                                             position embedding added
+  Transformer/encoderblock_{i}/in              [b, T, D]     block input z
+  Transformer/encoderblock_{i}/attn_probs      [b, H, T, T]  softmax attention weights
+                                                             (queries x keys)
+  Transformer/encoderblock_{i}/head_outputs    [b, T, H, d]  each head's attention-weighted
+                                                             values, before the out projection
+  Transformer/encoderblock_{i}/attn_branch     [b, T, D]     attention branch f(z) = MHA(LN(z))
+  Transformer/encoderblock_{i}/mid             [b, T, D]     z + f(z) (f(z) without the skip)
+  Transformer/encoderblock_{i}/mlp_branch      [b, T, D]     MLP branch g(y) = MLP(LN(y)), y = mid
+  Transformer/encoderblock_{i}/out             [b, T, D]     y + g(y) (g(y) without the skip)
+  Transformer/encoder_norm_out                 [b, T, D]     encoder_norm of the last block's out
+  pre_logits                                   [b, D or R]   pooled representation the head sees
+  logits                                       [b, C]        float32
+
+Blocks listed in `remove_skips` drop both residual additions: mid = f(z) and out = g(mid).
+Sown values have the compute dtype (float32 or bfloat16), except the float32 logits; parameters
+are always float32. `pre_logits` is a parameter pytree of the top-level module rather than a
+submodule so that the sown tag can carry the same name (Flax forbids a sown variable named like a
+submodule of the same scope); its parameter paths are those of the checkpoints.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYER_NORM_EPS = 1e-6
+CLASSIFIERS = ("token", "gap")
+
+# Model sizes, as in vision_transformer's configs (Table 1 of the ViT paper; Ti and S from
+# Steiner et al., "How to train your ViT?", 2021): width, depth, MLP width, heads.
+_SIZES: dict[str, dict[str, int]] = {
+    "Ti": {"hidden_size": 192, "depth": 12, "mlp_dim": 768, "num_heads": 3},
+    "S": {"hidden_size": 384, "depth": 12, "mlp_dim": 1536, "num_heads": 6},
+    "B": {"hidden_size": 768, "depth": 12, "mlp_dim": 3072, "num_heads": 12},
+    "L": {"hidden_size": 1024, "depth": 24, "mlp_dim": 4096, "num_heads": 16},
+    "H": {"hidden_size": 1280, "depth": 32, "mlp_dim": 5120, "num_heads": 16},
+}
+# The size/patch combinations with public checkpoints.
+VARIANTS: dict[str, dict[str, int]] = {
+    f"{size}/{patch}": {**_SIZES[size], "patch_size": patch}
+    for size, patch in [("Ti", 16), ("S", 16), ("S", 32), ("B", 8), ("B", 16), ("B", 32),
+                        ("L", 16), ("L", 32), ("H", 14)]
+}
+
+
+def check_remove_skips(remove_skips: Sequence[int], depth: int) -> None:
+  """Validates the `remove_skips` field of a model with `depth` blocks.
+
+  Args:
+    remove_skips: 0-based indices of the blocks without skip connections.
+    depth: number of blocks.
+
+  Raises:
+    ValueError: an index is not an integer in [0, depth), or repeats.
+  """
+  bad = [i for i in remove_skips
+         if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < depth]
+  if bad or len(set(remove_skips)) != len(remove_skips):
+    raise ValueError(f"remove_skips must hold distinct 0-based block indices in [0, {depth}) "
+                     f"(depth={depth}); got {tuple(remove_skips)}.")
+
+
+def check_dtype(dtype: Any) -> None:
+  """Validates a compute dtype.
+
+  Args:
+    dtype: e.g. jnp.float32, jnp.bfloat16 or 'bfloat16'.
+
+  Raises:
+    ValueError: `dtype` is not a floating-point dtype.
+  """
+  try:
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"dtype must be a floating-point compute dtype such as jnp.float32 or "
+                     f"jnp.bfloat16; got {dtype!r}.")
+
+
+def check_images(images: jax.Array, image_size: int, family: str) -> None:
+  """Validates a model input.
+
+  Args:
+    images: the model's input.
+    image_size: the side the model was built for.
+    family: model family named in the message, e.g. 'ViT'.
+
+  Raises:
+    ValueError: `images` is not `[batch, image_size, image_size, 3]`; the message says how to
+      fix it (resize, or build the model with another image_size).
+  """
+  expected = (image_size, image_size, 3)
+  if images.ndim != 4 or images.shape[1:] != expected:
+    side = images.shape[1] if images.ndim == 4 else "<side>"
+    raise ValueError(
+        f"{family} expects images [batch, {image_size}, {image_size}, 3] (NHWC, RGB); got "
+        f"shape {images.shape}. Resize the inputs to {image_size}x{image_size} with 3 channels, "
+        f"or build the model with image_size={side}.")
+
+
+def dense_tanh_params(key: jax.Array, in_features: int, out_features: int
+                      ) -> dict[str, jax.Array]:
+  """Initial parameters of the pre-logits layer (a Dense layer's initialisers).
+
+  Args:
+    key: PRNG key.
+    in_features: input width D.
+    out_features: representation_size R.
+
+  Returns:
+    `{'kernel': [D, R] lecun-normal, 'bias': [R] zeros}`, float32.
+  """
+  return {"kernel": nn.initializers.lecun_normal()(key, (in_features, out_features)),
+          "bias": jnp.zeros((out_features,), jnp.float32)}
+
+
+class MlpBlock(nn.Module):
+  """Transformer feed-forward block: Dense_0 (width `mlp_dim`), tanh-GELU, Dense_1 (input width).
+
+  Attributes:
+    mlp_dim: hidden width F.
+    dropout_rate: dropout after the GELU and after Dense_1 (training only).
+    dtype: compute dtype.
+  """
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Maps `[b, T, D]` to `[b, T, D]`."""
+    dense = dict(dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                 bias_init=nn.initializers.normal(stddev=1e-6))
+    y = nn.Dense(self.mlp_dim, name="Dense_0", **dense)(x)
+    y = nn.gelu(y, approximate=True)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    y = nn.Dense(x.shape[-1], name="Dense_1", **dense)(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head self-attention with the original parameter layout, returning its internals.
+
+  Params: `{query, key, value}/kernel` [D, H, d] and `/bias` [H, d]; `out/kernel` [H, d, D] and
+  `out/bias` [D]. The softmax is computed in float32 whatever the compute dtype.
+
+  Attributes:
+    num_heads: H; must divide the input width D.
+    dropout_rate: dropout on the attention weights (training only).
+    dtype: compute dtype.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Self-attention over the tokens of `x` `[b, T, D]`.
+
+    Returns:
+      (output `[b, T, D]`, attention weights `[b, H, T, T]` (before dropout),
+      per-head outputs `[b, T, H, d]`).
+    """
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    projection = dict(features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
+                      kernel_init=nn.initializers.xavier_uniform())
+    query = nn.DenseGeneral(name="query", **projection)(x)
+    key = nn.DenseGeneral(name="key", **projection)(x)
+    value = nn.DenseGeneral(name="value", **projection)(x)
+    query = query / jnp.sqrt(head_dim).astype(query.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
+    heads = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    out = nn.DenseGeneral(features=width, axis=(-2, -1), dtype=self.dtype,
+                          kernel_init=nn.initializers.xavier_uniform(), name="out")(heads)
+    return out, probs, heads
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm Transformer block: y = z + MHA(LN(z)), out = y + MLP(LN(y)).
+
+  Attributes:
+    num_heads: attention heads H.
+    mlp_dim: MLP width F.
+    dropout_rate: dropout on each branch output (training only).
+    attention_dropout_rate: dropout on the attention weights (training only).
+    skip: False drops both residual additions (y = MHA(LN(z)), out = MLP(LN(y))).
+    dtype: compute dtype.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  skip: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, *, train: bool = False) -> jax.Array:
+    """Maps tokens `[b, T, D]` to `[b, T, D]`, sowing the block's intermediates."""
+    self.sow("intermediates", "in", z)
+    y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="LayerNorm_0")(z)
+    attn, probs, heads = MultiHeadDotProductAttention(
+        self.num_heads, self.attention_dropout_rate, self.dtype,
+        name="MultiHeadDotProductAttention_1")(y, train=train)
+    attn = nn.Dropout(self.dropout_rate)(attn, deterministic=not train)
+    self.sow("intermediates", "attn_probs", probs)
+    self.sow("intermediates", "head_outputs", heads)
+    self.sow("intermediates", "attn_branch", attn)
+    mid = z + attn if self.skip else attn
+    self.sow("intermediates", "mid", mid)
+    y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="LayerNorm_2")(mid)
+    mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, train=train)
+    self.sow("intermediates", "mlp_branch", mlp)
+    out = mid + mlp if self.skip else mlp
+    self.sow("intermediates", "out", out)
+    return out
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds the learned position embedding `pos_embedding` `[1, T, D]` to tokens `[b, T, D]`."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Returns `x + pos_embedding` in the dtype of `x`."""
+    pos_embedding = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                               (1,) + x.shape[1:], jnp.float32)
+    return x + pos_embedding.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """The `Transformer` module: position embedding, `depth` blocks and the final LayerNorm.
+
+  Attributes:
+    depth: number of blocks.
+    num_heads: attention heads per block.
+    mlp_dim: MLP width.
+    dropout_rate: dropout after the position embedding and on every branch (training only).
+    attention_dropout_rate: dropout on the attention weights (training only).
+    posemb_includes_cls: True: the CLS token is concatenated first and the position embedding
+      has a CLS slot (vision_transformer); False: the embedding is added to the patches only and
+      CLS is concatenated afterwards (big_vision).
+    remove_skips: indices of the blocks without skip connections.
+    dtype: compute dtype.
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  posemb_includes_cls: bool = True
+  remove_skips: Sequence[int] = ()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, patches: jax.Array, cls: jax.Array | None, *, train: bool = False
+               ) -> jax.Array:
+    """Encodes patch embeddings `[b, N, D]` (and the CLS token `[1, 1, D]`, if any).
+
+    Returns:
+      The normalised tokens `[b, T, D]`, CLS first when given.
+    """
+    batch = patches.shape[0]
+
+    def with_cls(x):
+      if cls is None:
+        return x
+      return jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+
+    x = with_cls(patches) if self.posemb_includes_cls else patches
+    x = AddPositionEmbs(name="posembed_input")(x)
+    x = x if self.posemb_includes_cls else with_cls(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    self.sow("intermediates", "in", x)
+    removed = set(self.remove_skips)
+    for i in range(self.depth):
+      x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
+                         self.attention_dropout_rate, i not in removed, self.dtype,
+                         name=f"encoderblock_{i}")(x, train=train)
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="encoder_norm")(x)
+    self.sow("intermediates", "encoder_norm_out", x)
+    return x
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier; see the module docstring for its parameters and intermediates.
+
+  Attributes:
+    num_classes: classes of the head (C).
+    image_size: side of the square RGB inputs; a multiple of patch_size.
+    patch_size: side p of the square patches.
+    hidden_size: token width D.
+    depth: number of Transformer blocks.
+    num_heads: attention heads H; must divide hidden_size.
+    mlp_dim: MLP width F.
+    classifier: 'token' (CLS token) or 'gap' (mean over tokens).
+    representation_size: width R of the tanh pre-logits layer, or None for none.
+    dropout_rate: dropout after the position embedding and on every branch (training only).
+    attention_dropout_rate: dropout on attention weights (training only).
+    posemb_includes_cls: see `Encoder`; True for vision_transformer checkpoints, False for
+      big_vision ones. Irrelevant for classifier='gap'.
+    remove_skips: 0-based indices of the blocks whose two skip connections are removed.
+    dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+  """
+  num_classes: int = 1000
+  image_size: int = 224
+  patch_size: int = 16
+  hidden_size: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  classifier: str = "token"
+  representation_size: int | None = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  posemb_includes_cls: bool = True
+  remove_skips: Sequence[int] = ()
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    positive = {"num_classes": self.num_classes, "image_size": self.image_size,
+                "patch_size": self.patch_size, "hidden_size": self.hidden_size,
+                "depth": self.depth, "num_heads": self.num_heads, "mlp_dim": self.mlp_dim}
+    if self.representation_size is not None:
+      positive["representation_size"] = self.representation_size
+    bad = {k: v for k, v in positive.items() if not isinstance(v, (int, np.integer)) or v < 1}
+    if bad:
+      raise ValueError(f"ViT fields {sorted(bad)} must be positive integers; got {bad}.")
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f"classifier must be one of {CLASSIFIERS}; got {self.classifier!r}.")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size="
+                       f"{self.patch_size}; choose an image_size divisible by the patch size.")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} does not divide hidden_size="
+                       f"{self.hidden_size}; choose a divisor.")
+    for name in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}.")
+    check_remove_skips(self.remove_skips, self.depth)
+    check_dtype(self.dtype)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images: jax.typing.ArrayLike, *, train: bool = False) -> jax.Array:
+    """Classifies `images`.
+
+    Args:
+      images: `[batch, image_size, image_size, 3]`, typically in [-1, 1].
+      train: enables dropout (needs a 'dropout' rng when a rate is non-zero).
+
+    Returns:
+      Logits `[batch, num_classes]`, float32.
+
+    Raises:
+      ValueError: `images` is not `[batch, image_size, image_size, 3]`.
+    """
+    images = jnp.asarray(images)
+    check_images(images, self.image_size, "ViT")
+    x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
+                strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
+                name="embedding")(images)
+    batch, height, width, channels = x.shape
+    x = x.reshape(batch, height * width, channels)
+    cls = None
+    if self.classifier == "token":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, channels), jnp.float32)
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate,
+                self.attention_dropout_rate, self.posemb_includes_cls, self.remove_skips,
+                self.dtype, name="Transformer")(x, cls, train=train)
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      pre = self.param("pre_logits", dense_tanh_params, channels, self.representation_size)
+      x = jnp.tanh(x @ pre["kernel"].astype(self.dtype) + pre["bias"].astype(self.dtype))
+    self.sow("intermediates", "pre_logits", x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                      name="head")(x).astype(jnp.float32)
+    self.sow("intermediates", "logits", logits)
+    return logits
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(VisionTransformer)
+               if f.name not in ("parent", "name"))
+
+
+def from_variant(variant: str, **overrides) -> VisionTransformer:
+  """Builds the ViT `variant` ('B/16', 'L/16', ..., see `VARIANTS`).
+
+  Args:
+    variant: a key of `VARIANTS`.
+    **overrides: replace the variant's defaults; any of `FIELDS` (num_classes, image_size,
+      patch_size, hidden_size, depth, num_heads, mlp_dim, classifier, representation_size,
+      dropout_rate, attention_dropout_rate, posemb_includes_cls, remove_skips, dtype).
+
+  Returns:
+    An unbound `VisionTransformer`.
+
+  Raises:
+    ValueError: unknown variant or override (the message lists the accepted ones), or an
+      invalid field value.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown ViT variant {variant!r}; known: {', '.join(VARIANTS)}.")
+  unknown = sorted(set(overrides) - set(FIELDS))
+  if unknown:
+    raise ValueError(f"Unknown override(s) {unknown} for ViT-{variant}; accepted fields: "
+                     f"{', '.join(FIELDS)}.")
+  fields = {**VARIANTS[variant], **overrides}
+  fields["remove_skips"] = tuple(fields.get("remove_skips", ()))
+  return VisionTransformer(**fields)

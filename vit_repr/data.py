@@ -431,11 +431,16 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
 
 
 def _eval_dataset(source: _Source, plan: EvalPlan, image_size: int, host_batch: int,
-                  crop_fraction: float | None) -> tf.data.Dataset:
+                  crop_fraction: float | None, shuffle_seed: int | None,
+                  shuffle_buffer: int | None) -> tf.data.Dataset:
   idx = plan.host_indices
   keep = np.zeros(idx[-1] + 1, bool)
   keep[idx] = True
   ds = _read_indexed(source, 0, len(keep), keep)
+  if shuffle_seed is not None:
+    # Encoded records are shuffled before decoding; a buffer of all of them is a full shuffle.
+    ds = ds.shuffle(shuffle_buffer or len(idx), seed=shuffle_seed,
+                    reshuffle_each_iteration=False)
 
   def preprocess(ex):
     image = _eval_preprocess(source.decode(ex["image"]), image_size, crop_fraction)
@@ -482,7 +487,8 @@ def _device_prefetch(host_batches: Iterator[dict[str, np.ndarray]],
 def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_size: int,
                        num_examples: int | None = None, data_dir: str | None = None,
                        subset_fraction: float = 1.0, subset_seed: int = 0,
-                       crop_fraction: float | None = None, process_index: int | None = None,
+                       crop_fraction: float | None = None, shuffle_seed: int | None = None,
+                       shuffle_buffer: int | None = None, process_index: int | None = None,
                        process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Host-local eval batches as NumPy (this host's rows of each global batch).
 
@@ -491,7 +497,7 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
 
   Args:
     name, split, image_size, global_batch_size, num_examples, data_dir, subset_fraction,
-      subset_seed, crop_fraction: as in `eval_batches`.
+      subset_seed, crop_fraction, shuffle_seed, shuffle_buffer: as in `eval_batches`.
     process_index: host whose rows to load (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -505,18 +511,22 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
                    subset_seed=subset_seed, process_index=process_index,
                    process_count=process_count)
   host_batch = len(plan.host_indices) // plan.num_batches
-  return _eval_dataset(source, plan, image_size, host_batch, crop_fraction).as_numpy_iterator()
+  return _eval_dataset(source, plan, image_size, host_batch, crop_fraction, shuffle_seed,
+                       shuffle_buffer).as_numpy_iterator()
 
 
 def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: int, mesh: Mesh,
                  num_examples: int | None = None, data_dir: str | None = None,
                  subset_fraction: float = 1.0, subset_seed: int = 0,
-                 crop_fraction: float | None = None) -> EvalBatches:
+                 crop_fraction: float | None = None, shuffle_seed: int | None = None,
+                 shuffle_buffer: int | None = None) -> EvalBatches:
   """Deterministic eval batches for analyses, sharded over `mesh`.
 
   Global batch i holds examples `[i * B, (i + 1) * B)` of the (subset) split in canonical
   order, the same for any number of hosts; the last partial batch is dropped (see
-  `EvalBatches.plan`).
+  `EvalBatches.plan`). With `shuffle_seed`, each host reads the same examples in an order
+  shuffled by that seed (the reshuffled passes of minibatch CKA: the examples stay, their
+  grouping into minibatches changes); `plan.host_indices` then lists them in canonical order.
 
   Args:
     name: dataset name ('digits' or any prepared TFDS name).
@@ -530,6 +540,10 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
     subset_seed: nested subset seed.
     crop_fraction: None for the ViT/BiT plain resize; c for resize-shorter-side to
       `round(image_size / c)` and central crop.
+    shuffle_seed: None for canonical order; else the seed of a deterministic shuffle of this
+      host's examples.
+    shuffle_buffer: encoded records held for the shuffle (default all of this host's
+      examples: a uniform shuffle; ImageNet JPEGs average ~110 kB each).
 
   Returns:
     `EvalBatches` yielding `{'image': [B, H, W, 3] float32, 'label': [B] int32}`.
@@ -549,7 +563,8 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
                     name, split, plan.num_examples, plan.num_batches, global_batch_size,
                     plan.num_dropped)
   host_batch = parallel.host_batch_size(global_batch_size, mesh)
-  dataset = _eval_dataset(source, plan, image_size, host_batch, crop_fraction)
+  dataset = _eval_dataset(source, plan, image_size, host_batch, crop_fraction, shuffle_seed,
+                          shuffle_buffer)
   return EvalBatches(dataset, mesh, plan, source.info)
 
 

@@ -1,0 +1,112 @@
+"""Study 1 end to end (vit_repr.studies.representation) on the embedded data."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs import cka_heatmap
+from tests.conftest import run_python
+from vit_repr import results
+from vit_repr.studies import representation
+
+
+def tiny_config(**analysis):
+  """The runlocal config shrunk further: a 2-block ViT against itself, 120 examples."""
+  config = cka_heatmap.get_config("runlocal")
+  config.model_a.overrides.depth = 2
+  config.model_b = cka_heatmap.model_spec(config.model_a.name, layers=config.model_a.layers,
+                                          overrides=config.model_a.overrides.to_dict())
+  config.data.num_examples = 120
+  config.analysis.update({"minibatch_size": 20, "num_passes": 2, **analysis})
+  config.checkpoint_every = 2
+  return config
+
+
+@pytest.mark.slow
+def test_runlocal_end_to_end(tmp_path):
+  summary = representation.run(cka_heatmap.get_config("runlocal"), str(tmp_path))
+  arrays, metadata = results.read_results(str(tmp_path), "cka_heatmap")
+  num_vit, num_resnet = 8, 4  # 4 blocks x (mid, out); 4 stages x 1 unit.
+  assert arrays["cka_aa"].shape == (num_vit, num_vit)
+  assert arrays["cka_bb"].shape == (num_resnet, num_resnet)
+  assert arrays["cka_ab"].shape == (num_vit, num_resnet)
+  assert list(arrays["names_b"]) == [f"block{s}/unit01/out" for s in range(1, 5)]
+  assert summary["num_examples"] == 720 and metadata["num_minibatches"] == 18
+  for name in ("cka_aa", "cka_bb"):
+    np.testing.assert_allclose(np.diag(arrays[name]), 1.0, atol=1e-5)
+  assert np.all((arrays["cka_ab"] > 0) & (arrays["cka_ab"] < 1))
+  assert np.all(arrays["stderr_ab"] > 0) and np.all(arrays["stderr_ab"] < 0.1)
+  for ext in ("png", "pdf"):
+    assert os.path.getsize(tmp_path / "figures" / f"cka_heatmap.{ext}") > 1000
+
+
+@pytest.mark.slow
+def test_model_against_itself_is_symmetric_with_unit_diagonal(tmp_path):
+  representation.run(tiny_config(), str(tmp_path))
+  arrays, _ = results.read_results(str(tmp_path), "cka_heatmap")
+  cross = arrays["cka_ab"]
+  np.testing.assert_allclose(cross, cross.T, atol=1e-6)
+  np.testing.assert_allclose(np.diag(cross), 1.0, atol=1e-5)
+  np.testing.assert_allclose(cross, arrays["cka_aa"], atol=1e-6)
+  # Adjacent sub-layers are more alike than the first and the last.
+  assert cross[0, 1] > cross[0, -1]
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+  representation.run(tiny_config(), str(tmp_path / "straight"))
+  interrupted = tiny_config()
+  interrupted.stop_after_batches = 5  # 6 batches per pass: stops inside pass 1.
+  partial = representation.run(interrupted, str(tmp_path / "resumed"))
+  assert partial == {"batches_done": 5, "batches_total": 12}
+  assert not os.path.exists(tmp_path / "resumed" / "cka_heatmap.npz")
+  representation.run(tiny_config(), str(tmp_path / "resumed"))
+  straight, _ = results.read_results(str(tmp_path / "straight"), "cka_heatmap")
+  resumed, _ = results.read_results(str(tmp_path / "resumed"), "cka_heatmap")
+  for name in ("cka_ab", "stderr_ab", "cka_aa"):
+    np.testing.assert_array_equal(resumed[name], straight[name])
+
+
+def test_state_from_another_config_is_refused(tmp_path):
+  config = tiny_config()
+  config.stop_after_batches = 1
+  representation.run(config, str(tmp_path))
+  other = tiny_config(num_passes=3)
+  with pytest.raises(ValueError, match="different config"):
+    representation.run(other, str(tmp_path))
+
+
+def test_unknown_layer_pattern_lists_available_names(tmp_path):
+  config = tiny_config()
+  config.model_a.layers = ("Transformer/encoderblock_7/out",)
+  with pytest.raises(ValueError, match=r"Available names: .*Transformer/encoderblock_1/out"):
+    representation.run(config, str(tmp_path))
+
+
+def test_bad_config_arg():
+  with pytest.raises(ValueError, match="vit_b16"):
+    cka_heatmap.get_config("vit_b99")
+  config = cka_heatmap.get_config("vit_l16+r50")
+  assert (config.model_a.name, config.model_b.name) == ("ViT-L/16", "BiT-R50x1")
+  assert config.model_b.checkpoint.endswith("BiT-M-R50x1.npz")
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device(tmp_path):
+  """Each device's shard is a minibatch: 8 devices x 5 examples == 1 device x 5 examples."""
+  code = f"""
+import jax
+from tests.test_representation import tiny_config
+from vit_repr.studies import representation
+config = tiny_config(minibatch_size={{mb}})
+representation.run(config, {str(tmp_path)!r} + '/' + str(jax.device_count()))
+"""
+  run_python(code.replace("{mb}", "5"), num_devices=8)
+  run_python(code.replace("{mb}", "5"), num_devices=1)
+  eight, eight_meta = results.read_results(str(tmp_path / "8"), "cka_heatmap")
+  one, one_meta = results.read_results(str(tmp_path / "1"), "cka_heatmap")
+  assert eight_meta["num_minibatches"] == one_meta["num_minibatches"] == 48
+  np.testing.assert_allclose(eight["cka_ab"], one["cka_ab"], atol=1e-6)
+  # Error bars of near-1 CKA pairs carry float32 cancellation: equal to ~1% of their size.
+  np.testing.assert_allclose(eight["stderr_ab"], one["stderr_ab"], rtol=1e-2, atol=5e-6)

@@ -1,0 +1,52 @@
+"""Builds a study's model and parameters from its config: public checkpoint, trained, or init.
+
+A model spec (`config.model_a`, `config.model_b`, ...) is a ConfigDict with
+  name: registered model name ('ViT-B/16', 'BiT-R50x1', ...);
+  overrides: constructor overrides (`num_classes` defaults to the dataset's classes);
+  checkpoint: '' for random initialisation from `seed`, a path ending in `.npz` for an original
+    Google checkpoint (`checkpoints.load`), or a parameter directory written by
+    `checkpoints.save` (e.g. `<train workdir>/params` of `vit_repr.training`);
+  seed: initialisation seed when `checkpoint` is ''.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from vit_repr import checkpoints, models
+
+
+def describe(spec: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The JSON-ready description of a model spec recorded in every result's metadata."""
+  return {"name": spec.name, "overrides": spec.overrides.to_dict(),
+          "checkpoint": spec.checkpoint or f"random init (seed {spec.seed})"}
+
+
+def load_model(spec: ml_collections.ConfigDict, *, image_size: int,
+               num_classes: int) -> tuple[nn.Module, Any]:
+  """The Flax module and its 'params' collection for a model spec.
+
+  Args:
+    spec: the model spec (see the module docstring).
+    image_size: input resolution of the study's data.
+    num_classes: the dataset's classes (used unless `spec.overrides.num_classes` is set).
+
+  Returns:
+    (model, params).
+  """
+  overrides = {"num_classes": num_classes, "image_size": image_size, **spec.overrides.to_dict()}
+  if "remove_skips" in overrides:
+    overrides["remove_skips"] = tuple(int(i) for i in overrides["remove_skips"])
+  model = models.create(spec.name, **overrides)
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  if not spec.checkpoint:
+    logging.info("%s: random initialisation (seed %d).", spec.name, spec.seed)
+    return model, jax.jit(model.init)(jax.random.key(spec.seed), images)["params"]
+  if str(spec.checkpoint).endswith(".npz"):
+    return model, checkpoints.load(spec.checkpoint, model)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+  return model, checkpoints.restore(spec.checkpoint, abstract)

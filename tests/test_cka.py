@@ -1,0 +1,495 @@
+"""Tests for vit_repr.cka against direct NumPy float64 formulas (Kornblith 2019, Song 2012)."""
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, run_python
+from vit_repr import cka, parallel
+
+# ---------------------------------------------------------------------------------------------
+# Independent float64 references, written from the published formulas.
+
+
+def ref_gram_linear(x):
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  return x @ x.T
+
+
+def ref_gram_rbf(x, sigma_frac):
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  sq_dist = ((x[:, None, :] - x[None, :, :])**2).sum(-1)
+  return np.exp(-sq_dist / (2 * sigma_frac**2 * np.median(sq_dist)))
+
+
+def ref_hsic_biased(k, l):
+  n = len(k)
+  h = np.eye(n) - np.ones((n, n)) / n
+  return np.trace(k @ h @ l @ h) / (n - 1)**2
+
+
+def ref_hsic1(k, l):
+  """Song et al. (2012), eq. 5: the three explicit sums over K̃, L̃ (zero diagonals)."""
+  n = len(k)
+  kt, lt = k * (1 - np.eye(n)), l * (1 - np.eye(n))
+  one = np.ones(n)
+  return (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+          - 2 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3))
+
+
+def ref_cka(k, l, hsic):
+  return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def ref_batch_terms(x, y):
+  """Per-minibatch (HSIC1(K,L), HSIC1(K,K), HSIC1(L,L)) for stacked batches [B, b, ...]."""
+  def grams(a):
+    a = np.asarray(a, np.float64).reshape(a.shape[0], a.shape[1], -1)
+    g = np.einsum("bip,bjp->bij", a, a)
+    return g * (1 - np.eye(a.shape[1]))
+
+  def hsic1(kt, lt):
+    n = kt.shape[-1]
+    trace = np.einsum("bij,bij->b", kt, lt)
+    total = kt.sum((1, 2)) * lt.sum((1, 2)) / ((n - 1) * (n - 2))
+    cross = np.einsum("bi,bi->b", kt.sum(2), lt.sum(2)) * 2 / (n - 2)
+    return (trace + total - cross) / (n * (n - 3))
+
+  k, l = grams(x), grams(y)
+  return hsic1(k, l), hsic1(k, k), hsic1(l, l)
+
+
+def ref_minibatch_cka(x, y, b):
+  """Minibatch CKA over consecutive batches of b (remainder dropped)."""
+  nb = len(x) // b
+  batches = lambda a: np.asarray(a)[:nb * b].reshape(nb, b, *np.shape(a)[1:])
+  xy, xx, yy = ref_batch_terms(batches(x), batches(y))
+  return xy.mean() / np.sqrt(xx.mean() * yy.mean())
+
+
+def ref_delta_stderr(xy, xx, yy):
+  t = np.stack([xy, xx, yy])
+  m = t.mean(1)
+  c = m[0] / np.sqrt(m[1] * m[2])
+  g = np.array([1 / np.sqrt(m[1] * m[2]), -c / (2 * m[1]), -c / (2 * m[2])])
+  return np.sqrt(g @ np.cov(t) @ g / t.shape[1])
+
+
+def ref_jackknife_stderr(xy, xx, yy):
+  num = len(xy)
+  loo = lambda a: (a.sum() - a) / (num - 1)
+  theta = loo(xy) / np.sqrt(loo(xx) * loo(yy))
+  return np.sqrt((num - 1) / num * np.sum((theta - theta.mean())**2))
+
+
+def features(seed, n=64, p=12, q=9, offset=3.0):
+  """Two related representations with non-zero means: x [n, p], y [n, q]."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, p)) + offset
+  y = np.tanh(x @ rng.normal(size=(p, q))) + 0.3 * rng.normal(size=(n, q)) - offset
+  return x.astype(np.float32), y.astype(np.float32)
+
+
+def minibatch_one(x, y):
+  return cka.minibatch_cka([x], [y], batch_size=16)[0, 0]
+
+
+ESTIMATORS = {
+    "linear-gram": (lambda x, y: cka.linear_cka(x, y, path="gram"),
+                    lambda x, y: ref_cka(ref_gram_linear(x), ref_gram_linear(y),
+                                         ref_hsic_biased)),
+    "linear-features": (lambda x, y: cka.linear_cka(x, y, path="features"),
+                        lambda x, y: ref_cka(ref_gram_linear(x), ref_gram_linear(y),
+                                             ref_hsic_biased)),
+    "debiased-gram": (lambda x, y: cka.debiased_cka(x, y, path="gram"),
+                      lambda x, y: ref_cka(ref_gram_linear(x), ref_gram_linear(y), ref_hsic1)),
+    "debiased-features": (lambda x, y: cka.debiased_cka(x, y, path="features"),
+                          lambda x, y: ref_cka(ref_gram_linear(x), ref_gram_linear(y),
+                                               ref_hsic1)),
+    "rbf": (lambda x, y: cka.rbf_cka(x, y, 0.8),
+            lambda x, y: ref_cka(ref_gram_rbf(x, 0.8), ref_gram_rbf(y, 0.8), ref_hsic_biased)),
+    "rbf-debiased": (lambda x, y: cka.rbf_cka(x, y, 0.8, debiased=True),
+                     lambda x, y: ref_cka(ref_gram_rbf(x, 0.8), ref_gram_rbf(y, 0.8),
+                                          ref_hsic1)),
+    "minibatch": (minibatch_one, lambda x, y: ref_minibatch_cka(x, y, 16)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels, HSIC and full-batch CKA.
+
+
+def test_grams_match_reference():
+  x, _ = features(0, n=20)
+  np.testing.assert_allclose(cka.gram_linear(x), ref_gram_linear(x), rtol=1e-5)
+  np.testing.assert_allclose(cka.gram_rbf(x, 0.6), ref_gram_rbf(x, 0.6), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [4, 5, 30], ids=lambda n: f"n{n}")
+def test_hsic_estimators_match_reference(n):
+  x, y = features(1, n=n)
+  k, l = ref_gram_linear(x), ref_gram_rbf(y, 0.5)
+  np.testing.assert_allclose(cka.hsic_biased(k, l), ref_hsic_biased(k, l), rtol=2e-4)
+  np.testing.assert_allclose(cka.hsic_unbiased(k, l), ref_hsic1(k, l), rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_cka_matches_float64_reference(name):
+  fn, ref = ESTIMATORS[name]
+  x, y = features(2)
+  expected = ref(x, y)
+  assert 0.1 < expected < 0.95  # a non-trivial value
+  np.testing.assert_allclose(fn(x, y), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_cka_self_is_one_and_symmetric(name):
+  fn, _ = ESTIMATORS[name]
+  x, y = features(3)
+  np.testing.assert_allclose(fn(x, x), 1.0, atol=1e-5)
+  np.testing.assert_allclose(fn(x, y), fn(y, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_invariant_to_orthogonal_maps_and_isotropic_scaling(name):
+  fn, _ = ESTIMATORS[name]
+  x, y = features(4)
+  q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(x.shape[1], x.shape[1])))
+  np.testing.assert_allclose(fn(x @ q.astype(np.float32) * 7.5, y), fn(x, y), atol=2e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in ESTIMATORS if not n.startswith("rbf")])
+def test_not_invariant_to_invertible_linear_maps(name):
+  fn, _ = ESTIMATORS[name]
+  x, _ = features(5, n=128)
+  rng = np.random.default_rng(1)
+  q, _ = np.linalg.qr(rng.normal(size=(x.shape[1], x.shape[1])))
+  a = (q * np.logspace(0, 2, x.shape[1])).astype(np.float32)  # invertible, anisotropic
+  assert fn(x, x @ a) < 0.9
+
+
+def test_feature_path_auto_choice_agrees_with_gram_path():
+  x, y = features(6, n=300, p=8, q=5)  # n > p: 'auto' takes the feature path
+  np.testing.assert_allclose(cka.linear_cka(x, y), cka.linear_cka(x, y, path="gram"),
+                             atol=1e-5)
+  np.testing.assert_allclose(cka.debiased_cka(x, y), cka.debiased_cka(x, y, path="gram"),
+                             atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Minibatch CKA.
+
+
+def layered(seed, n, b_shapes=((3, 4), (10,)), a_shapes=((6,), (2, 2, 2), (5,))):
+  """Model A and model B layers of related features with large means, `[n, ...]` each."""
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=(n, 6))
+  make = lambda shape, i: (np.tanh(z @ rng.normal(size=(6, int(np.prod(shape)))) * (i + 1))
+                           + 0.5 * rng.normal(size=(n, int(np.prod(shape)))) + 10 * i
+                           ).reshape(n, *shape).astype(np.float32)
+  return ([make(s, i) for i, s in enumerate(a_shapes)],
+          [make(s, i) for i, s in enumerate(b_shapes)])
+
+
+def ref_heatmap(xs, ys, b):
+  return np.array([[ref_minibatch_cka(x, y, b) for y in ys] for x in xs])
+
+
+def test_one_minibatch_equals_full_batch_debiased_cka():
+  x, y = features(7, n=40)
+  np.testing.assert_allclose(cka.minibatch_cka([x], [y], batch_size=40)[0, 0],
+                             ref_cka(ref_gram_linear(x), ref_gram_linear(y), ref_hsic1),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("gram_blocks,feature_chunk", [(1, None), (2, 0), (3, 4), (1, 3)],
+                         ids=["default", "blocks2-unchunked", "blocks3-chunk4", "chunk3"])
+def test_heatmap_matches_reference(gram_blocks, feature_chunk):
+  xs, ys = layered(8, n=100)  # 6, 8, 5 and 12, 10 features: chunks with and without a rest
+  estimator = cka.MinibatchCKA(gram_blocks=gram_blocks, feature_chunk=feature_chunk)
+  state = estimator.init(xs, ys)
+  for i in range(6):  # 6 batches of 16; the last 4 examples are not used
+    state = estimator.update(state, [x[16 * i:16 * (i + 1)] for x in xs],
+                             [y[16 * i:16 * (i + 1)] for y in ys])
+  result = estimator.result(state)
+  np.testing.assert_allclose(result.cka, ref_heatmap(xs, ys, 16), atol=2e-6)
+  assert (result.num_batches, result.num_examples) == (6, 96)
+  assert result.names_x == ("0", "1", "2") and result.names_y == ("0", "1")
+
+
+def test_within_model_heatmap_reuses_grams_and_matches_cross():
+  xs, _ = layered(9, n=100)
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, names_x=["stem", "mid", "top"])
+  for i in range(6):
+    state = estimator.update(state, [x[16 * i:16 * (i + 1)] for x in xs])
+  result = estimator.result(state)
+  assert result.names_x == result.names_y == ("stem", "mid", "top")
+  np.testing.assert_allclose(result.cka, cka.minibatch_cka(xs, xs, batch_size=16), atol=1e-6)
+  np.testing.assert_allclose(result.cka, ref_heatmap(xs, xs, 16), atol=2e-6)
+  np.testing.assert_array_equal(result.cka, result.cka.T)
+  np.testing.assert_array_equal(result.cka, cka.minibatch_cka(xs, batch_size=16))
+
+
+def test_dict_layers_are_named_and_reordered():
+  xs, ys = layered(10, n=32)
+  a = {"stem": xs[0], "block1": xs[1], "top": xs[2]}
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(a, {"out": ys[0], "head": ys[1]})
+  for i in range(2):
+    rows = slice(16 * i, 16 * (i + 1))
+    state = estimator.update(state, {"top": xs[2][rows], "block1": xs[1][rows],
+                                     "stem": xs[0][rows]},
+                             {"head": ys[1][rows], "out": ys[0][rows]})
+  result = estimator.result(state)
+  assert result.names_x == ("stem", "block1", "top") and result.names_y == ("out", "head")
+  np.testing.assert_allclose(result.cka, ref_heatmap(xs, ys, 16), atol=2e-6)
+
+
+def test_several_passes_stream_through_the_accumulator():
+  xs, ys = layered(11, n=48)
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+  key = jax.random.key(0)
+  orders = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), 48)) for e in range(3)]
+  for order in orders:
+    for i in range(3):
+      rows = order[16 * i:16 * (i + 1)]
+      state = estimator.update(state, [x[rows] for x in xs], [y[rows] for y in ys])
+  result = estimator.result(state)
+  concat = lambda layers: [np.concatenate([a[o] for o in orders]) for a in layers]
+  np.testing.assert_allclose(result.cka, ref_heatmap(concat(xs), concat(ys), 16), atol=2e-6)
+  assert result.num_batches == 9
+
+
+def test_stderr_is_the_delta_method_and_agrees_with_jackknife():
+  b, num = 8, 300
+  xs, ys = layered(12, n=b * num, a_shapes=((5,),), b_shapes=((4,),))
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+  for j in range(0, b * num, b):
+    state = estimator.update(state, [xs[0][j:j + b]], [ys[0][j:j + b]])
+  result = estimator.result(state)
+  terms = ref_batch_terms(xs[0].reshape(num, b, -1), ys[0].reshape(num, b, -1))
+  np.testing.assert_allclose(result.cka[0, 0], ref_minibatch_cka(xs[0], ys[0], b), atol=2e-6)
+  np.testing.assert_allclose(result.stderr[0, 0], ref_delta_stderr(*terms), rtol=1e-3)
+  np.testing.assert_allclose(result.stderr[0, 0], ref_jackknife_stderr(*terms), rtol=0.05)
+  assert 1e-4 < result.stderr[0, 0] < 0.1
+
+
+@pytest.mark.slow
+def test_float32_accumulation_over_12000_batches_matches_float64():
+  b, num = 6, 12_000
+  xs, ys = layered(13, n=b * num, a_shapes=((3,), (4,)), b_shapes=((2,),))
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+
+  @jax.jit
+  def run(state, xs, ys):
+    step = lambda s, batch: (estimator.update(s, *batch), None)
+    batched = lambda layers: [a.reshape(num, b, -1) for a in layers]
+    return jax.lax.scan(step, state, (batched(xs), batched(ys)))[0]
+
+  result = estimator.result(run(state, xs, ys))
+  assert result.num_batches == num
+  expected = np.array([[ref_minibatch_cka(x.reshape(-1, x.shape[-1]), y, b) for y in ys]
+                       for x in xs])
+  np.testing.assert_allclose(result.cka, expected, atol=1e-5, rtol=0)
+
+
+def test_save_restore_continue_equals_uninterrupted(tmp_path):
+  xs, ys = layered(14, n=96)
+  batches = [([x[16 * i:16 * (i + 1)] for x in xs], [y[16 * i:16 * (i + 1)] for y in ys])
+             for i in range(6)]
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+  for batch in batches:
+    state = estimator.update(state, *batch)
+  uninterrupted = estimator.result(state)
+
+  state = estimator.init(xs, ys)
+  for batch in batches[:3]:
+    state = estimator.update(state, *batch)
+  np.savez(tmp_path / "state.npz", **state.to_numpy())
+  del state
+  resumed_estimator = cka.MinibatchCKA()
+  with np.load(tmp_path / "state.npz", allow_pickle=False) as saved:
+    state = cka.MinibatchCKAState.from_numpy(dict(saved))
+  for batch in batches[3:]:
+    state = resumed_estimator.update(state, *batch)
+  resumed = resumed_estimator.result(state)
+  np.testing.assert_array_equal(resumed.cka, uninterrupted.cka)
+  np.testing.assert_array_equal(resumed.stderr, uninterrupted.stderr)
+  assert resumed.names_x == uninterrupted.names_x
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and processes.
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+  xs, ys = layered(15, n=8 * 8 * 3 + 5)
+  np.savez(tmp_path / "data.npz", *xs, *ys)
+  code = f"""
+import numpy as np, jax
+from vit_repr import cka, parallel
+assert jax.device_count() == 8
+data = np.load({str(tmp_path / 'data.npz')!r})
+arrays = [data[f'arr_{{i}}'] for i in range(5)]
+mesh = parallel.make_mesh()
+est = cka.MinibatchCKA(mesh, gram_blocks=2)
+xs, ys = arrays[:3], arrays[3:]
+state = est.init(xs, ys)
+for s in range(3):
+  state = est.update(state, [x[64 * s:64 * (s + 1)] for x in xs], [y[64 * s:64 * (s + 1)] for y in ys])
+res = est.result(state)
+np.savez({str(tmp_path / 'out.npz')!r}, cka=res.cka, stderr=res.stderr, n=res.num_batches,
+         within=cka.minibatch_cka(xs, batch_size=8, mesh=mesh))
+"""
+  run_python(code, num_devices=8)
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+  for i in range(24):
+    state = estimator.update(state, [x[8 * i:8 * (i + 1)] for x in xs],
+                             [y[8 * i:8 * (i + 1)] for y in ys])
+  single = estimator.result(state)
+  out = np.load(tmp_path / "out.npz")
+  assert int(out["n"]) == single.num_batches == 24
+  np.testing.assert_allclose(out["cka"], single.cka, atol=1e-6)
+  np.testing.assert_allclose(out["stderr"], single.stderr, rtol=1e-4)
+  np.testing.assert_allclose(out["within"], cka.minibatch_cka(xs, batch_size=8), atol=1e-6)
+
+
+_WORKER = """
+import sys
+import numpy as np, jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+port, pid, data_path, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                           process_id=pid)
+from vit_repr import cka, parallel
+data = np.load(data_path)
+xs, ys = [data['arr_0'], data['arr_1']], [data['arr_2']]
+mesh = parallel.make_mesh()
+assert mesh.devices.size == 4 and jax.process_count() == 2
+est = cka.MinibatchCKA(mesh)
+state = est.init(xs, ys)
+step = 4 * 8
+for s in range(len(xs[0]) // step):
+  rows = slice(s * step + pid * step // 2, s * step + (pid + 1) * step // 2)
+  state = est.update(state, parallel.global_batch([x[rows] for x in xs], mesh),
+                     parallel.global_batch([y[rows] for y in ys], mesh))
+res = est.result(state)
+if pid == 0:
+  np.savez(out_path, cka=res.cka, stderr=res.stderr, n=res.num_batches)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+  xs, ys = layered(16, n=4 * 8 * 3, a_shapes=((6,), (3, 3)), b_shapes=((5,),))
+  np.savez(tmp_path / "data.npz", *xs, *ys)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(pid),
+                             str(tmp_path / "data.npz"), str(tmp_path / "out.npz")],
+                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for pid in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  out = np.load(tmp_path / "out.npz")
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+  for i in range(12):
+    state = estimator.update(state, [x[8 * i:8 * (i + 1)] for x in xs],
+                             [y[8 * i:8 * (i + 1)] for y in ys])
+  single = estimator.result(state)
+  assert int(out["n"]) == single.num_batches == 12
+  np.testing.assert_allclose(out["cka"], single.cka, atol=1e-6)
+  np.testing.assert_allclose(out["stderr"], single.stderr, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_mismatched_example_counts_raise_with_shapes():
+  xs, ys = layered(17, n=32)
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+  with pytest.raises(ValueError, match=r"same examples.*\(16, 6\).*\(15, 2, 2, 2\)"):
+    estimator.update(state, [xs[0][:16], xs[1][:15], xs[2][:16]], [y[:16] for y in ys])
+  with pytest.raises(ValueError, match=r"B:0 \(8, 3, 4\)"):
+    estimator.update(state, [x[:16] for x in xs], [ys[0][:8], ys[1][:16]])
+  with pytest.raises(ValueError, match=r"\(32, 6\).*\(31, 10\)"):
+    cka.minibatch_cka(xs[:1], [ys[1][:31]], batch_size=8)
+  with pytest.raises(ValueError, match=r"\(32, 6\).*\(31, 10\)"):
+    cka.linear_cka(xs[0], ys[1][:31])
+
+
+def test_batches_smaller_than_four_raise():
+  xs, ys = layered(18, n=12)
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+  with pytest.raises(ValueError, match="at least 4 examples"):
+    estimator.update(state, [x[:3] for x in xs], [y[:3] for y in ys])
+  with pytest.raises(ValueError, match="batch_size must be >= 4"):
+    cka.minibatch_cka(xs, ys, batch_size=3)
+  with pytest.raises(ValueError, match="at least 4 examples"):
+    cka.debiased_cka(xs[0][:3], ys[0][:3])
+  with pytest.raises(ValueError, match="at least 4 examples"):
+    cka.hsic_unbiased(np.eye(3), np.eye(3))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_nonfinite_features_are_reported_at_result_naming_the_layer(bad):
+  xs, ys = layered(19, n=48)
+  a = {"stem": xs[0], "block": xs[1].copy()}
+  a["block"][20, 0, 1, 0] = bad
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(a, ys)
+  for i in range(3):  # update itself never syncs with the host, so it does not raise
+    state = estimator.update(state, {k: v[16 * i:16 * (i + 1)] for k, v in a.items()},
+                             [y[16 * i:16 * (i + 1)] for y in ys])
+  assert bool(np.asarray(state.nonfinite_x)[1]) and not np.asarray(state.nonfinite_x)[0]
+  with pytest.raises(ValueError, match="NaN or Inf features in model A layer 'block'"):
+    estimator.result(state)
+
+
+def test_constant_layer_gives_nan_row_and_warning(caplog):
+  xs, ys = layered(20, n=32)
+  xs[1] = np.full_like(xs[1], 0.1)
+  with caplog.at_level(logging.WARNING):
+    heatmap = cka.minibatch_cka({"a": xs[0], "const": xs[1], "c": xs[2]}, ys, batch_size=16)
+  assert np.isnan(heatmap[1]).all()
+  assert np.isfinite(np.delete(heatmap, 1, axis=0)).all()
+  np.testing.assert_allclose(np.delete(heatmap, 1, axis=0),
+                             ref_heatmap([xs[0], xs[2]], ys, 16), atol=2e-6)
+  assert any("constant" in r.getMessage() and "const" in r.getMessage()
+             for r in caplog.records)
+
+
+def test_bad_structures_raise():
+  xs, ys = layered(21, n=16)
+  estimator = cka.MinibatchCKA()
+  with pytest.raises(TypeError, match="sequence or dict"):
+    estimator.init(xs[0])
+  state = estimator.init(xs, ys)
+  with pytest.raises(ValueError, match="initialised with 3"):
+    estimator.update(state, xs[:2], ys)
+  with pytest.raises(ValueError, match="within-model|ys is missing"):
+    estimator.update(state, xs)
+  with pytest.raises(ValueError, match="No minibatch"):
+    estimator.result(estimator.init(xs))

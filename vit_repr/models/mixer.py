@@ -37,7 +37,6 @@ Blocks listed in `remove_skips` drop both residual additions. Sown values have t
 (float32 or bfloat16), except the float32 logits; parameters are always float32.
 """
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +44,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit_repr.models import variants
 
 from vit_repr.models.vit import LAYER_NORM_EPS, check_dtype, check_images, check_remove_skips
 
@@ -186,15 +187,12 @@ class MlpMixer(nn.Module):
     return logits
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(MlpMixer) if f.name not in ("parent", "name"))
-
-
 def from_variant(variant: str, **overrides) -> MlpMixer:
   """Builds the MLP-Mixer `variant` ('S/32', 'B/16', ..., see `VARIANTS`).
 
   Args:
     variant: a key of `VARIANTS`.
-    **overrides: replace the variant's defaults; any of `FIELDS` (num_classes, image_size,
+    **overrides: replace the variant's defaults; any constructor field (num_classes, image_size,
       patch_size, hidden_size, depth, tokens_mlp_dim, channels_mlp_dim, remove_skips, dtype).
 
   Returns:
@@ -204,12 +202,4 @@ def from_variant(variant: str, **overrides) -> MlpMixer:
     ValueError: unknown variant or override (the message lists the accepted ones), or an
       invalid field value.
   """
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown Mixer variant {variant!r}; known: {', '.join(VARIANTS)}.")
-  unknown = sorted(set(overrides) - set(FIELDS))
-  if unknown:
-    raise ValueError(f"Unknown override(s) {unknown} for Mixer-{variant}; accepted fields: "
-                     f"{', '.join(FIELDS)}.")
-  fields = {**VARIANTS[variant], **overrides}
-  fields["remove_skips"] = tuple(fields.get("remove_skips", ()))
-  return MlpMixer(**fields)
+  return variants.build(MlpMixer, "Mixer", VARIANTS, variant, overrides)

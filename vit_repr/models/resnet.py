@@ -40,7 +40,6 @@ projecting units (`unit01` of every stage with a changed width or stride), where
 Sown values have the compute dtype (float32 or bfloat16); parameters are always float32.
 """
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +47,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit_repr.models import variants
 
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-5
@@ -356,9 +357,6 @@ class ResNet(nn.Module):
     return logits
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(ResNet) if f.name not in ("parent", "name"))
-
-
 def from_variant(variant: str, **overrides) -> ResNet:
   """Builds the BiT ResNet-v2 `variant` ('R50x1', ..., see `VARIANTS`).
 
@@ -374,14 +372,4 @@ def from_variant(variant: str, **overrides) -> ResNet:
     ValueError: unknown variant or override (the message lists the accepted ones), or an
       invalid field value.
   """
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown BiT variant {variant!r}; known: {', '.join(VARIANTS)}.")
-  unknown = sorted(set(overrides) - set(_FIELDS))
-  if unknown:
-    raise ValueError(f"Unknown override(s) {unknown} for BiT-{variant}; accepted fields: "
-                     f"{', '.join(_FIELDS)}.")
-  fields = {**VARIANTS[variant], **overrides}
-  for key in ("units_per_stage", "remove_skips"):
-    if isinstance(fields.get(key), (list, np.ndarray)):
-      fields[key] = tuple(int(i) for i in fields[key])
-  return ResNet(**fields)
+  return variants.build(ResNet, "BiT", VARIANTS, variant, overrides)

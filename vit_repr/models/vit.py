@@ -54,7 +54,6 @@ submodule so that the sown tag can carry the same name (Flax forbids a sown vari
 submodule of the same scope); its parameter paths are those of the checkpoints.
 """
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +61,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit_repr.models import variants
 
 LAYER_NORM_EPS = 1e-6
 CLASSIFIERS = ("token", "gap")
@@ -422,16 +423,12 @@ class VisionTransformer(nn.Module):
     return logits
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(VisionTransformer)
-               if f.name not in ("parent", "name"))
-
-
 def from_variant(variant: str, **overrides) -> VisionTransformer:
   """Builds the ViT `variant` ('B/16', 'L/16', ..., see `VARIANTS`).
 
   Args:
     variant: a key of `VARIANTS`.
-    **overrides: replace the variant's defaults; any of `FIELDS` (num_classes, image_size,
+    **overrides: replace the variant's defaults; any constructor field (num_classes, image_size,
       patch_size, hidden_size, depth, num_heads, mlp_dim, classifier, representation_size,
       dropout_rate, attention_dropout_rate, posemb_includes_cls, remove_skips, dtype).
 
@@ -442,12 +439,4 @@ def from_variant(variant: str, **overrides) -> VisionTransformer:
     ValueError: unknown variant or override (the message lists the accepted ones), or an
       invalid field value.
   """
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown ViT variant {variant!r}; known: {', '.join(VARIANTS)}.")
-  unknown = sorted(set(overrides) - set(FIELDS))
-  if unknown:
-    raise ValueError(f"Unknown override(s) {unknown} for ViT-{variant}; accepted fields: "
-                     f"{', '.join(FIELDS)}.")
-  fields = {**VARIANTS[variant], **overrides}
-  fields["remove_skips"] = tuple(fields.get("remove_skips", ()))
-  return VisionTransformer(**fields)
+  return variants.build(VisionTransformer, "ViT", VARIANTS, variant, overrides)

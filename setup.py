@@ -26,6 +26,9 @@ setuptools.setup(
         "scikit-learn>=1.3",
         # ndimage.zoom: the original ViT position-embedding resize (vit_repr.checkpoints).
         "scipy>=1.11",
+        # TensorBoard event files of training runs without importing TensorFlow outside
+        # data.py (vit_repr.training).
+        "tensorboardX>=2.6",
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",
     ],

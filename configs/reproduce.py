@@ -1,19 +1,27 @@
 r"""The main job: every study of the paper, on the embedded dataset by default.
 
     python -m experiments.reproduce --workdir=outputs/reproduce
-    python -m experiments.reproduce --config=configs/reproduce.py:local --workdir=/tmp/r \
-        --config.data.name=cifar10 --config.data.data_dir=~/tensorflow_datasets
+    python -m experiments.reproduce --config=configs/reproduce.py:runlocal --workdir=/tmp/r
 
-Args after the colon: `local` (default: the embedded 'digits' data, CPU, minutes).
+Args after the colon: `local` (default: the embedded 'digits' data, small models trained on
+the CPU in minutes) or `runlocal` (the same steps shrunk to a smoke test: a few training steps,
+fewer examples). Run from the repository root (this file imports its sibling configs).
 """
 
 import ml_collections
 
+from configs import cka_heatmap
+from configs import train as train_configs
+
+# The trained models the studies use: name -> configs/train.py recipe.
+_MODELS = ("vit_cls", "bit")
+
 
 def get_config(arg: str = "local") -> ml_collections.ConfigDict:
-  """Returns the reproduction config for `arg` ('local')."""
-  if arg not in ("local",):
-    raise ValueError(f"Unknown reproduce config {arg!r}; use 'local'.")
+  """Returns the reproduction config for `arg` ('local' or 'runlocal')."""
+  if arg not in ("local", "runlocal"):
+    raise ValueError(f"Unknown reproduce config {arg!r}; use 'local' or 'runlocal'.")
+  suffix = ",runlocal" if arg == "runlocal" else ""
   config = ml_collections.ConfigDict()
   config.data = ml_collections.ConfigDict(dict(
       name="digits",           # Any TFDS name (e.g. 'imagenet2012') or an embedded dataset.
@@ -26,4 +34,14 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   config.summary = ml_collections.ConfigDict(dict(
       examples_per_class=10,   # Montage columns.
   ))
+  # Training configs of the small models, trained into <workdir>/models/<name> (or reused).
+  config.models = ml_collections.ConfigDict(
+      {name: train_configs.get_config(name + suffix) for name in _MODELS})
+  # Study 1: CKA heatmaps of the trained ViT (CLS) and BiT ResNet; model specs are filled in
+  # from `config.models` at run time.
+  config.representation = cka_heatmap.get_config("runlocal")
+  config.representation.models = ("vit_cls", "bit")
+  if arg == "runlocal":
+    config.representation.data.num_examples = 120
+    config.representation.analysis.num_passes = 1
   return config

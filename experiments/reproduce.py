@@ -6,6 +6,7 @@ r"""The main job: reproduces the paper's studies into one work directory.
 `make demo` runs the first line on the embedded dataset.
 """
 
+import glob
 import json
 import os
 
@@ -26,8 +27,9 @@ def main(argv):
   common.setup(argv, _CONFIG.value, _WORKDIR.value)
   summary = reproduction.run(_CONFIG.value, _WORKDIR.value)
   logging.info("Summary: %s", json.dumps(summary))
-  print(f"Results are in {os.path.abspath(_WORKDIR.value)} "
-        f"(figures in {os.path.abspath(os.path.join(_WORKDIR.value, 'figures'))}).")
+  workdir = os.path.abspath(_WORKDIR.value)
+  figures = sorted(glob.glob(os.path.join(workdir, "**", "*.png"), recursive=True))
+  print(f"Results are in {workdir}; figures:\n  " + "\n  ".join(figures))
 
 
 if __name__ == "__main__":

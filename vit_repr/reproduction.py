@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import data, parallel, plotting, results
+from vit_repr import data, parallel, plotting, results, training
+from vit_repr.studies import representation
 
 Step = Callable[[ml_collections.ConfigDict, str], dict]
 
@@ -68,8 +69,49 @@ def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
 
 
+def _model_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "models", name)
+
+
+def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the small models of `config.models` into `<workdir>/models/<name>`, or reuses them
+  when a finished run is already there (each run is resumable)."""
+  accuracies = {}
+  for name, train_config in config.models.items():
+    logging.info("Training %s (%s, %d steps) or reusing it.", name, train_config.model.name,
+                 train_config.train.total_steps)
+    result = training.run(train_config, _model_dir(workdir, name))
+    accuracies[name] = round(float(result.final_eval.get("accuracy", float("nan"))), 4)
+  return {"test_accuracy": accuracies}
+
+
+def _trained_spec(config: ml_collections.ConfigDict, workdir: str, name: str,
+                  layers: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The study model spec of trained model `name`: its recipe's model and final params."""
+  train_config = config.models[name]
+  return ml_collections.ConfigDict(dict(
+      name=train_config.model.name, overrides=train_config.model.overrides.to_dict(),
+      checkpoint=os.path.join(os.path.abspath(_model_dir(workdir, name)), "params"),
+      layers=tuple(layers), seed=train_config.seed))
+
+
+def representation_structure(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Study 1 (paper Figs 1-2): CKA heatmaps within and across the trained ViT and ResNet."""
+  study_dict = config.representation.to_dict()
+  names = study_dict.pop("models")
+  study = ml_collections.ConfigDict(study_dict)
+  for key, name in zip(("model_a", "model_b"), names):
+    study[key] = _trained_spec(config, workdir, name, study[key].layers)
+  summary = representation.run(study, os.path.join(workdir, "representation"))
+  arrays, _ = results.read_results(os.path.join(workdir, "representation"), "cka_heatmap")
+  return {**summary, "mean_cka": {k: round(float(np.nanmean(arrays[k])), 3)
+                                  for k in ("cka_aa", "cka_bb", "cka_ab")}}
+
+
 STEPS: tuple[tuple[str, Step], ...] = (
     ("dataset summary", dataset_summary),
+    ("train the small models", train_models),
+    ("representation structure (CKA heatmaps, Figs 1-2)", representation_structure),
 )
 
 

@@ -41,21 +41,8 @@ def peak_rss_gb() -> float:
 
 def worker_gemm(cfg: dict) -> dict:
   """float32 GEMM throughput of NumPy and XLA on square matrices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  n = cfg["n"]
-  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-  out = {}
-  for name, fn, arg in (("numpy", np.dot, a), ("xla", jax.jit(lambda x: x @ x),
-                                                 jax.numpy.asarray(a))):
-    jax.block_until_ready(fn(arg, arg) if name == "numpy" else fn(arg))
-    best = float("inf")
-    for _ in range(cfg["repeats"]):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(arg, arg) if name == "numpy" else fn(arg))
-      best = min(best, time.perf_counter() - start)
-    out[name] = 2.0 * n**3 / best / 1e9
-  return out
+  from benchmarks import peak  # pylint: disable=g-import-not-at-top
+  return peak.gemm_peaks(cfg["n"], cfg["repeats"])
 
 
 def worker_ours(cfg: dict) -> dict:

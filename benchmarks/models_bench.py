@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import peak
 from vit_repr.models import create, flatten_intermediates
 
 _MODELS = flags.DEFINE_list("models", ["ViT-B/16", "BiT-R50x1", "Mixer-B/16"],
@@ -89,28 +90,7 @@ def _median_seconds(fn: Callable[[], object], steps: int) -> tuple[float, float]
   return float(np.median(wall)), float(np.median(cpu))
 
 
-def gemm_peaks(n: int, steps: int) -> dict[str, float]:
-  """GFLOP/s of an n x n float32 matmul in NumPy and in jitted XLA (`jnp.dot`), best of steps."""
-  rng = np.random.default_rng(0)
-  a = rng.standard_normal((n, n), dtype=np.float32)
-  b = rng.standard_normal((n, n), dtype=np.float32)
-  flops = 2.0 * n**3
-  numpy_best = min(_time_once(lambda: a @ b) for _ in range(steps + 1))
-  a_dev, b_dev = jnp.asarray(a), jnp.asarray(b)
-  dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a_dev, b_dev))
-  xla_best = min(_time_once(lambda: jax.block_until_ready(dot(a_dev, b_dev)))
-                 for _ in range(steps + 1))
-  return {"numpy": flops / numpy_best / 1e9, "xla": flops / xla_best / 1e9}
-
-
-def _time_once(fn: Callable[[], object]) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
-def _random_variables(model, images: jax.ShapeDtypeStruct) -> dict:
+def random_variables(model, images: jax.ShapeDtypeStruct) -> dict:
   """Random float32 parameters of `model`'s shapes, drawn with NumPy (speed does not depend on
   the values, and `model.init` would spend tens of seconds compiling its initialisers)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), images)
@@ -132,7 +112,7 @@ def bench_model(name: str, batch: int, size: int, dtype, steps: int, logits_only
   """Compiles and times one model's forward pass; returns seconds, FLOPs and output sizes."""
   model = create(name, image_size=size, dtype=dtype)
   images_spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-  variables = _random_variables(model, images_spec)
+  variables = random_variables(model, images_spec)
   images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, images_spec.shape), jnp.float32)
 
   def with_intermediates(v, x):
@@ -183,7 +163,7 @@ def main(argv: list[str]) -> None:
         f"meaningful near 0); batch {batch}, {size}x{size}, {_DTYPE.value}, "
         f"median of {steps} steps.")
   gemm_size, gemm_steps = (1024, 1) if quick else (4096, 3)
-  peaks = gemm_peaks(gemm_size, gemm_steps)
+  peaks = peak.gemm_peaks(gemm_size, gemm_steps)
 
   rows = []
   for name in _MODELS.value:
@@ -214,7 +194,7 @@ def main(argv: list[str]) -> None:
 
   # The peak is measured before and after the models and the best kept, so a busy moment
   # during one measurement does not inflate the "% of peak" column.
-  after = gemm_peaks(gemm_size, gemm_steps)
+  after = peak.gemm_peaks(gemm_size, gemm_steps)
   peaks = {k: max(peaks[k], after[k]) for k in peaks}
   print(f"float32 GEMM peak ({gemm_size}^3, best before/after): NumPy {peaks['numpy']:.1f} "
         f"GFLOP/s, XLA jnp.dot {peaks['xla']:.1f} GFLOP/s; load average now "

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import peak
 from configs import train as train_configs
 from vit_repr import parallel, training
 
@@ -30,19 +31,6 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes ('float32', '
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per configuration (after one warm-up).")
 _RECIPE = flags.DEFINE_string("recipe", "imagenet_vit_b16", "configs/train.py recipe to time.")
 _GEMM_SIZE = flags.DEFINE_integer("gemm_size", 2048, "Side of the square GEMM for the peak.")
-
-
-def gemm_peak_gflops(n: int, repeats: int = 10) -> float:
-  """Best float32 GEMM rate of XLA on `[n, n] @ [n, n]`, in GFLOP/s."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n**3 / best / 1e9
 
 
 def time_train_step(recipe: str, batch_size: int, dtype: str, steps: int) -> dict[str, float]:
@@ -78,16 +66,16 @@ def time_train_step(recipe: str, batch_size: int, dtype: str, steps: int) -> dic
 
 def main(argv):
   del argv
-  peak_before = gemm_peak_gflops(_GEMM_SIZE.value)
+  peak_before = peak.gemm_peaks(_GEMM_SIZE.value)["xla"]
   results = []
   for dtype in _DTYPES.value:
     for batch_size in (int(b) for b in _BATCH_SIZES.value):
       results.append((batch_size, dtype,
                       time_train_step(_RECIPE.value, batch_size, dtype, _STEPS.value)))
-  peak = max(peak_before, gemm_peak_gflops(_GEMM_SIZE.value))
+  gemm_peak = max(peak_before, peak.gemm_peaks(_GEMM_SIZE.value)["xla"])
   print(f"{_RECIPE.value} training step on {jax.devices()[0].device_kind} "
         f"({jax.local_device_count()} device); XLA float32 GEMM peak "
-        f"({_GEMM_SIZE.value}^3): {peak:.1f} GFLOP/s")
+        f"({_GEMM_SIZE.value}^3): {gemm_peak:.1f} GFLOP/s")
   header = f"{'batch':>6} {'dtype':>9} {'s/step':>8} {'images/s':>9} {'GFLOP/step':>11} " \
            f"{'GFLOP/s':>8} {'of peak':>8}"
   print(header)
@@ -95,7 +83,7 @@ def main(argv):
   for batch_size, dtype, r in results:
     rate = r["flops"] / r["seconds"] / 1e9
     print(f"{batch_size:>6} {dtype:>9} {r['seconds']:>8.2f} {r['images_per_second']:>9.2f} "
-          f"{r['flops'] / 1e9:>11.1f} {rate:>8.1f} {rate / peak:>8.1%}")
+          f"{r['flops'] / 1e9:>11.1f} {rate:>8.1f} {rate / gemm_peak:>8.1%}")
 
 
 if __name__ == "__main__":

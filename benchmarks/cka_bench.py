@@ -41,8 +41,8 @@ def peak_rss_gb() -> float:
 
 def worker_gemm(cfg: dict) -> dict:
   """float32 GEMM throughput of NumPy and XLA on square matrices."""
-  from benchmarks import peak  # pylint: disable=g-import-not-at-top
-  return peak.gemm_peaks(cfg["n"], cfg["repeats"])
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  return timing.gemm_peaks(cfg["n"], cfg["repeats"])
 
 
 def worker_ours(cfg: dict) -> dict:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks import peak
+from benchmarks import timing
 from vit_repr.models import create, flatten_intermediates
 
 _MODELS = flags.DEFINE_list("models", ["ViT-B/16", "BiT-R50x1", "Mixer-B/16"],
@@ -90,16 +90,6 @@ def _median_seconds(fn: Callable[[], object], steps: int) -> tuple[float, float]
   return float(np.median(wall)), float(np.median(cpu))
 
 
-def random_variables(model, images: jax.ShapeDtypeStruct) -> dict:
-  """Random float32 parameters of `model`'s shapes, drawn with NumPy (speed does not depend on
-  the values, and `model.init` would spend tens of seconds compiling its initialisers)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), images)
-  rng = np.random.default_rng(0)
-  return jax.tree.map(
-      lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, dtype=np.float32), s.dtype),
-      shapes)
-
-
 def _flops(compiled) -> float:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -112,7 +102,7 @@ def bench_model(name: str, batch: int, size: int, dtype, steps: int, logits_only
   """Compiles and times one model's forward pass; returns seconds, FLOPs and output sizes."""
   model = create(name, image_size=size, dtype=dtype)
   images_spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-  variables = random_variables(model, images_spec)
+  variables = timing.random_variables(model, images_spec)
   images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, images_spec.shape), jnp.float32)
 
   def with_intermediates(v, x):
@@ -163,7 +153,7 @@ def main(argv: list[str]) -> None:
         f"meaningful near 0); batch {batch}, {size}x{size}, {_DTYPE.value}, "
         f"median of {steps} steps.")
   gemm_size, gemm_steps = (1024, 1) if quick else (4096, 3)
-  peaks = peak.gemm_peaks(gemm_size, gemm_steps)
+  peaks = timing.gemm_peaks(gemm_size, gemm_steps)
 
   rows = []
   for name in _MODELS.value:
@@ -194,7 +184,7 @@ def main(argv: list[str]) -> None:
 
   # The peak is measured before and after the models and the best kept, so a busy moment
   # during one measurement does not inflate the "% of peak" column.
-  after = peak.gemm_peaks(gemm_size, gemm_steps)
+  after = timing.gemm_peaks(gemm_size, gemm_steps)
   peaks = {k: max(peaks[k], after[k]) for k in peaks}
   print(f"float32 GEMM peak ({gemm_size}^3, best before/after): NumPy {peaks['numpy']:.1f} "
         f"GFLOP/s, XLA jnp.dot {peaks['xla']:.1f} GFLOP/s; load average now "

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks import peak
-from benchmarks.models_bench import random_variables
+from benchmarks import timing
 from vit_repr import cka, features
 from vit_repr.models import create
 
@@ -41,12 +40,12 @@ def _forward_flops(model, params, images) -> float:
 def main(argv):
   del argv
   b, size = _MINIBATCH.value, _SIZE.value
-  gemm = peak.gemm_peaks()
+  gemm = timing.gemm_peaks()
   images = jax.random.uniform(jax.random.key(0), (b, size, size, 3), minval=-1.0, maxval=1.0)
   extractors, params, forward_flops = {}, {}, {}
   for name, pattern in _MODELS.items():
     model = create(name, num_classes=1000, image_size=size)
-    params[name] = random_variables(
+    params[name] = timing.random_variables(
         model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
     extractors[name] = features.FeatureExtractor(model, pattern, image_size=size)
     forward_flops[name] = _forward_flops(model, params[name], images)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks import peak
+from benchmarks import timing
 from configs import train as train_configs
 from vit_repr import parallel, training
 
@@ -66,13 +66,13 @@ def time_train_step(recipe: str, batch_size: int, dtype: str, steps: int) -> dic
 
 def main(argv):
   del argv
-  peak_before = peak.gemm_peaks(_GEMM_SIZE.value)["xla"]
+  peak_before = timing.gemm_peaks(_GEMM_SIZE.value)["xla"]
   results = []
   for dtype in _DTYPES.value:
     for batch_size in (int(b) for b in _BATCH_SIZES.value):
       results.append((batch_size, dtype,
                       time_train_step(_RECIPE.value, batch_size, dtype, _STEPS.value)))
-  gemm_peak = max(peak_before, peak.gemm_peaks(_GEMM_SIZE.value)["xla"])
+  gemm_peak = max(peak_before, timing.gemm_peaks(_GEMM_SIZE.value)["xla"])
   print(f"{_RECIPE.value} training step on {jax.devices()[0].device_kind} "
         f"({jax.local_device_count()} device); XLA float32 GEMM peak "
         f"({_GEMM_SIZE.value}^3): {gemm_peak:.1f} GFLOP/s")

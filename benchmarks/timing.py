@@ -1,7 +1,8 @@
-"""The machine's float32 GEMM peak, measured in the benchmark's own process and run.
+"""Measurement pieces shared by the benchmarks: the GEMM peak and random model parameters.
 
-Every benchmark reports achieved GFLOP/s against this: the best rate of an n x n x n float32
-matrix product in NumPy and in jitted XLA (`jnp.dot`), 2 FLOPs per multiply-add.
+Every benchmark reports achieved GFLOP/s against the machine's float32 GEMM peak measured in
+its own run: the best rate of an n x n x n float32 matrix product in NumPy and in jitted XLA
+(`jnp.dot`), 2 FLOPs per multiply-add.
 """
 
 import time
@@ -29,3 +30,13 @@ def gemm_peaks(n: int = 2048, repeats: int = 10) -> dict[str, float]:
   flops = 2.0 * n**3
   return {"numpy": flops / _best_seconds(lambda: a @ a, repeats) / 1e9,
           "xla": flops / _best_seconds(lambda: matmul(a_device, a_device), repeats) / 1e9}
+
+
+def random_variables(model, images: jax.ShapeDtypeStruct) -> dict:
+  """Random float32 variables of `model`'s shapes, drawn with NumPy (speed does not depend on
+  the values, and `model.init` would spend tens of seconds compiling its initialisers)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+  rng = np.random.default_rng(0)
+  return jax.tree.map(
+      lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, dtype=np.float32), s.dtype),
+      shapes)

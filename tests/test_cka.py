@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT, run_python
-from vit_repr import cka, parallel
+from vit_repr import cka
 
 # ---------------------------------------------------------------------------------------------
 # Independent float64 references, written from the published formulas.

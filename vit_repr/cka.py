@@ -26,7 +26,6 @@ computation is float32 unless float64 is enabled in JAX and the input is float64
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from vit_repr.models import variants
 
-from vit_repr.models.vit import LAYER_NORM_EPS, check_dtype, check_images, check_remove_skips
+from vit_repr.models.vit import LAYER_NORM_EPS
 
 # Mixer sizes (Table 1 of the Mixer paper): width, depth, token-MLP width, channel-MLP width.
 _SIZES: dict[str, dict[str, int]] = {
@@ -146,8 +146,8 @@ class MlpMixer(nn.Module):
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size="
                        f"{self.patch_size}; choose an image_size divisible by the patch size.")
-    check_remove_skips(self.remove_skips, self.depth)
-    check_dtype(self.dtype)
+    variants.check_remove_skips(self.remove_skips, self.depth)
+    variants.check_dtype(self.dtype)
     super().__post_init__()
 
   @nn.compact
@@ -166,7 +166,7 @@ class MlpMixer(nn.Module):
     """
     del train
     images = jnp.asarray(images)
-    check_images(images, self.image_size, "MLP-Mixer")
+    variants.check_images(images, self.image_size, "MLP-Mixer")
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
                 name="stem")(images)

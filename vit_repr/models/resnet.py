@@ -46,7 +46,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vit_repr.models import variants
 
@@ -281,18 +280,8 @@ def _check_fields(units_per_stage: Sequence[int], width_factor: float, num_class
     raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
   if not isinstance(image_size, int) or image_size <= 0:
     raise ValueError(f"image_size must be a positive int (e.g. 224); got {image_size!r}.")
-  try:
-    floating = jnp.issubdtype(dtype, jnp.floating)
-  except TypeError:
-    floating = False
-  if not floating:
-    raise ValueError(f"dtype must be a floating dtype (jnp.float32 or jnp.bfloat16); "
-                     f"got {dtype!r}.")
-  total = sum(units_per_stage)
-  bad = [i for i in remove_skips if not isinstance(i, int) or not 0 <= i < total]
-  if bad:
-    raise ValueError(f"remove_skips holds flat 0-based unit indices in [0, {total}) for "
-                     f"units_per_stage={tuple(units_per_stage)}; got invalid {bad}.")
+  variants.check_dtype(dtype)
+  variants.check_remove_skips(remove_skips, sum(units_per_stage), unit="unit")
 
 
 class ResNet(nn.Module):
@@ -335,12 +324,7 @@ class ResNet(nn.Module):
     """
     del train
     images = jnp.asarray(images)
-    expected = (self.image_size, self.image_size, 3)
-    if images.ndim != 4 or images.shape[1:] != expected:
-      raise ValueError(
-          f"BiT ResNet expects images [batch, {self.image_size}, {self.image_size}, 3] (NHWC, "
-          f"RGB); got shape {images.shape}. Resize the inputs, or build the model with "
-          f"image_size={images.shape[1] if images.ndim == 4 else '<side>'}.")
+    variants.check_images(images, self.image_size, "BiT ResNet")
     width = int(64 * self.width_factor)
     removed = set(self.remove_skips)
     x = RootBlock(width, self.dtype, name="root_block")(images)

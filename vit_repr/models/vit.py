@@ -84,62 +84,6 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
-def check_remove_skips(remove_skips: Sequence[int], depth: int) -> None:
-  """Validates the `remove_skips` field of a model with `depth` blocks.
-
-  Args:
-    remove_skips: 0-based indices of the blocks without skip connections.
-    depth: number of blocks.
-
-  Raises:
-    ValueError: an index is not an integer in [0, depth), or repeats.
-  """
-  bad = [i for i in remove_skips
-         if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < depth]
-  if bad or len(set(remove_skips)) != len(remove_skips):
-    raise ValueError(f"remove_skips must hold distinct 0-based block indices in [0, {depth}) "
-                     f"(depth={depth}); got {tuple(remove_skips)}.")
-
-
-def check_dtype(dtype: Any) -> None:
-  """Validates a compute dtype.
-
-  Args:
-    dtype: e.g. jnp.float32, jnp.bfloat16 or 'bfloat16'.
-
-  Raises:
-    ValueError: `dtype` is not a floating-point dtype.
-  """
-  try:
-    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-  except TypeError:
-    ok = False
-  if not ok:
-    raise ValueError(f"dtype must be a floating-point compute dtype such as jnp.float32 or "
-                     f"jnp.bfloat16; got {dtype!r}.")
-
-
-def check_images(images: jax.Array, image_size: int, family: str) -> None:
-  """Validates a model input.
-
-  Args:
-    images: the model's input.
-    image_size: the side the model was built for.
-    family: model family named in the message, e.g. 'ViT'.
-
-  Raises:
-    ValueError: `images` is not `[batch, image_size, image_size, 3]`; the message says how to
-      fix it (resize, or build the model with another image_size).
-  """
-  expected = (image_size, image_size, 3)
-  if images.ndim != 4 or images.shape[1:] != expected:
-    side = images.shape[1] if images.ndim == 4 else "<side>"
-    raise ValueError(
-        f"{family} expects images [batch, {image_size}, {image_size}, 3] (NHWC, RGB); got "
-        f"shape {images.shape}. Resize the inputs to {image_size}x{image_size} with 3 channels, "
-        f"or build the model with image_size={side}.")
-
-
 def dense_tanh_params(key: jax.Array, in_features: int, out_features: int
                       ) -> dict[str, jax.Array]:
   """Initial parameters of the pre-logits layer (a Dense layer's initialisers).
@@ -381,8 +325,8 @@ class VisionTransformer(nn.Module):
     for name in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}.")
-    check_remove_skips(self.remove_skips, self.depth)
-    check_dtype(self.dtype)
+    variants.check_remove_skips(self.remove_skips, self.depth)
+    variants.check_dtype(self.dtype)
     super().__post_init__()
 
   @nn.compact
@@ -400,7 +344,7 @@ class VisionTransformer(nn.Module):
       ValueError: `images` is not `[batch, image_size, image_size, 3]`.
     """
     images = jnp.asarray(images)
-    check_images(images, self.image_size, "ViT")
+    variants.check_images(images, self.image_size, "ViT")
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
                 name="embedding")(images)

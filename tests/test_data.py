@@ -1,6 +1,5 @@
 """Tests for vit_repr.data: embedded digits, TFDS (mocked, offline), subsets, hosts, sharding."""
 
-import os
 import textwrap
 
 import numpy as np
@@ -9,7 +8,7 @@ import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
-from tests.conftest import run_python
+from tests.conftest import mock_tfds_cifar10, run_python
 from vit_repr import data
 
 
@@ -325,19 +324,9 @@ MOCK_EXAMPLES = 20
 
 @pytest.fixture
 def mock_cifar10(tmp_path):
-  """Writes cifar10 metadata (splits of MOCK_EXAMPLES) and mocks its records."""
-  builder = tfds.builder("cifar10", data_dir=str(tmp_path))
-  template = tfds.core.naming.ShardedFileTemplate(
-      data_dir=builder.data_dir, dataset_name="cifar10", filetype_suffix="tfrecord")
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=s, shard_lengths=[MOCK_EXAMPLES], num_bytes=0,
-                          filename_template=template.replace(split=s))
-      for s in ("train", "test")]))
-  os.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, data_dir=str(tmp_path),
-                              policy=tfds.testing.MockPolicy.USE_FILES):
-    yield str(tmp_path)
+  """cifar10 with splits of MOCK_EXAMPLES, offline (see conftest.mock_tfds_cifar10)."""
+  with mock_tfds_cifar10(str(tmp_path), MOCK_EXAMPLES) as data_dir:
+    yield data_dir
 
 
 def test_tfds_eval_matches_direct_read(mock_cifar10):

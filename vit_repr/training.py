@@ -358,8 +358,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
     raise ValueError(f"train.dtype must be one of {sorted(DTYPES)}; got {config.train.dtype!r}.")
   overrides = {"num_classes": num_classes, "image_size": config.data.image_size,
                **config.model.overrides.to_dict(), "dtype": DTYPES[config.train.dtype]}
-  if "remove_skips" in overrides:
-    overrides["remove_skips"] = tuple(int(i) for i in overrides["remove_skips"])
   return models.create(config.model.name, **overrides)
 
 

@@ -39,8 +39,6 @@ def load_model(spec: ml_collections.ConfigDict, *, image_size: int,
     (model, params).
   """
   overrides = {"num_classes": num_classes, "image_size": image_size, **spec.overrides.to_dict()}
-  if "remove_skips" in overrides:
-    overrides["remove_skips"] = tuple(int(i) for i in overrides["remove_skips"])
   model = models.create(spec.name, **overrides)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   if not spec.checkpoint:

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, parallel, plotting, results, training
-from vit_repr.studies import representation
+from vit_repr.studies import loading, representation
 
 Step = Callable[[ml_collections.ConfigDict, str], dict]
 
@@ -85,23 +85,14 @@ def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"test_accuracy": accuracies}
 
 
-def _trained_spec(config: ml_collections.ConfigDict, workdir: str, name: str,
-                  layers: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """The study model spec of trained model `name`: its recipe's model and final params."""
-  train_config = config.models[name]
-  return ml_collections.ConfigDict(dict(
-      name=train_config.model.name, overrides=train_config.model.overrides.to_dict(),
-      checkpoint=os.path.join(os.path.abspath(_model_dir(workdir, name)), "params"),
-      layers=tuple(layers), seed=train_config.seed))
-
-
 def representation_structure(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 1 (paper Figs 1-2): CKA heatmaps within and across the trained ViT and ResNet."""
   study_dict = config.representation.to_dict()
   names = study_dict.pop("models")
   study = ml_collections.ConfigDict(study_dict)
   for key, name in zip(("model_a", "model_b"), names):
-    study[key] = _trained_spec(config, workdir, name, study[key].layers)
+    study[key] = loading.trained_spec(config.models[name], _model_dir(workdir, name),
+                                      study[key].layers)
   summary = representation.run(study, os.path.join(workdir, "representation"))
   arrays, _ = results.read_results(os.path.join(workdir, "representation"), "cka_heatmap")
   return {**summary, "mean_cka": {k: round(float(np.nanmean(arrays[k])), 3)

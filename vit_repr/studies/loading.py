@@ -9,6 +9,7 @@ A model spec (`config.model_a`, `config.model_b`, ...) is a ConfigDict with
   seed: initialisation seed when `checkpoint` is ''.
 """
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -48,3 +49,18 @@ def load_model(spec: ml_collections.ConfigDict, *, image_size: int,
     return model, checkpoints.load(spec.checkpoint, model)
   abstract = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   return model, checkpoints.restore(spec.checkpoint, abstract)
+
+
+def trained_spec(train_config: ml_collections.ConfigDict, run_dir: str,
+                 layers: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """The model spec of a model trained by `vit_repr.training.run(train_config, run_dir)`.
+
+  Args:
+    train_config: the training config (a `configs/train.py` recipe) the model was trained with.
+    run_dir: that run's work directory; its final parameters are in `<run_dir>/params`.
+    layers: the layer patterns the study selects.
+  """
+  return ml_collections.ConfigDict(dict(
+      name=train_config.model.name, overrides=train_config.model.overrides.to_dict(),
+      checkpoint=os.path.join(os.path.abspath(run_dir), "params"), layers=tuple(layers),
+      seed=train_config.seed))

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= outputs/reproduce
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,19 @@ $(VENV)/.installed-test: setup.py $(PY)
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# Headless Chromium renders the HTML report in tests/test_report.py (which skips without it):
+# installed with apt when run as root, never fatal.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || { \
+	  apt-get update -q >/dev/null && \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }; } || \
+	  echo "Chromium is not installed: the report's browser check will be skipped."
+
 demo: install
 	$(PY) -m experiments.reproduce --workdir=$(OUT)
 
-test: install-test
+test: install-test browser
 	$(PY) -m pytest -q -n 2 --durations=15
 
 clean:

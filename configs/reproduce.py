@@ -23,6 +23,7 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown reproduce config {arg!r}; use 'local' or 'runlocal'.")
   suffix = ",runlocal" if arg == "runlocal" else ""
   config = ml_collections.ConfigDict()
+  config.arg = arg                 # The config arg, shown in the report's commands.
   config.data = ml_collections.ConfigDict(dict(
       name="digits",           # Any TFDS name (e.g. 'imagenet2012') or an embedded dataset.
       data_dir=None,           # TFDS data directory, local or gs://.
@@ -37,10 +38,13 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   # Training configs of the small models, trained into <workdir>/models/<name> (or reused).
   config.models = ml_collections.ConfigDict(
       {name: train_configs.get_config(name + suffix) for name in _MODELS})
-  # Study 1: CKA heatmaps of the trained ViT (CLS) and BiT ResNet; model specs are filled in
-  # from `config.models` at run time.
+  # Which model spec of which study is a model trained above: {study: {spec field: model}};
+  # the main job fills those specs in from `<workdir>/models/<model>` at run time.
+  config.use_trained = ml_collections.ConfigDict(dict(
+      representation=dict(model_a="vit_cls", model_b="bit"),
+  ))
+  # Study 1: CKA heatmaps of the trained ViT (CLS) and BiT ResNet.
   config.representation = cka_heatmap.get_config("runlocal")
-  config.representation.models = ("vit_cls", "bit")
   if arg == "runlocal":
     config.representation.data.num_examples = 120
     config.representation.analysis.num_passes = 1

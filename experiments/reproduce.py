@@ -9,6 +9,8 @@ r"""The main job: reproduces the paper's studies into one work directory.
 import glob
 import json
 import os
+import shlex
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,11 +27,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for arrays, figures a
 
 def main(argv):
   common.setup(argv, _CONFIG.value, _WORKDIR.value)
-  summary = reproduction.run(_CONFIG.value, _WORKDIR.value)
+  command = "python -m experiments.reproduce " + shlex.join(sys.argv[1:])
+  summary = reproduction.run(_CONFIG.value, _WORKDIR.value, command=command)
   logging.info("Summary: %s", json.dumps(summary))
   workdir = os.path.abspath(_WORKDIR.value)
   figures = sorted(glob.glob(os.path.join(workdir, "**", "*.png"), recursive=True))
   print(f"Results are in {workdir}; figures:\n  " + "\n  ".join(figures))
+  print(f"Report: {os.path.join(workdir, reproduction.REPORT_FILE)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Shared pytest fixtures and helpers."""
 
 import contextlib
+import html
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -47,3 +51,41 @@ def mock_tfds_cifar10(data_dir: str, num_examples: int):
   with tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir,
                               policy=tfds.testing.MockPolicy.USE_FILES):
     yield data_dir
+
+
+_IMAGE_CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const out = document.createElement('pre');
+  out.id = 'image-check';
+  out.textContent = JSON.stringify(
+      [...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0]));
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def images_loaded_in_chromium(html_path: str, tmp_dir: str) -> list[tuple[str, bool]]:
+  """[(alt text, loaded?)] for every <img> of `html_path` rendered by headless Chromium.
+
+  Renders a copy of the page with a script that, once the page has loaded, writes each
+  image's state (complete with a natural width > 0) into the DOM, which `--dump-dom` returns.
+  Skips the calling test, saying how to install Chromium, when it is not on PATH.
+  """
+  browser = shutil.which("chromium") or shutil.which("chromium-browser")
+  if browser is None:
+    pytest.skip("Chromium is not installed (Debian: apt-get install chromium; `make test` "
+                "installs it when run as root): the report's browser check is skipped.")
+  with open(html_path) as f:
+    page = f.read()
+  probe = os.path.join(tmp_dir, "image_check.html")
+  with open(probe, "w") as f:
+    f.write(page.replace("</body>", _IMAGE_CHECK_SCRIPT + "</body>"))
+  result = subprocess.run(
+      [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+       "--dump-dom", "file://" + os.path.abspath(probe)],
+      capture_output=True, text=True, timeout=120)
+  found = re.search(r'<pre id="image-check">(.*?)</pre>', result.stdout, re.S)
+  if found is None:
+    pytest.fail(f"Chromium did not render {html_path} (exit {result.returncode}):\n"
+                f"{result.stderr[-3000:]}")
+  return [tuple(item) for item in json.loads(html.unescape(found.group(1)))]

@@ -1,23 +1,53 @@
-"""The main job (`experiments/reproduce.py`): runs every study in order into one work dir.
+"""The main job (`experiments/reproduce.py`): every study of the paper into one work dir.
 
-Each step is a function `(config, workdir) -> dict` of headline numbers; `run` logs one
-progress line per step and writes `summary.json` listing every step's outputs. Studies add
-their step to `STEPS` as they land.
+Each `Step` runs one study (`run(config, workdir) -> headline numbers`) and says what the
+paper found and how to read this run's numbers against it. `run` logs one progress line per
+step, records each finished step in `<workdir>/steps/<key>.json` with a fingerprint of the
+config sections it read (a rerun skips finished steps whose config is unchanged; the studies
+and the training runs themselves resume mid-way), writes `summary.json` and renders
+`report.html` (`vit_repr.report`).
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import data, parallel, plotting, results, training
+from vit_repr import data, parallel, plotting, report, results, training
 from vit_repr.studies import loading, representation
 
-Step = Callable[[ml_collections.ConfigDict, str], dict]
+REPORT_FILE = "report.html"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One step of the main job.
+
+  Attributes:
+    key: short name: the step's output subdirectory and `steps/<key>.json`.
+    title: report heading, naming the paper's figures.
+    run: `(config, workdir) -> headline numbers` (JSON-ready dict).
+    config_keys: the config sections the step reads (its resume fingerprint; shown in the
+      report).
+    paper_finding: one sentence: what the paper found.
+    observed: headline numbers -> one sentence: what this run shows.
+    figures: PNG paths relative to the workdir.
+  """
+  key: str
+  title: str
+  run: Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
+  config_keys: tuple[str, ...]
+  paper_finding: str
+  observed: Callable[[dict[str, Any]], str]
+  figures: tuple[str, ...]
 
 
 def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -69,7 +99,7 @@ def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
 
 
-def _model_dir(workdir: str, name: str) -> str:
+def model_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "models", name)
 
 
@@ -77,45 +107,153 @@ def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the small models of `config.models` into `<workdir>/models/<name>`, or reuses them
   when a finished run is already there (each run is resumable)."""
   accuracies = {}
-  for name, train_config in config.models.items():
-    logging.info("Training %s (%s, %d steps) or reusing it.", name, train_config.model.name,
+  for index, (name, train_config) in enumerate(config.models.items(), start=1):
+    logging.info("Model %d/%d: training %s (%s, %d steps) or reusing it.", index,
+                 len(config.models), name, train_config.model.name,
                  train_config.train.total_steps)
-    result = training.run(train_config, _model_dir(workdir, name))
+    result = training.run(train_config, model_dir(workdir, name))
     accuracies[name] = round(float(result.final_eval.get("accuracy", float("nan"))), 4)
   return {"test_accuracy": accuracies}
 
 
 def representation_structure(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 1 (paper Figs 1-2): CKA heatmaps within and across the trained ViT and ResNet."""
-  study_dict = config.representation.to_dict()
-  names = study_dict.pop("models")
-  study = ml_collections.ConfigDict(study_dict)
-  for key, name in zip(("model_a", "model_b"), names):
-    study[key] = loading.trained_spec(config.models[name], _model_dir(workdir, name),
-                                      study[key].layers)
+  study = _with_trained_models(config, workdir, "representation")
   summary = representation.run(study, os.path.join(workdir, "representation"))
   arrays, _ = results.read_results(os.path.join(workdir, "representation"), "cka_heatmap")
-  return {**summary, "mean_cka": {k: round(float(np.nanmean(arrays[k])), 3)
-                                  for k in ("cka_aa", "cka_bb", "cka_ab")}}
+  cross = arrays["cka_ab"]  # [ViT layers, ResNet layers]
+  lower_resnet = cross[:, :max(1, cross.shape[1] // 2)]
+  top_vit = cross[-max(1, cross.shape[0] // 4):]
+  return {**summary,
+          "mean_cka": {k: round(float(np.nanmean(arrays[k])), 3)
+                       for k in ("cka_aa", "cka_bb", "cka_ab")},
+          # Relative depth (0 = first, 1 = last) of the ViT layer most similar to each layer
+          # of ResNet's lower half, averaged.
+          "vit_depth_matching_lower_resnet": round(float(np.mean(
+              np.nanargmax(lower_resnet, axis=0) / max(1, cross.shape[0] - 1))), 3),
+          # Best CKA of the top quarter of ViT layers to any ResNet layer, averaged.
+          "top_vit_best_cka_to_resnet": round(float(np.mean(np.nanmax(top_vit, axis=1))), 3)}
 
 
-STEPS: tuple[tuple[str, Step], ...] = (
-    ("dataset summary", dataset_summary),
-    ("train the small models", train_models),
-    ("representation structure (CKA heatmaps, Figs 1-2)", representation_structure),
+def _with_trained_models(config: ml_collections.ConfigDict, workdir: str,
+                         key: str) -> ml_collections.ConfigDict:
+  """`config[key]` with the model specs named in `config.use_trained[key]` ({spec field:
+  trained model name}) replaced by the specs of the models trained in `<workdir>/models`."""
+  study = ml_collections.ConfigDict(config[key].to_dict())
+  for field, name in config.use_trained.get(key, {}).items():
+    study[field] = loading.trained_spec(config.models[name], model_dir(workdir, name),
+                                        study[field].layers)
+  return study
+
+
+def _fraction(value: float) -> str:
+  return f"{100 * value:.0f}%"
+
+
+STEPS: tuple[Step, ...] = (
+    Step(key="dataset", title="The data", run=dataset_summary, config_keys=("data", "summary"),
+         paper_finding="The paper analyses ImageNet validation images; this run uses the data "
+                       "named below, read through the same sharded pipeline.",
+         observed=lambda n: (f"{sum(n['splits'].values())} images in {n['num_classes']} classes "
+                             f"({n['splits']}); the sharded pipeline streamed "
+                             f"{n['pipeline_examples_per_second']} images/s."),
+         figures=("figures/dataset_examples.png",)),
+    Step(key="models", title="The models the studies analyse", run=train_models,
+         config_keys=("models",),
+         paper_finding="The paper analyses ViTs and BiT ResNets pretrained on JFT-300M or "
+                       "ImageNet-21k, plus controlled variants trained for the study.",
+         observed=lambda n: "Test accuracy of each model trained here: " + ", ".join(
+             f"{name} {_fraction(acc)}" for name, acc in n["test_accuracy"].items()) + ".",
+         figures=()),
+    Step(key="representation", title="Representation structure (Figs 1-2)",
+         run=representation_structure, config_keys=("models", "representation", "use_trained"),
+         paper_finding="ViT's CKA heatmap is uniform, with high similarity between lower and "
+                       "higher layers, while ResNet's shows stages; ResNet's lower half "
+                       "resembles roughly ViT's lowest quarter, and ViT's top layers resemble "
+                       "no ResNet layer.",
+         observed=lambda n: (
+             f"Mean CKA within ViT {n['mean_cka']['cka_aa']:.2f}, within ResNet "
+             f"{n['mean_cka']['cka_bb']:.2f}, across {n['mean_cka']['cka_ab']:.2f}; ResNet's "
+             f"lower half best matches ViT layers at relative depth "
+             f"{n['vit_depth_matching_lower_resnet']:.2f} (0 = first, 1 = last); ViT's top "
+             f"quarter reaches CKA {n['top_vit_best_cka_to_resnet']:.2f} with its best ResNet "
+             f"layer ({n['num_examples']} examples accumulated)."),
+         figures=("representation/figures/cka_heatmap.png",)),
 )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs every step of `STEPS` into `workdir`; returns {step name: headline numbers}."""
+def _fingerprint(config: ml_collections.ConfigDict, keys: Sequence[str]) -> str:
+  sections = {k: config[k].to_dict() for k in keys if k in config}
+  return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished(path: str, fingerprint: str) -> dict[str, Any] | None:
+  """The recorded numbers of a finished step, or None when it must (re)run."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  return record["numbers"] if record["fingerprint"] == fingerprint else None
+
+
+def _record(path: str, fingerprint: str, numbers: dict[str, Any]) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"fingerprint": fingerprint, "numbers": numbers}, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def default_command(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The command line that reproduces `config` into `workdir`."""
+  return (f"python -m experiments.reproduce --config=configs/reproduce.py:{config.arg} "
+          f"--workdir={workdir}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        command: str | None = None) -> dict[str, dict[str, Any]]:
+  """Runs every step of `STEPS` into `workdir` (skipping finished ones) and writes the report.
+
+  Args:
+    config: a `configs/reproduce.py` config.
+    workdir: output directory; rerun with the same config to resume.
+    command: the command line shown in the report (default: `default_command`).
+
+  Returns:
+    {step key: headline numbers, with the step's 'seconds'}.
+  """
   os.makedirs(workdir, exist_ok=True)
-  summary = {}
-  for index, (name, step) in enumerate(STEPS, start=1):
-    logging.info("[%d/%d] %s ...", index, len(STEPS), name)
-    start = time.perf_counter()
-    summary[name] = {**step(config, workdir), "seconds": round(time.perf_counter() - start, 1)}
-    logging.info("[%d/%d] %s done in %.1f s: %s", index, len(STEPS), name,
-                 summary[name]["seconds"], summary[name])
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  command = command or default_command(config, workdir)
+  summary, sections = {}, []
+  for index, step in enumerate(STEPS, start=1):
+    record_path = os.path.join(workdir, "steps", f"{step.key}.json")
+    fingerprint = _fingerprint(config, step.config_keys)
+    numbers = _finished(record_path, fingerprint)
+    if numbers is not None:
+      logging.info("[%d/%d] %s: finished earlier (%s), skipped.", index, len(STEPS),
+                   step.title, record_path)
+    else:
+      logging.info("[%d/%d] %s ...", index, len(STEPS), step.title)
+      start = time.perf_counter()
+      numbers = {**step.run(config, workdir), "seconds": round(time.perf_counter() - start, 1)}
+      _record(record_path, fingerprint, numbers)
+      logging.info("[%d/%d] %s done in %.1f s: %s", index, len(STEPS), step.title,
+                   numbers["seconds"], numbers)
+    summary[step.key] = numbers
+    sections.append(report.Section(
+        title=step.title, paper_finding=step.paper_finding, observed=step.observed(numbers),
+        figures=[os.path.join(workdir, f) for f in step.figures], command=command,
+        config={k: config[k].to_dict() for k in step.config_keys if k in config},
+        numbers=numbers))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    path = report.write_html_report(
+        os.path.join(workdir, REPORT_FILE),
+        title="Do Vision Transformers See Like Convolutional Neural Networks? — reproduction",
+        intro=(f"Raghu et al., NeurIPS 2021, reproduced by vit_repr on {config.data.name!r} "
+               f"with `{command}`."),
+        sections=sections, environment=results.environment_metadata())
+    logging.info("Report: %s", path)
   return summary

@@ -1,0 +1,230 @@
+"""Study 7, spatial localization: token-vs-input-patch CKA maps (paper Figures 9-10).
+
+For every model of `config.models` (ViT with a CLS head, ViT with a GAP head, ResNet, ...)
+and every chosen layer, streams the data once per pass and accumulates the minibatch CKA
+between the token at each grid position and the raw input patch at every grid position
+(`vit_repr.localization.LocalizationCKA`; ResNet feature-map locations against the patches of
+the image split into the feature map's grid). Each device's shard of a global batch is one
+minibatch of `analysis.minibatch_size` examples; pass 0 reads the examples in canonical
+order, pass p > 0 in an order shuffled by `analysis.shuffle_seed + p`, as the CKA heatmaps.
+
+Preemption: all accumulators are saved atomically every `checkpoint_every` batches to
+`<workdir>/localization_state.npz` with a fingerprint of the config; a rerun with the same
+config resumes there and ends with the same numbers. A state from another config is refused.
+
+Outputs in the workdir: `localization.{npz,json}` (`maps/<model>/<layer>` `[g, g, g, g]` CKA of
+the token at (q_row, q_col) with the patch at (p_row, p_col), `stderr/<model>/<layer>`,
+`own_patch/<model>/<layer>` `[g, g]` each token's CKA with its own patch; metadata with the
+config, models, grids, example counts and per-layer summaries) and
+`figures/localization.{png,pdf}` (one row per model and layer, one column per position).
+"""
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vit_repr import data, features, localization, parallel, plotting, results
+from vit_repr.studies import loading
+
+STATE_FILE = "localization_state.npz"
+# Config entries that do not change the numbers (excluded from the resume fingerprint).
+_RUN_ONLY_KEYS = ("checkpoint_every", "log_every", "stop_after_batches")
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> str:
+  kept = {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY_KEYS}
+  return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_state(path: str, arrays: dict[str, np.ndarray], batches_done: int,
+                fingerprint: str) -> None:
+  """Writes the accumulator states atomically (temporary file, then rename)."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays, batches_done=np.asarray(batches_done),
+           fingerprint=np.asarray(fingerprint))
+  os.replace(tmp, path)
+
+
+def _load_state(path: str, fingerprint: str) -> tuple[dict[str, np.ndarray], int] | None:
+  """(saved arrays, batches done) from `path`, or None when there is nothing to resume."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as saved:
+    arrays = {k: saved[k] for k in saved.files}
+  if str(arrays.pop("fingerprint")) != fingerprint:
+    raise ValueError(f"{path} holds a localization state accumulated with a different config; "
+                     "resuming would mix two analyses. Use a new --workdir, or rerun with the "
+                     "original config to resume.")
+  return arrays, int(arrays.pop("batches_done"))
+
+
+def _resolve_positions(positions: Any, grid: int) -> list[tuple[int, int]]:
+  return [localization.position_index(p, grid) for p in positions]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Computes the token-vs-patch CKA maps of every model and layer of `config` into `workdir`.
+
+  Args:
+    config: a `configs/localization.py` config (models, data, analysis).
+    workdir: output directory (also holds the resumable accumulator state).
+
+  Returns:
+    Headline numbers: example count, minibatches, and per model and layer the mean CKA of a
+    token with its own patch and the fraction of tokens whose most similar patch is their own.
+
+  Raises:
+    ValueError: no models, a model without layers, a layer without spatial positions, an
+      unknown position, or a saved state from another config.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if not config.models:
+    raise ValueError("config.models is empty; add at least one model spec (see "
+                     "configs/localization.py).")
+  mesh = parallel.make_mesh()
+  cfg_data, analysis = config.data, config.analysis
+  info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
+  global_batch = analysis.minibatch_size * mesh.devices.size
+  names = sorted(config.models.keys())
+
+  extractors, params, accumulators = {}, {}, {}
+  for name in names:
+    spec = config.models[name]
+    if not spec.layers:
+      raise ValueError(f"Model {name!r} selects no layers; set models.{name}.layers to block "
+                       "outputs, e.g. ('Transformer/encoderblock_11/out',) or ('block4/out',).")
+    model, params[name] = loading.load_model(spec, image_size=cfg_data.image_size,
+                                             num_classes=info.num_classes)
+    extractors[name] = features.FeatureExtractor(model, list(spec.layers),
+                                                 image_size=cfg_data.image_size)
+    accumulators[name] = localization.LocalizationCKA(
+        extractors[name].shapes, image_size=cfg_data.image_size,
+        has_cls=features.has_cls_token(model), mesh=mesh, gram_blocks=analysis.gram_blocks)
+    for grid in set(accumulators[name].grids.values()):
+      _resolve_positions(analysis.positions, grid)  # Fails early on a bad position.
+    logging.info("Model %s (%s): layers %s.", name, spec.name, accumulators[name].grids)
+
+  def pass_batches(pass_index: int) -> data.EvalBatches:
+    return data.eval_batches(
+        cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
+        global_batch_size=global_batch, mesh=mesh, num_examples=cfg_data.num_examples,
+        data_dir=cfg_data.data_dir, crop_fraction=cfg_data.crop_fraction,
+        shuffle_seed=None if pass_index == 0 else analysis.shuffle_seed + pass_index)
+
+  fingerprint = _fingerprint(config)
+  state_path = os.path.join(workdir, STATE_FILE)
+  saved = _load_state(state_path, fingerprint)
+  if saved is None:
+    states, done = {n: accumulators[n].init() for n in names}, 0
+  else:
+    arrays, done = saved
+    states = {n: accumulators[n].from_numpy(
+        {k[len(n) + 1:]: v for k, v in arrays.items() if k.startswith(f"{n}/")}) for n in names}
+    logging.info("Resuming after %d batches from %s.", done, state_path)
+
+  def save(done: int) -> None:
+    arrays = {f"{n}/{k}": v for n in names
+              for k, v in localization.LocalizationCKA.to_numpy(states[n]).items()}
+    _save_state(state_path, arrays, done, fingerprint)
+
+  batches_per_pass = len(pass_batches(0))
+  total = analysis.num_passes * batches_per_pass
+  stop_at = min(total, config.get("stop_after_batches") or total)
+  start, timed_batches = None, 0
+  for pass_index in range(analysis.num_passes):
+    if done >= min(stop_at, (pass_index + 1) * batches_per_pass):
+      continue
+    for batch_index, batch in enumerate(pass_batches(pass_index)):
+      step = pass_index * batches_per_pass + batch_index
+      if step < done:
+        continue
+      if step >= stop_at:
+        break
+      for n in names:
+        feats = extractors[n](params[n], batch["image"])
+        states[n] = accumulators[n].update(states[n], feats, batch["image"])
+      done = step + 1
+      if start is None:  # Timed from the first finished batch (after compiling).
+        jax.block_until_ready(states)
+        start = time.perf_counter()
+      else:
+        timed_batches += 1
+      if done % config.checkpoint_every == 0 or done == stop_at:
+        save(done)
+      if done % config.log_every == 0 or done == stop_at:
+        logging.info("Localization batch %d/%d (pass %d/%d).", done, total, pass_index + 1,
+                     analysis.num_passes)
+  if done < total:
+    logging.info("Stopped after %d of %d batches (stop_after_batches); rerun to resume.", done,
+                 total)
+    return {"batches_done": done, "batches_total": total}
+  examples_per_second = None
+  if timed_batches:
+    jax.block_until_ready(states)
+    examples_per_second = round(timed_batches * global_batch / (time.perf_counter() - start), 1)
+  found = {n: accumulators[n].result(states[n]) for n in names}
+  return _write(config, workdir, found, examples_per_second)
+
+
+def _layer_summary(maps: np.ndarray) -> dict[str, float]:
+  """Mean CKA with the own patch and with the other patches; fraction peaking at their own."""
+  own = localization.own_patch_similarity(maps)
+  g = maps.shape[0]
+  flat = maps.reshape(g * g, g * g)
+  others = flat[~np.eye(g * g, dtype=bool)]
+  return {"own_patch_cka": round(float(np.nanmean(own)), 4),
+          "other_patch_cka": round(float(np.nanmean(others)), 4) if others.size else None,
+          "peak_at_own_patch": round(float(localization.peaks_at_own_patch(maps).mean()), 4)}
+
+
+def _write(config: ml_collections.ConfigDict, workdir: str,
+           found: dict[str, localization.LocalizationResult],
+           examples_per_second: float | None) -> dict[str, Any]:
+  """Writes the maps, metadata and figure; returns the headline numbers."""
+  arrays, summaries, rows = {}, {}, []
+  positions = config.analysis.positions
+  for name, res in found.items():
+    summaries[name] = {}
+    for layer, maps in res.maps.items():
+      arrays[f"maps/{name}/{layer}"] = maps
+      arrays[f"stderr/{name}/{layer}"] = res.stderr[layer]
+      arrays[f"own_patch/{name}/{layer}"] = localization.own_patch_similarity(maps)
+      summaries[name][layer] = {"grid": res.grids[layer], **_layer_summary(maps)}
+      rows.append(plotting.LocalizationRow(
+          label=f"{name}\n{plotting.short_layer_name(layer)}", maps=maps,
+          positions=_resolve_positions(positions, res.grids[layer])))
+  first = next(iter(found.values()))
+  metadata = {
+      "config": config.to_dict(),
+      "models": {n: loading.describe(config.models[n]) for n in found},
+      "layers": summaries,
+      "num_examples_per_pass": first.num_examples // config.analysis.num_passes,
+      "num_examples_accumulated": first.num_examples,
+      "num_minibatches": first.num_batches,
+      "estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021), between the "
+                   "token (feature-map location) at grid position q and the raw input patch at "
+                   "p; delta-method standard errors over minibatches",
+      "tokens": "spatial tokens row-major, CLS token dropped; ResNet locations of an h x h "
+                "map against the image split into h x h patches",
+      "patches": "raw model-input pixels in [-1, 1], each patch flattened (row, column, "
+                 "channel)",
+      "examples_per_second": examples_per_second,
+  }
+  results.write_results(workdir, "localization", arrays, metadata)
+  plotting.plot_localization(rows, os.path.join(workdir, "figures", "localization"),
+                             column_titles=[str(p) for p in positions])
+  return {"num_examples": first.num_examples, "num_minibatches": first.num_batches,
+          "layers": {n: {plotting.short_layer_name(l): {k: v for k, v in s.items()
+                                                        if k != "other_patch_cka"}
+                         for l, s in layer_summaries.items()}
+                     for n, layer_summaries in summaries.items()},
+          "examples_per_second": examples_per_second}

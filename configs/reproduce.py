@@ -10,11 +10,11 @@ fewer examples). Run from the repository root (this file imports its sibling con
 
 import ml_collections
 
-from configs import cka_heatmap
+from configs import cka_heatmap, localization
 from configs import train as train_configs
 
 # The trained models the studies use: name -> configs/train.py recipe.
-_MODELS = ("vit_cls", "bit")
+_MODELS = ("vit_cls", "vit_gap", "bit")
 
 
 def get_config(arg: str = "local") -> ml_collections.ConfigDict:
@@ -42,10 +42,23 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   # the main job fills those specs in from `<workdir>/models/<model>` at run time.
   config.use_trained = ml_collections.ConfigDict(dict(
       representation=dict(model_a="vit_cls", model_b="bit"),
+      localization={"models/vit_cls": "vit_cls", "models/vit_gap": "vit_gap",
+                    "models/bit": "bit"},
   ))
   # Study 1: CKA heatmaps of the trained ViT (CLS) and BiT ResNet.
   config.representation = cka_heatmap.get_config("runlocal")
+  # Study 4a: token-vs-patch CKA maps of the first, middle and top ViT blocks and of the
+  # ResNet stage whose map is the ViTs' 4x4 grid (stage 3 is 2x2, stage 4 1x1 at 32 px).
+  config.localization = localization.get_config("runlocal")
+  vit_blocks = (r"Transformer/encoderblock_(0|3|5)/out",)
+  config.localization.models.vit_cls.layers = vit_blocks
+  config.localization.models.vit_gap.layers = vit_blocks
+  config.localization.models.bit.layers = ("block2/out",)
+  config.localization.data.num_examples = 360
   if arg == "runlocal":
     config.representation.data.num_examples = 120
     config.representation.analysis.num_passes = 1
+    config.localization.data.num_examples = 120
+    for name in ("vit_cls", "vit_gap"):
+      config.localization.models[name].layers = (r"Transformer/encoderblock_(0|1)/out",)
   return config

@@ -9,6 +9,7 @@ and the training runs themselves resume mid-way), writes `summary.json` and rend
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, parallel, plotting, report, results, training
-from vit_repr.studies import loading, representation
+from vit_repr.studies import loading, localization, representation
 
 REPORT_FILE = "report.html"
 
@@ -100,7 +101,17 @@ def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def model_dir(workdir: str, name: str) -> str:
+  """Where the main job trains model `name` of `config.models`."""
   return os.path.join(workdir, "models", name)
+
+
+def trained_model(config: ml_collections.ConfigDict, workdir: str,
+                  name: str) -> training.TrainResult:
+  """Model `name` of `config.models`, trained into `model_dir` now or reused from there."""
+  if name not in config.models:
+    raise ValueError(f"Model {name!r} is not in config.models ({sorted(config.models)}); add "
+                     "its configs/train.py recipe there.")
+  return training.run(config.models[name], model_dir(workdir, name))
 
 
 def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -111,14 +122,14 @@ def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Model %d/%d: training %s (%s, %d steps) or reusing it.", index,
                  len(config.models), name, train_config.model.name,
                  train_config.train.total_steps)
-    result = training.run(train_config, model_dir(workdir, name))
+    result = trained_model(config, workdir, name)
     accuracies[name] = round(float(result.final_eval.get("accuracy", float("nan"))), 4)
   return {"test_accuracy": accuracies}
 
 
 def representation_structure(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 1 (paper Figs 1-2): CKA heatmaps within and across the trained ViT and ResNet."""
-  study = _with_trained_models(config, workdir, "representation")
+  study = study_config(config, workdir, "representation")
   summary = representation.run(study, os.path.join(workdir, "representation"))
   arrays, _ = results.read_results(os.path.join(workdir, "representation"), "cka_heatmap")
   cross = arrays["cka_ab"]  # [ViT layers, ResNet layers]
@@ -135,14 +146,31 @@ def representation_structure(config: ml_collections.ConfigDict, workdir: str) ->
           "top_vit_best_cka_to_resnet": round(float(np.mean(np.nanmax(top_vit, axis=1))), 3)}
 
 
-def _with_trained_models(config: ml_collections.ConfigDict, workdir: str,
+def spatial_localization(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Study 4a (paper Figs 9-10): token-vs-patch CKA maps of the ViT-CLS, ViT-GAP and ResNet."""
+  summary = localization.run(study_config(config, workdir, "localization"),
+                             os.path.join(workdir, "localization"))
+  layers = summary.pop("layers")
+  return {**summary, "own_patch": {f"{model}:{layer}": numbers
+                                   for model, by_layer in layers.items()
+                                   for layer, numbers in by_layer.items()}}
+
+
+def study_config(config: ml_collections.ConfigDict, workdir: str,
                          key: str) -> ml_collections.ConfigDict:
-  """`config[key]` with the model specs named in `config.use_trained[key]` ({spec field:
-  trained model name}) replaced by the specs of the models trained in `<workdir>/models`."""
+  """The config of study `key`: `config[key]` reading its data from `config.data.data_dir`,
+  with the model specs named in `config.use_trained[key]` ({spec field: trained model name})
+  replaced by the specs of those models (trained first if needed); a field may be a path
+  such as 'models/vit_cls'."""
   study = ml_collections.ConfigDict(config[key].to_dict())
+  if "data" in study:
+    study.data.data_dir = config.data.data_dir
   for field, name in config.use_trained.get(key, {}).items():
-    study[field] = loading.trained_spec(config.models[name], model_dir(workdir, name),
-                                        study[field].layers)
+    trained_model(config, workdir, name)
+    *parents, leaf = field.split("/")
+    specs = functools.reduce(lambda node, part: node[part], parents, study)
+    specs[leaf] = loading.trained_spec(config.models[name], model_dir(workdir, name),
+                                       specs[leaf].layers)
   return study
 
 
@@ -179,6 +207,16 @@ STEPS: tuple[Step, ...] = (
              f"quarter reaches CKA {n['top_vit_best_cka_to_resnet']:.2f} with its best ResNet "
              f"layer ({n['num_examples']} examples accumulated)."),
          figures=("representation/figures/cka_heatmap.png",)),
+    Step(key="localization", title="Spatial localization (Figs 9-10)",
+         run=spatial_localization, config_keys=("models", "localization", "use_trained"),
+         paper_finding="A CLS-trained ViT's output tokens stay most similar to the input patch at "
+                       "their own position; ResNet's localization is weaker, and a GAP-trained "
+                       "ViT loses it in its top layers.",
+         observed=lambda n: "Mean CKA of each token with its own patch (fraction of tokens "
+                            "most similar to their own patch): " + "; ".join(
+             f"{name} {v['own_patch_cka']:.2f} ({v['peak_at_own_patch']:.0%})"
+             for name, v in n["own_patch"].items()) + f" ({n['num_examples']} examples).",
+         figures=("localization/figures/localization.png",)),
 )
 
 
@@ -211,34 +249,51 @@ def default_command(config: ml_collections.ConfigDict, workdir: str) -> str:
           f"--workdir={workdir}")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
+def observations(summary: dict[str, dict[str, Any]]) -> dict[str, str]:
+  """{step key: the sentence saying what this run shows} for the steps in `summary`."""
+  return {step.key: step.observed(summary[step.key]) for step in STEPS if step.key in summary}
+
+
+def figures(workdir: str, key: str) -> list[str]:
+  """The PNG figures step `key` wrote into `workdir`."""
+  return [os.path.join(workdir, f) for step in STEPS if step.key == key for f in step.figures]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[str] | None = None,
         command: str | None = None) -> dict[str, dict[str, Any]]:
-  """Runs every step of `STEPS` into `workdir` (skipping finished ones) and writes the report.
+  """Runs the steps of `STEPS` into `workdir` (skipping finished ones) and writes the report.
 
   Args:
     config: a `configs/reproduce.py` config.
     workdir: output directory; rerun with the same config to resume.
+    steps: keys of the steps to run (a notebook's figures); None runs them all, then writes
+      `summary.json` and the report.
     command: the command line shown in the report (default: `default_command`).
 
   Returns:
     {step key: headline numbers, with the step's 'seconds'}.
   """
+  known = [step.key for step in STEPS]
+  unknown = sorted(set(steps or ()) - set(known))
+  if unknown:
+    raise ValueError(f"Unknown steps {unknown}; the main job's steps are {known}.")
+  selected = [step for step in STEPS if steps is None or step.key in steps]
   os.makedirs(workdir, exist_ok=True)
   command = command or default_command(config, workdir)
   summary, sections = {}, []
-  for index, step in enumerate(STEPS, start=1):
+  for index, step in enumerate(selected, start=1):
     record_path = os.path.join(workdir, "steps", f"{step.key}.json")
     fingerprint = _fingerprint(config, step.config_keys)
     numbers = _finished(record_path, fingerprint)
     if numbers is not None:
-      logging.info("[%d/%d] %s: finished earlier (%s), skipped.", index, len(STEPS),
+      logging.info("[%d/%d] %s: finished earlier (%s), skipped.", index, len(selected),
                    step.title, record_path)
     else:
-      logging.info("[%d/%d] %s ...", index, len(STEPS), step.title)
+      logging.info("[%d/%d] %s ...", index, len(selected), step.title)
       start = time.perf_counter()
       numbers = {**step.run(config, workdir), "seconds": round(time.perf_counter() - start, 1)}
       _record(record_path, fingerprint, numbers)
-      logging.info("[%d/%d] %s done in %.1f s: %s", index, len(STEPS), step.title,
+      logging.info("[%d/%d] %s done in %.1f s: %s", index, len(selected), step.title,
                    numbers["seconds"], numbers)
     summary[step.key] = numbers
     sections.append(report.Section(
@@ -246,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         figures=[os.path.join(workdir, f) for f in step.figures], command=command,
         config={k: config[k].to_dict() for k in step.config_keys if k in config},
         numbers=numbers))
-  if jax.process_index() == 0:
+  if steps is None and jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     path = report.write_html_report(

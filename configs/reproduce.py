@@ -10,7 +10,7 @@ fewer examples). Run from the repository root (this file imports its sibling con
 
 import ml_collections
 
-from configs import cka_heatmap, localization
+from configs import cka_heatmap, localization, skip_connections
 from configs import train as train_configs
 
 # The trained models the studies use: name -> configs/train.py recipe.
@@ -47,6 +47,13 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   ))
   # Study 1: CKA heatmaps of the trained ViT (CLS) and BiT ResNet.
   config.representation = cka_heatmap.get_config("runlocal")
+  # Study 3: norm ratios of the trained ViT and BiT; ViTs trained without the skip connections
+  # of one block (the models are added to `config.models`) against the unablated ViT.
+  config.skip_connections = skip_connections.get_config(arg)
+  config.skip_connections.norm_ratio.trained = ("vit_cls", "bit")
+  for name in config.skip_connections.ablation.models:
+    config.models[name] = config.skip_connections.models[name]
+  del config.skip_connections.models  # The main job passes `config.models`.
   # Study 4a: token-vs-patch CKA maps of the first, middle and top ViT blocks and of the
   # ResNet stage whose map is the ViTs' 4x4 grid (stage 3 is 2x2, stage 4 1x1 at 32 px).
   config.localization = localization.get_config("runlocal")

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, parallel, plotting, report, results, training
-from vit_repr.studies import loading, localization, representation
+from vit_repr.studies import loading, localization, representation, skip_connections
 
 REPORT_FILE = "report.html"
 
@@ -36,8 +36,8 @@ class Step:
     key: short name: the step's output subdirectory and `steps/<key>.json`.
     title: report heading, naming the paper's figures.
     run: `(config, workdir) -> headline numbers` (JSON-ready dict).
-    config_keys: the config sections the step reads (its resume fingerprint; shown in the
-      report).
+    config_keys: the config sections the step reads (with the trained models it names in
+      `config.use_trained[key]`, its resume fingerprint; shown in the report).
     paper_finding: one sentence: what the paper found.
     observed: headline numbers -> one sentence: what this run shows.
     figures: PNG paths relative to the workdir.
@@ -156,6 +156,16 @@ def spatial_localization(config: ml_collections.ConfigDict, workdir: str) -> dic
                                    for layer, numbers in by_layer.items()}}
 
 
+def skip_connection_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Study 3 (paper Figs 7-8): norm ratios of the trained models, and ViTs trained without the
+  skip connections of one block against the unablated ViT."""
+  study = study_config(config, workdir, "skip_connections")
+  study.ablation.cka.data.data_dir = config.data.data_dir
+  study.models = config.models
+  study.models_dir = os.path.join(workdir, "models")
+  return skip_connections.run(study, os.path.join(workdir, "skip_connections"))
+
+
 def study_config(config: ml_collections.ConfigDict, workdir: str,
                          key: str) -> ml_collections.ConfigDict:
   """The config of study `key`: `config[key]` reading its data from `config.data.data_dir`,
@@ -194,7 +204,7 @@ STEPS: tuple[Step, ...] = (
              f"{name} {_fraction(acc)}" for name, acc in n["test_accuracy"].items()) + ".",
          figures=()),
     Step(key="representation", title="Representation structure (Figs 1-2)",
-         run=representation_structure, config_keys=("models", "representation", "use_trained"),
+         run=representation_structure, config_keys=("representation",),
          paper_finding="ViT's CKA heatmap is uniform, with high similarity between lower and "
                        "higher layers, while ResNet's shows stages; ResNet's lower half "
                        "resembles roughly ViT's lowest quarter, and ViT's top layers resemble "
@@ -207,8 +217,30 @@ STEPS: tuple[Step, ...] = (
              f"quarter reaches CKA {n['top_vit_best_cka_to_resnet']:.2f} with its best ResNet "
              f"layer ({n['num_examples']} examples accumulated)."),
          figures=("representation/figures/cka_heatmap.png",)),
+    Step(key="skip_connections", title="Skip connections (Figs 7-8)",
+         run=skip_connection_study,
+         config_keys=("models", "skip_connections"),
+         paper_finding="The norm ratio ||z|| / ||f(z)|| of the residual stream to each branch is "
+                       "much higher in ViT than in ResNet, with a phase transition between the "
+                       "CLS and the spatial tokens in the middle of the network; removing one "
+                       "block's skip connection breaks ViT's uniform representation structure "
+                       "at that block and lowers accuracy.",
+         observed=lambda n: (
+             "Mean norm ratio (CLS / spatial tokens): " + "; ".join(
+                 f"{name} " + " / ".join(f"{v:.2f}" for v in groups.values())
+                 for name, groups in n["norm_ratios"]["mean_ratio_of_means"].items())
+             + ". Test accuracy: " + ", ".join(
+                 f"{name} {_fraction(acc)}"
+                 for name, acc in n["ablation"]["test_accuracy"].items())
+             + "; mean diagonal CKA of each ablated ViT with the unablated one: " + ", ".join(
+                 f"{name} {v:.2f}"
+                 for name, v in n["ablation"]["mean_diagonal_cka_vs_reference"].items())
+             + "."),
+         figures=("skip_connections/figures/norm_ratios.png",
+                  "skip_connections/figures/skip_ablation_self.png",
+                  "skip_connections/figures/skip_ablation_vs_reference.png")),
     Step(key="localization", title="Spatial localization (Figs 9-10)",
-         run=spatial_localization, config_keys=("models", "localization", "use_trained"),
+         run=spatial_localization, config_keys=("localization",),
          paper_finding="A CLS-trained ViT's output tokens stay most similar to the input patch at "
                        "their own position; ResNet's localization is weaker, and a GAP-trained "
                        "ViT loses it in its top layers.",
@@ -220,8 +252,12 @@ STEPS: tuple[Step, ...] = (
 )
 
 
-def _fingerprint(config: ml_collections.ConfigDict, keys: Sequence[str]) -> str:
-  sections = {k: config[k].to_dict() for k in keys if k in config}
+def _fingerprint(config: ml_collections.ConfigDict, step: Step) -> str:
+  """Hash of the config sections `step` reads, and of the trained models it names."""
+  sections = {k: config[k].to_dict() for k in step.config_keys if k in config}
+  named = config.use_trained.get(step.key, {})
+  sections["use_trained"] = named.to_dict() if named else {}
+  sections["trained_models"] = {name: config.models[name].to_dict() for name in named.values()}
   return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -283,7 +319,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[str]
   summary, sections = {}, []
   for index, step in enumerate(selected, start=1):
     record_path = os.path.join(workdir, "steps", f"{step.key}.json")
-    fingerprint = _fingerprint(config, step.config_keys)
+    fingerprint = _fingerprint(config, step)
     numbers = _finished(record_path, fingerprint)
     if numbers is not None:
       logging.info("[%d/%d] %s: finished earlier (%s), skipped.", index, len(selected),

@@ -1,0 +1,123 @@
+r"""Study 3: skip connections (Raghu et al. 2021, Figs 7-8).
+
+    python -m experiments.skip_connections --config=configs/skip_connections.py:vit_b16 \
+        --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/skip_b16
+    python -m experiments.skip_connections --config=configs/skip_connections.py:local \
+        --config.models_dir=/tmp/models --workdir=/tmp/skip
+    python -m experiments.skip_connections --config=configs/skip_connections.py:runlocal \
+        --workdir=/tmp/skip_smoke
+
+Two parts (`vit_repr.studies.skip_connections`):
+(a) norm ratios ||z|| / ||f(z)|| of every residual sub-layer (`vit_repr.residual`), CLS token
+    and spatial tokens apart, for the models of `norm_ratio.models` (public checkpoints or
+    random init) and the trained models named in `norm_ratio.trained`, over `data`;
+(b) the ablation: the trained models of `ablation.models` (a ViT without both skip
+    connections of one block each) and the unablated `ablation.reference`, trained with
+    `vit_repr.training.run` into `<models_dir>/<name>` (or reused), then Study 1's CKA heatmaps
+    (`ablation.cka`, a configs/cka_heatmap.py config whose model specs are filled in) of each
+    ablated model against itself and against the reference, and their test accuracies.
+`models` maps every trained model's name to its configs/train.py config; `models_dir` None is
+`<workdir>/models`.
+
+Args:
+  vit_b16   The paper's setting with public substitutes: (a) ViT-B/16, Mixer-B/16 and BiT-M
+            R50x1 ImageNet-21k checkpoints on 10,000 ImageNet validation images (one forward
+            pass each: minutes on one accelerator); (b) ViT-B/16 trained on ImageNet-1k from
+            scratch (configs/train.py `imagenet_vit_b16`: 300 epochs, ~4e19 FLOPs, about 2-3
+            days of a TPU v3-8 per model) unablated and without the skips of blocks 1, 6 and 10
+            (0-based; the paper's exact blocks are not known here), CKA as Study 1's paper
+            default (10 passes over 10,000 validation images).
+  local     The demo on the embedded 'digits' data: (a) the trained small vit_cls, bit and
+            mixer; (b) vit_noskip at blocks 1 and 4 of 6 against vit_cls (1,500 steps each).
+  runlocal  `local` as a smoke test: the `runlocal` training recipes (6 steps, 2-block ViTs),
+            norm ratios of vit_cls and a random-init ResNet with units (2, 1, 1, 1) over 120
+            images, ablation at block 1 (CKA: one pass over 120 images).
+
+Paper-unknown settings (recorded in the metadata): the averaging of the norm ratio
+(`norm_ratio.statistic`, default 'ratio_of_means': mean ||z|| / mean ||f(z)|| over examples
+and tokens; 'mean_of_ratios' is also stored), the examples used, the ablated blocks.
+"""
+
+import ml_collections
+
+from configs import cka_heatmap
+from configs import train as train_configs
+
+_VIT_LAYERS = (r"Transformer/encoderblock_\d+/(mid|out)",)
+STATISTICS = ("ratio_of_means", "mean_of_ratios")
+ARGS = ("vit_b16", "local", "runlocal")
+
+
+def _base() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.models = ml_collections.ConfigDict()  # name -> configs/train.py config.
+  config.models_dir = None                     # None: <workdir>/models.
+  # Images for the norm ratios.
+  config.data = ml_collections.ConfigDict(dict(
+      name="imagenet2012", split="validation", data_dir=None, image_size=224,
+      num_examples=10_000, crop_fraction=None))
+  config.norm_ratio = ml_collections.ConfigDict(dict(
+      models=ml_collections.ConfigDict(),  # key -> model spec (cka_heatmap.model_spec).
+      trained=(),                          # Names in `models`, trained or reused.
+      global_batch_size=256,               # A multiple of the device count.
+      statistic="ratio_of_means",          # Plotted and summarised; both are stored.
+      log_every=10,
+  ))
+  config.ablation = ml_collections.ConfigDict(dict(
+      reference="",       # Name in `models` of the unablated ViT ('' = no ablation).
+      models=(),          # Names in `models` of ViTs with `remove_skips` set.
+      layers=_VIT_LAYERS,
+  ))
+  cka = cka_heatmap.get_config("vit_b16")
+  cka.model_a = cka_heatmap.model_spec()
+  cka.model_b = cka_heatmap.model_spec()
+  config.ablation.cka = cka  # Filled with the trained models' specs at run time.
+  return config
+
+
+def _ablation_models(recipe: str, blocks: tuple[int, ...], suffix: str
+                     ) -> dict[str, ml_collections.ConfigDict]:
+  return {f"vit_noskip_block{i}": train_configs.get_config(f"{recipe},block={i}{suffix}")
+          for i in blocks}
+
+
+def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
+  """Returns the config for `arg`: 'vit_b16', 'local' or 'runlocal' (see module docstring)."""
+  if arg not in ARGS:
+    raise ValueError(f"Bad skip_connections config arg {arg!r}; use one of {ARGS}.")
+  config = _base()
+  if arg == "vit_b16":
+    for key in ("vit_b16", "mixer_b16", "r50"):
+      name, checkpoint, _ = cka_heatmap.PAPER_MODELS[key]
+      config.norm_ratio.models[key] = cka_heatmap.model_spec(name, checkpoint)
+    reference = train_configs.get_config("imagenet_vit_b16")
+    config.models["vit_b16"] = reference
+    for block in (1, 6, 10):
+      ablated = train_configs.get_config("imagenet_vit_b16")
+      ablated.model.overrides.remove_skips = (block,)
+      config.models[f"vit_b16_noskip_block{block}"] = ablated
+    config.ablation.update(dict(reference="vit_b16", models=tuple(
+        f"vit_b16_noskip_block{b}" for b in (1, 6, 10))))
+    return config
+
+  suffix = ",runlocal" if arg == "runlocal" else ""
+  config.data.update(dict(name="digits", split="test", image_size=32, num_examples=360))
+  config.norm_ratio.global_batch_size = 40
+  config.ablation.cka = cka_heatmap.get_config("runlocal")  # 360 digits, 2 passes, batch 40.
+  config.ablation.cka.model_a = cka_heatmap.model_spec()
+  config.ablation.cka.model_b = cka_heatmap.model_spec()
+  blocks = (1,) if arg == "runlocal" else (1, 4)
+  trained = ("vit_cls",) if arg == "runlocal" else ("vit_cls", "bit", "mixer")
+  config.models.update({name: train_configs.get_config(name + suffix) for name in trained})
+  config.models.update(_ablation_models("vit_noskip", blocks, suffix))
+  config.norm_ratio.trained = trained
+  config.ablation.update(dict(reference="vit_cls", models=tuple(
+      f"vit_noskip_block{b}" for b in blocks)))
+  if arg == "runlocal":
+    # Beside the trained ViT, a random-init ResNet with an identity-shortcut unit.
+    config.norm_ratio.models.resnet = cka_heatmap.model_spec(
+        "BiT-R50x1", overrides=dict(units_per_stage=(2, 1, 1, 1), width_factor=0.5))
+    config.data.num_examples = 120
+    config.ablation.cka.data.num_examples = 120
+    config.ablation.cka.analysis.num_passes = 1
+  return config

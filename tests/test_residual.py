@@ -1,0 +1,178 @@
+"""Skip-connection norm ratios (vit_repr.residual) against direct NumPy float64 formulas."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_python
+from vit_repr import features, models, residual
+
+
+def reference_ratios(zs, fs, has_cls):
+  """(ratio_of_means, mean_of_ratios) `[2]` (cls, spatial) over all batches, float64."""
+  z = np.concatenate([np.asarray(a, np.float64) for a in zs])
+  f = np.concatenate([np.asarray(a, np.float64) for a in fs])
+  if z.ndim == 4:
+    z, f = z.reshape(z.shape[0], -1, z.shape[-1]), f.reshape(f.shape[0], -1, f.shape[-1])
+  nz, nf = np.sqrt((z**2).sum(-1)), np.sqrt((f**2).sum(-1))
+  groups = [(slice(0, 1), slice(1, None))] if has_cls else [(None, slice(None))]
+  cls, spatial = groups[0]
+  of_means, of_ratios = [], []
+  for tokens in (cls, spatial):
+    if tokens is None:
+      of_means.append(np.nan)
+      of_ratios.append(np.nan)
+    else:
+      of_means.append(nz[:, tokens].mean() / nf[:, tokens].mean())
+      of_ratios.append((nz[:, tokens] / nf[:, tokens]).mean())
+  return np.array(of_means), np.array(of_ratios)
+
+
+LAYOUTS = {
+    "vit_cls_tokens": ((6, 5, 8), True),
+    "gap_tokens": ((6, 5, 8), False),
+    "feature_map": ((6, 3, 3, 4), False),
+}
+
+
+@pytest.mark.parametrize("shape,has_cls", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_known_branch_gives_known_ratio(shape, has_cls):
+  """f(z) = z / 4 on the CLS token and z / 2 elsewhere: the ratio is 4 and 2 exactly."""
+  z = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  f = z / 2
+  if has_cls:
+    f[:, 0] = z[:, 0] / 4
+  estimator = residual.NormRatio()
+  state = estimator.init({"layer": z}, has_cls=has_cls)
+  result = estimator.result(estimator.update(state, {"layer": z}, {"layer": f}))
+  expected = np.array([4.0 if has_cls else np.nan, 2.0])
+  for values in (result.ratio_of_means[0], result.mean_of_ratios[0]):
+    np.testing.assert_allclose(values, expected, rtol=1e-6)
+  assert result.num_examples == shape[0]
+
+
+@pytest.mark.parametrize("shape,has_cls", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_streamed_batches_match_numpy_float64(shape, has_cls):
+  rng = np.random.default_rng(1)
+  batches = [(rng.normal(size=shape).astype(np.float32) * 3,
+              rng.normal(size=shape).astype(np.float32)) for _ in range(3)]
+  estimator = residual.NormRatio()
+  state = estimator.init({"a": batches[0][0], "b": batches[0][0]}, has_cls=has_cls)
+  for z, f in batches:
+    state = estimator.update(state, {"a": z, "b": f}, {"a": f, "b": z})
+  result = estimator.result(state)
+  zs, fs = [z for z, _ in batches], [f for _, f in batches]
+  for row, (stream, branch) in enumerate(((zs, fs), (fs, zs))):
+    of_means, of_ratios = reference_ratios(stream, branch, has_cls)
+    np.testing.assert_allclose(result.ratio_of_means[row], of_means, rtol=1e-5)
+    np.testing.assert_allclose(result.mean_of_ratios[row], of_ratios, rtol=1e-5)
+  tokens = shape[1] if len(shape) == 3 else shape[1] * shape[2]
+  assert result.num_tokens[0].tolist() == ([1, tokens - 1] if has_cls else [0, tokens])
+  assert result.num_examples == 3 * shape[0]
+
+
+def test_vit_sublayers_pair_stream_and_branch_and_skip_removed_blocks():
+  model = models.create("ViT-Ti/16", image_size=16, patch_size=8, depth=3, hidden_size=8,
+                        num_heads=2, mlp_dim=8, num_classes=3, remove_skips=(1,))
+  layers = residual.sublayers(features.intermediate_shapes(model, 16), model.remove_skips)
+  block = "Transformer/encoderblock_{}/"
+  assert [(layer.name, layer.stream, layer.branch, layer.block) for layer in layers] == [
+      (block.format(i) + kind, block.format(i) + stream, block.format(i) + branch, i)
+      for i in (0, 2) for kind, stream, branch in (("attn", "in", "attn_branch"),
+                                                   ("mlp", "mid", "mlp_branch"))]
+  assert all(layer.identity_shortcut for layer in layers)
+
+
+def test_mixer_sublayers():
+  model = models.create("Mixer-S/32", image_size=16, patch_size=8, depth=2, hidden_size=8,
+                        tokens_mlp_dim=4, channels_mlp_dim=8, num_classes=3)
+  layers = residual.sublayers(features.intermediate_shapes(model, 16))
+  assert [(layer.name, layer.stream, layer.branch) for layer in layers[:2]] == [
+      ("MixerBlock_0/token_mixing", "MixerBlock_0/in", "MixerBlock_0/token_mixing_branch"),
+      ("MixerBlock_0/channel_mixing", "MixerBlock_0/mid",
+       "MixerBlock_0/channel_mixing_branch")]
+  assert len(layers) == 4
+
+
+def test_resnet_identity_and_projection_shortcuts():
+  model = models.create("BiT-R50x1", image_size=32, units_per_stage=(2, 1, 1, 1),
+                        width_factor=0.5, num_classes=3, remove_skips=(3,))
+  layers = residual.sublayers(features.intermediate_shapes(model, 32), model.remove_skips)
+  assert [(layer.name, layer.stream, layer.identity_shortcut) for layer in layers] == [
+      ("block1/unit01", "block1/unit01/out", False),
+      ("block1/unit02", "block1/unit01/out", True),
+      ("block2/unit01", "block2/unit01/out", False),
+      ("block4/unit01", "block4/unit01/out", False)]
+  # The projected shortcut is out - branch; an identity shortcut is the unit input.
+  rng = np.random.default_rng(2)
+  inter = {n: rng.normal(size=(2, 2, 2, 4)) for n in
+           ("block1/unit01/out", "block1/unit01/branch", "block1/unit02/branch")}
+  streams, branches = residual.streams_and_branches(layers[:2], inter)
+  np.testing.assert_array_equal(
+      streams["block1/unit01"], inter["block1/unit01/out"] - inter["block1/unit01/branch"])
+  np.testing.assert_array_equal(streams["block1/unit02"], inter["block1/unit01/out"])
+  np.testing.assert_array_equal(branches["block1/unit02"], inter["block1/unit02/branch"])
+
+
+def test_no_residual_blocks_is_an_error():
+  with pytest.raises(ValueError, match="No residual blocks"):
+    residual.sublayers({"logits": (1, 3)})
+
+
+def test_nonfinite_values_name_the_layer():
+  z = np.ones((4, 3, 2), np.float32)
+  f = z.copy()
+  f[1, 2, 0] = np.nan
+  estimator = residual.NormRatio()
+  state = estimator.init({"good": z, "bad": z}, has_cls=False)
+  state = estimator.update(state, {"good": z, "bad": z}, {"good": z, "bad": f})
+  with pytest.raises(ValueError, match=r"\['bad'\]"):
+    estimator.result(state)
+
+
+@pytest.mark.parametrize("streams,branches,match", [
+    ({"a": np.ones((4, 3, 2))}, {"a": np.ones((4, 3, 3))}, "same shape"),
+    ({"a": np.ones((4, 3, 2))}, {"b": np.ones((4, 3, 2))}, "same sub-layers"),
+], ids=["shape_mismatch", "unknown_layer"])
+def test_bad_updates_are_refused(streams, branches, match):
+  estimator = residual.NormRatio()
+  state = estimator.init({"a": np.ones((4, 3, 2))}, has_cls=False)
+  with pytest.raises(ValueError, match=match):
+    estimator.update(state, streams, branches)
+
+
+def test_bad_shapes_and_empty_results_are_refused():
+  estimator = residual.NormRatio()
+  with pytest.raises(ValueError, match="tokens"):
+    estimator.init({"a": np.ones((4, 3))}, has_cls=False)
+  with pytest.raises(ValueError, match="No batch"):
+    estimator.result(estimator.init({"a": np.ones((4, 3, 2))}, has_cls=False))
+
+
+_SHARDED = """
+import numpy as np
+from vit_repr import parallel, residual
+rng = np.random.default_rng(3)
+batches = [(rng.normal(size=(16, 5, 8)).astype(np.float32) * 2,
+             rng.normal(size=(16, 5, 8)).astype(np.float32)) for _ in range(3)]
+mesh = parallel.make_mesh()
+estimator = residual.NormRatio(mesh)
+state = estimator.init({"x": batches[0][0]}, has_cls=True)
+for z, f in batches:
+  batch = parallel.global_batch({"z": z, "f": f}, mesh)
+  state = estimator.update(state, {"x": batch["z"]}, {"x": batch["f"]})
+r = estimator.result(state)
+np.save(OUT, np.stack([r.ratio_of_means, r.mean_of_ratios, r.norm_stream, r.norm_branch]))
+"""
+
+
+@pytest.mark.parametrize("num_devices", [1, 8], ids=["1_device", "8_devices"])
+def test_result_does_not_depend_on_device_count(tmp_path, num_devices):
+  out = str(tmp_path / "result.npy")
+  run_python(f"OUT = {out!r}\n" + _SHARDED, num_devices=num_devices)
+  rng = np.random.default_rng(3)
+  batches = [(rng.normal(size=(16, 5, 8)).astype(np.float32) * 2,
+              rng.normal(size=(16, 5, 8)).astype(np.float32)) for _ in range(3)]
+  of_means, of_ratios = reference_ratios([z for z, _ in batches], [f for _, f in batches], True)
+  got = np.load(out)
+  np.testing.assert_allclose(got[0, 0], of_means, rtol=1e-5)
+  np.testing.assert_allclose(got[1, 0], of_ratios, rtol=1e-5)

@@ -1,0 +1,193 @@
+"""Study 3 (vit_repr.studies.skip_connections): models without skips, configs, end to end."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import skip_connections as skip_configs
+from vit_repr import data, features, models, parallel, residual, results
+from vit_repr.studies import loading, skip_connections
+
+LN_EPS = 1e-6
+
+
+def layer_norm(x, p):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean)**2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + LN_EPS) * p["scale"] + p["bias"]
+
+
+def gelu(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def mlp(x, p):
+  return gelu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]) @ p["Dense_1"]["kernel"] + \
+      p["Dense_1"]["bias"]
+
+
+def attention(x, p):
+  """Multi-head self-attention of `x` [b, T, D] from the checkpoint-layout parameters."""
+  q, k, v = (np.einsum("btd,dhe->bthe", x, p[n]["kernel"]) + p[n]["bias"]
+             for n in ("query", "key", "value"))
+  logits = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  heads = np.einsum("bhqk,bkhe->bqhe", probs, v)
+  return np.einsum("bqhe,hed->bqd", heads, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def vit_block(z, p, skip):
+  """(mid, out) of a pre-norm ViT block in float64."""
+  f = attention(layer_norm(z, p["LayerNorm_0"]), p["MultiHeadDotProductAttention_1"])
+  mid = z + f if skip else f
+  g = mlp(layer_norm(mid, p["LayerNorm_2"]), p["MlpBlock_3"])
+  return mid, (mid + g if skip else g)
+
+
+def mixer_block(z, p, skip):
+  """(mid, out) of a Mixer block in float64."""
+  y = layer_norm(z, p["LayerNorm_0"])
+  f = np.swapaxes(mlp(np.swapaxes(y, 1, 2), p["token_mixing"]), 1, 2)
+  mid = z + f if skip else f
+  g = mlp(layer_norm(mid, p["LayerNorm_1"]), p["channel_mixing"])
+  return mid, (mid + g if skip else g)
+
+
+def to_float64(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+FAMILIES = {
+    "vit": ("ViT-Ti/16", dict(hidden_size=16, num_heads=2, mlp_dim=24),
+            "Transformer/encoderblock_{}", vit_block, lambda p, i: p["Transformer"][
+                f"encoderblock_{i}"]),
+    "mixer": ("Mixer-S/32", dict(hidden_size=16, tokens_mlp_dim=8, channels_mlp_dim=24),
+              "MixerBlock_{}", mixer_block, lambda p, i: p[f"MixerBlock_{i}"]),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILIES)
+def test_block_without_skip_computes_exactly_its_branches(family):
+  """Block 1 of 3 without skips returns g(f(z)) (no z anywhere); blocks 0 and 2 keep z + ..."""
+  name, overrides, path, block_fn, block_params = FAMILIES[family]
+  model = models.create(name, image_size=16, patch_size=4, depth=3, num_classes=3,
+                        remove_skips=(1,), **overrides)
+  images = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  # Random parameters of the right shapes (compiling the initialisers is the slow part).
+  shapes = jax.eval_shape(model.init, jax.random.key(1), images)["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(scale=0.3, size=s.shape).astype(np.float32),
+                        shapes)
+  sown = jax.jit(lambda p, x: models.flatten_intermediates(
+      model.apply({"params": p}, x, mutable=["intermediates"])[1]))(params, images)
+  sown = to_float64(sown)
+  for block, skip in ((0, True), (1, False), (2, True)):
+    prefix = path.format(block)
+    z = sown[f"{prefix}/in"]
+    mid, out = block_fn(z, to_float64(block_params(params, block)), skip)
+    np.testing.assert_allclose(sown[f"{prefix}/mid"], mid, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sown[f"{prefix}/out"], out, rtol=1e-4, atol=1e-5)
+    # The residual stream is not negligible, so the check tells the two cases apart.
+    _, other = block_fn(z, to_float64(block_params(params, block)), not skip)
+    assert np.abs(other - out).max() > 1e-2
+
+
+def test_config_args():
+  with pytest.raises(ValueError, match="runlocal"):
+    skip_configs.get_config("vit_b99")
+  paper = skip_configs.get_config("vit_b16")
+  assert paper.ablation.reference == "vit_b16"
+  assert [tuple(paper.models[n].model.overrides.remove_skips) for n in paper.ablation.models] \
+      == [(1,), (6,), (10,)]
+  assert paper.norm_ratio.models.vit_b16.checkpoint.endswith("ViT-B_16.npz")
+  assert paper.ablation.cka.data.name == "imagenet2012"
+  local = skip_configs.get_config("local")
+  assert local.ablation.models == ("vit_noskip_block1", "vit_noskip_block4")
+  assert tuple(local.models.vit_noskip_block4.model.overrides.remove_skips) == (4,)
+  assert local.models.vit_cls.train.total_steps == 1500
+
+
+BAD_CONFIGS = {
+    "missing_model": (dict(models=("vit_noskip_block9",)), "not in config.models"),
+    "no_ablated_models": (dict(models=()), "ablation.models is empty"),
+    "ablated_model_keeps_skips": (dict(models=("vit_cls",)), "removes no skip"),
+}
+
+
+@pytest.mark.parametrize("ablation,match", BAD_CONFIGS.values(), ids=BAD_CONFIGS)
+def test_bad_configs_fail_before_training(tmp_path, ablation, match):
+  config = skip_configs.get_config("runlocal")
+  config.ablation.update(ablation)
+  with pytest.raises(ValueError, match=match):
+    skip_connections.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "models")
+
+
+def direct_norm_ratios(spec, config):
+  """The study's ratio_of_means for one model recomputed on the host in float64."""
+  cfg = config.data
+  model, params = loading.load_model(spec, image_size=cfg.image_size, num_classes=10)
+  layers = residual.sublayers(features.intermediate_shapes(model, cfg.image_size))
+  names = sorted({n for layer in layers for n in (layer.stream, layer.branch)})
+  extractor = features.FeatureExtractor(model, names, image_size=cfg.image_size)
+  sums = np.zeros((2, len(layers), 2))
+  for batch in data.eval_batches(cfg.name, cfg.split, image_size=cfg.image_size,
+                                 global_batch_size=40, mesh=parallel.make_mesh(),
+                                 num_examples=cfg.num_examples):
+    flat = extractor(params, batch["image"])
+    inter = {n: np.asarray(v, np.float64).reshape(-1, *extractor.shapes[n])
+             for n, v in flat.items()}
+    for row, layer in enumerate(layers):
+      z = inter[layer.stream] - (inter[layer.branch] if layer.stream_minus_branch else 0)
+      f = inter[layer.branch]
+      nz, nf = np.linalg.norm(z, axis=-1), np.linalg.norm(f, axis=-1)
+      if nz.ndim == 2:  # ViT tokens, CLS first.
+        sums[:, row, 0] += nz[:, 0].sum(), nf[:, 0].sum()
+        sums[:, row, 1] += nz[:, 1:].sum(), nf[:, 1:].sum()
+      else:
+        sums[:, row, 1] += nz.sum(), nf.sum()
+  with np.errstate(invalid="ignore"):
+    return sums[0] / sums[1]
+
+
+@pytest.mark.slow
+def test_runlocal_end_to_end(tmp_path):
+  config = skip_configs.get_config("runlocal")
+  summary = skip_connections.run(config, str(tmp_path))
+  ratios, meta = results.read_results(str(tmp_path), "norm_ratios")
+  assert meta["statistic"] == "ratio_of_means" and meta["num_examples"] == 120
+  vit_spec = loading.trained_spec(config.models.vit_cls, str(tmp_path / "models" / "vit_cls"))
+  for key, spec in (("vit_cls", vit_spec), ("resnet", config.norm_ratio.models.resnet)):
+    np.testing.assert_allclose(ratios[f"{key}/ratio_of_means"], direct_norm_ratios(spec, config),
+                               rtol=1e-4)
+  assert list(ratios["vit_cls/names"]) == [f"Transformer/encoderblock_{i}/{k}"
+                                           for i in range(2) for k in ("attn", "mlp")]
+  assert np.all(np.isfinite(ratios["vit_cls/ratio_of_means"]))
+  assert ratios["resnet/identity_shortcut"].tolist() == [False, True, False, False, False]
+  assert np.all(np.isnan(ratios["resnet/ratio_of_means"][:, 0]))
+  assert set(summary["norm_ratios"]["mean_ratio_of_means"]) == {"resnet", "vit_cls"}
+
+  ablation, meta = results.read_results(str(tmp_path), "skip_ablation")
+  assert meta["removed_blocks"] == {"vit_noskip_block1": [1]}
+  for name in ("vit_cls", "vit_noskip_block1"):
+    with open(tmp_path / "models" / name / "metrics.jsonl") as f:
+      last_eval = [json.loads(line) for line in f if '"eval"' in line][-1]
+    assert meta["test_accuracy"][name] == pytest.approx(last_eval["accuracy"])
+  cka_dir = str(tmp_path / "ablation" / "vit_noskip_block1")
+  heatmaps, _ = results.read_results(cka_dir, "cka_heatmap")
+  np.testing.assert_array_equal(ablation["vit_noskip_block1/cka_self"], heatmaps["cka_aa"])
+  np.testing.assert_array_equal(ablation["vit_noskip_block1/cka_vs_reference"],
+                                heatmaps["cka_ab"])
+  np.testing.assert_allclose(np.diag(ablation["vit_noskip_block1/cka_self"]), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.diag(ablation["reference/cka_self"]), 1.0, atol=1e-5)
+  assert list(ablation["names"]) == [f"Transformer/encoderblock_{i}/{k}"
+                                     for i in range(2) for k in ("mid", "out")]
+  assert summary["ablation"]["mean_diagonal_cka_vs_reference"]["vit_noskip_block1"] == \
+      pytest.approx(np.mean(np.diag(heatmaps["cka_ab"])), abs=1e-3)
+  for stem in ("norm_ratios", "skip_ablation_self", "skip_ablation_vs_reference"):
+    for ext in ("png", "pdf"):
+      assert os.path.getsize(tmp_path / "figures" / f"{stem}.{ext}") > 1000

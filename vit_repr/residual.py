@@ -1,0 +1,353 @@
+"""Skip-connection norm ratios ||z|| / ||f(z)|| per sub-layer (Raghu et al. 2021, Fig 7).
+
+A residual sub-layer maps its stream z to z + f(z). Raghu et al., "Do Vision Transformers See
+Like Convolutional Neural Networks?" (NeurIPS 2021, Section 6) compare how much of the
+representation travels through the skip connection and how much through the branch f with the
+ratio of norms ||z|| / ||f(z)||, separately for the CLS token and the spatial tokens.
+
+Definition used here (the paper does not spell out the averaging; recorded in every result).
+For sub-layer l, example e and token t (a ViT/Mixer token, or a ResNet feature-map location),
+  n_z(e, t) = ||z[e, t, :]||_2  and  n_f(e, t) = ||f(z)[e, t, :]||_2   (L2 norm over width),
+and, over the tokens t of a group G (the CLS token; or the spatial tokens, i.e. every token
+but the CLS token, or every location of a feature map) and every example e,
+  ratio_of_means = mean_{e, t in G} n_z / mean_{e, t in G} n_f   (the ratio of mean norms),
+  mean_of_ratios = mean_{e, t in G} n_z / n_f                     (the mean per-token ratio).
+Both are accumulated; `ratio_of_means` is the default statistic of the study (it is not thrown
+off by the rare token whose branch output is almost zero). A group a layer does not have (CLS
+in a Mixer, a GAP ViT or a ResNet) is NaN.
+
+Sub-layers (`sublayers`) are found from the sown intermediate names of `vit_repr.models`:
+  ViT   'Transformer/encoderblock_{i}/attn': z = '.../in',  f = '.../attn_branch'
+        'Transformer/encoderblock_{i}/mlp':  z = '.../mid', f = '.../mlp_branch'
+  Mixer 'MixerBlock_{i}/token_mixing':       z = '.../in',  f = '.../token_mixing_branch'
+        'MixerBlock_{i}/channel_mixing':     z = '.../mid', f = '.../channel_mixing_branch'
+  ResNet 'block{s}/unit{uu}': f = '.../branch'; z = the unit's input (the previous unit's
+        'out') when the shortcut is the identity, else the projected shortcut
+        proj(input) = out - branch (flagged by `identity_shortcut`).
+Blocks (ResNet units) without skip connections (`remove_skips`) have no z and are left out.
+
+`NormRatio` accumulates the per-batch sums in a small jitted pytree state (init / update /
+result, like optax): the batch arrives sharded over the mesh's data axis and the sums over
+examples are plain `jnp.sum`s inside jit, so XLA adds the cross-device reductions and the
+result does not depend on the device count.
+"""
+
+import dataclasses
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from vit_repr import parallel
+
+GROUPS = ("cls", "spatial")
+STATISTICS = ("ratio_of_means", "mean_of_ratios")
+# Accumulated sums, in this order, per layer and group.
+_SUMS = ("norm_stream", "norm_branch", "ratio")
+
+_VIT_BLOCK = re.compile(r"(.*encoderblock_\d+)/attn_branch")
+_MIXER_BLOCK = re.compile(r"(.*MixerBlock_\d+)/token_mixing_branch")
+_RESNET_UNIT = re.compile(r"(.*block\d+/unit\d+)/branch")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubLayer:
+  """One residual sub-layer: out = z + f(z).
+
+  Attributes:
+    name: e.g. 'Transformer/encoderblock_3/attn', 'MixerBlock_0/channel_mixing', 'block2/unit02'.
+    stream: intermediate name of z; or, with `stream_minus_branch`, of the sub-layer output.
+    branch: intermediate name of f(z).
+    block: 0-based index of the block (ResNet: of the unit, over all stages) it belongs to.
+    stream_minus_branch: z = intermediates[stream] - intermediates[branch] (ResNet projection
+      shortcuts, whose z is the projected input).
+  """
+  name: str
+  stream: str
+  branch: str
+  block: int
+  stream_minus_branch: bool = False
+
+  @property
+  def identity_shortcut(self) -> bool:
+    return not self.stream_minus_branch
+
+
+def sublayers(shapes: Mapping[str, Sequence[int]],
+              remove_skips: Sequence[int] = ()) -> tuple[SubLayer, ...]:
+  """The residual sub-layers of a `vit_repr.models` model, in model order.
+
+  Args:
+    shapes: `{intermediate name: shape}` of every sown intermediate in model order, as
+      `vit_repr.features.intermediate_shapes` returns.
+    remove_skips: the model's `remove_skips` (0-based blocks, or ResNet units over all stages,
+      without skip connections); their sub-layers are left out.
+
+  Returns:
+    The `SubLayer`s (see the module docstring for the names).
+
+  Raises:
+    ValueError: the names hold no ViT, Mixer or ResNet residual block.
+  """
+  names = list(shapes)
+  removed = set(int(i) for i in remove_skips)
+  found: list[SubLayer] = []
+  blocks = [m.group(1) for n in names if (m := _VIT_BLOCK.fullmatch(n))]
+  kinds = (("attn", "in", "attn_branch"), ("mlp", "mid", "mlp_branch"))
+  if not blocks:
+    blocks = [m.group(1) for n in names if (m := _MIXER_BLOCK.fullmatch(n))]
+    kinds = (("token_mixing", "in", "token_mixing_branch"),
+             ("channel_mixing", "mid", "channel_mixing_branch"))
+  if blocks:
+    for index, block in enumerate(blocks):
+      if index not in removed:
+        found += [SubLayer(f"{block}/{kind}", f"{block}/{stream}", f"{block}/{branch}", index)
+                  for kind, stream, branch in kinds]
+    return tuple(found)
+  units = [m.group(1) for n in names if (m := _RESNET_UNIT.fullmatch(n))]
+  if not units:
+    raise ValueError("No residual blocks among the intermediates (expected ViT "
+                     "'.../encoderblock_i/attn_branch', Mixer 'MixerBlock_i/token_mixing_branch' "
+                     f"or ResNet 'block{{s}}/unit{{uu}}/branch'); got {names}.")
+  for index, unit in enumerate(units):
+    if index in removed:
+      continue
+    branch, out = f"{unit}/branch", f"{unit}/out"
+    previous = f"{units[index - 1]}/out" if index else None
+    if previous is not None and tuple(shapes[previous]) == tuple(shapes[branch]):
+      found.append(SubLayer(unit, previous, branch, index))
+    else:
+      found.append(SubLayer(unit, out, branch, index, stream_minus_branch=True))
+  return tuple(found)
+
+
+def streams_and_branches(layers: Sequence[SubLayer], intermediates: Mapping[str, jax.Array]
+                         ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """`({sub-layer name: z}, {sub-layer name: f(z)})` from a model's intermediates.
+
+  Args:
+    layers: from `sublayers`.
+    intermediates: `{intermediate name: [b, ...]}` holding every `stream` and `branch` name.
+  """
+  streams, branches = {}, {}
+  for layer in layers:
+    branch = intermediates[layer.branch]
+    stream = intermediates[layer.stream]
+    streams[layer.name] = stream - branch if layer.stream_minus_branch else stream
+    branches[layer.name] = branch
+  return streams, branches
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("sums", "compensation", "num_examples", "nonfinite"),
+                   meta_fields=("names", "tokens", "has_cls"))
+@dataclasses.dataclass(frozen=True)
+class NormRatioState:
+  """Running sums of the per-token norms; its size does not grow with the data.
+
+  Attributes:
+    sums: `[3, L, 2]` float32 sums over examples and tokens of n_z, n_f and n_z / n_f (channel
+      order `_SUMS`) per layer and group (`GROUPS`).
+    compensation: `[3, L, 2]` Kahan compensation of `sums` (the exact sum is sums - it).
+    num_examples: int32 examples accumulated.
+    nonfinite: `[L]` bool, whether a layer ever had NaN/Inf in z or f(z).
+    names: sub-layer names (static).
+    tokens: `((cls tokens, spatial tokens), ...)` per layer (static).
+    has_cls: whether token 0 of a `[b, T, D]` layer is a CLS token (static).
+  """
+  sums: jax.Array
+  compensation: jax.Array
+  num_examples: jax.Array
+  nonfinite: jax.Array
+  names: tuple[str, ...]
+  tokens: tuple[tuple[int, int], ...]
+  has_cls: bool
+
+
+class NormRatioResult(NamedTuple):
+  """Norm ratios per sub-layer and group (NumPy float64; NaN for a group a layer lacks).
+
+  Attributes:
+    names: `[L]` sub-layer names.
+    ratio_of_means: `[L, 2]` mean n_z / mean n_f, columns `GROUPS` ('cls', 'spatial').
+    mean_of_ratios: `[L, 2]` mean of n_z / n_f.
+    norm_stream: `[L, 2]` mean n_z = mean ||z|| per token.
+    norm_branch: `[L, 2]` mean n_f = mean ||f(z)|| per token.
+    num_tokens: `[L, 2]` int, tokens per example in each group.
+    num_examples: examples accumulated.
+  """
+  names: tuple[str, ...]
+  ratio_of_means: np.ndarray
+  mean_of_ratios: np.ndarray
+  norm_stream: np.ndarray
+  norm_branch: np.ndarray
+  num_tokens: np.ndarray
+  num_examples: int
+
+
+def _token_norms(x: jax.Array, has_cls: bool, name: str) -> tuple[jax.Array | None, jax.Array]:
+  """(CLS norms `[b]` or None, spatial norms `[b, tokens]`) of tokens or a feature map."""
+  norms = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
+  if x.ndim == 3:
+    return (norms[:, 0], norms[:, 1:]) if has_cls else (None, norms)
+  if x.ndim == 4:
+    return None, norms.reshape(norms.shape[0], -1)
+  raise ValueError(f"Sub-layer {name!r}: expected tokens [batch, tokens, width] or a feature "
+                   f"map [batch, height, width, channels]; got shape {x.shape}.")
+
+
+def _group_tokens(shape: Sequence[int], has_cls: bool) -> tuple[int, int]:
+  if len(shape) == 3:
+    return (1, shape[1] - 1) if has_cls else (0, shape[1])
+  return 0, int(np.prod(shape[1:-1]))
+
+
+def _group_sums(stream: jax.Array, branch: jax.Array, has_cls: bool, name: str) -> jax.Array:
+  """`[3, 2]` batch sums of n_z, n_f, n_z / n_f for the (cls, spatial) groups."""
+  sums = []
+  for norms_z, norms_f in zip(_token_norms(stream, has_cls, name),
+                              _token_norms(branch, has_cls, name)):
+    if norms_z is None:
+      sums.append(jnp.zeros(3, jnp.float32))
+    else:
+      sums.append(jnp.stack([norms_z.sum(), norms_f.sum(), (norms_z / norms_f).sum()]))
+  return jnp.stack(sums, axis=-1)
+
+
+def _update(state: NormRatioState, streams: tuple[jax.Array, ...],
+            branches: tuple[jax.Array, ...]) -> NormRatioState:
+  batch_sums = jnp.stack([_group_sums(z, f, state.has_cls, n)
+                          for n, z, f in zip(state.names, streams, branches)], axis=1)
+  finite = jnp.stack([jnp.isfinite(z).all() & jnp.isfinite(f).all()
+                      for z, f in zip(streams, branches)])
+  # Kahan summation over batches.
+  corrected = batch_sums - state.compensation
+  sums = state.sums + corrected
+  compensation = (sums - state.sums) - corrected
+  return dataclasses.replace(state, sums=sums, compensation=compensation,
+                             num_examples=state.num_examples + streams[0].shape[0],
+                             nonfinite=state.nonfinite | ~finite)
+
+
+class NormRatio:
+  """Streaming norm ratios ||z|| / ||f(z)|| of residual sub-layers, jitted and sharded.
+
+  Example:
+    layers = residual.sublayers(features.intermediate_shapes(model, 224))
+    estimator = residual.NormRatio(mesh)
+    state = None
+    for batch in batches:
+      streams, branches = residual.streams_and_branches(layers, intermediates(batch))
+      state = state or estimator.init(streams, has_cls=True)
+      state = estimator.update(state, streams, branches)
+    result = estimator.result(state)   # result.ratio_of_means: [L, 2] (cls, spatial)
+
+  The jitted update donates the state: do not reuse a state passed to `update`.
+  """
+
+  def __init__(self, mesh: Mesh | None = None):
+    """Builds the estimator.
+
+    Args:
+      mesh: one-axis mesh named `parallel.DATA_AXIS` over which batches are sharded; default
+        one local device.
+
+    Raises:
+      ValueError: the mesh does not have exactly the data axis.
+    """
+    mesh = parallel.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    if tuple(mesh.axis_names) != (parallel.DATA_AXIS,):
+      raise ValueError(f"NormRatio needs a one-axis mesh named {parallel.DATA_AXIS!r} "
+                       f"(parallel.make_mesh()); got axes {mesh.axis_names}.")
+    self.mesh = mesh
+    self._update = jax.jit(_update, donate_argnums=0,
+                           out_shardings=parallel.replicated(mesh))
+
+  def init(self, streams: Mapping[str, Any], *, has_cls: bool) -> NormRatioState:
+    """An empty state for the sub-layers of `streams`.
+
+    Args:
+      streams: `{sub-layer name: z}`; only names and shapes are used (a first batch or
+        `jax.ShapeDtypeStruct`s), `[b, T, D]` tokens or `[b, h, w, C]` feature maps.
+      has_cls: whether token 0 of the `[b, T, D]` layers is a CLS token.
+
+    Returns:
+      The zero state, replicated over the mesh.
+
+    Raises:
+      ValueError: no sub-layers, or a layer that is neither tokens nor a feature map.
+    """
+    if not streams:
+      raise ValueError("NormRatio.init needs at least one sub-layer; pass {name: z}.")
+    for name, z in streams.items():
+      if len(z.shape) not in (3, 4):
+        raise ValueError(f"Sub-layer {name!r}: expected tokens [batch, tokens, width] or a "
+                         f"feature map [batch, height, width, channels]; got shape {z.shape}.")
+    sharding = parallel.replicated(self.mesh)
+    zeros = np.zeros((len(_SUMS), len(streams), len(GROUPS)), np.float32)
+    state = NormRatioState(
+        sums=zeros, compensation=zeros, num_examples=np.zeros((), np.int32),
+        nonfinite=np.zeros(len(streams), bool), names=tuple(streams),
+        tokens=tuple(_group_tokens(z.shape, has_cls) for z in streams.values()),
+        has_cls=bool(has_cls))
+    return jax.tree.map(lambda a: jax.device_put(a, sharding), state)
+
+  def update(self, state: NormRatioState, streams: Mapping[str, jax.typing.ArrayLike],
+             branches: Mapping[str, jax.typing.ArrayLike]) -> NormRatioState:
+    """Folds one global batch into `state` (jitted; no host synchronisation).
+
+    Args:
+      state: from `init` or a previous `update` (donated).
+      streams: `{sub-layer name: z [global_batch, ...]}`, the names of `init`.
+      branches: `{sub-layer name: f(z)}`, same names and shapes as `streams`.
+
+    Returns:
+      The new state.
+
+    Raises:
+      ValueError: names differ from `init`, or z and f(z) of a sub-layer differ in shape.
+    """
+    for what, given in (("streams", streams), ("branches", branches)):
+      if set(given) != set(state.names):
+        raise ValueError(f"{what} hold sub-layers {sorted(given)} but the state was "
+                         f"initialised with {sorted(state.names)}; pass the same sub-layers.")
+    bad = {n: (np.shape(streams[n]), np.shape(branches[n])) for n in state.names
+           if np.shape(streams[n]) != np.shape(branches[n])}
+    if bad:
+      raise ValueError(f"z and f(z) must have the same shape; got (z, f) shapes {bad}.")
+    return self._update(state, tuple(streams[n] for n in state.names),
+                        tuple(branches[n] for n in state.names))
+
+  def result(self, state: NormRatioState) -> NormRatioResult:
+    """The norm ratios (one host synchronisation).
+
+    Returns:
+      A `NormRatioResult`; `mean_of_ratios` is inf for a group where some branch output is
+      exactly zero.
+
+    Raises:
+      ValueError: nothing was accumulated, or a layer had NaN/Inf values (named).
+    """
+    num_examples = int(state.num_examples)
+    if not num_examples:
+      raise ValueError("No batch was accumulated; call update before result.")
+    nonfinite = [n for n, bad in zip(state.names, np.asarray(state.nonfinite)) if bad]
+    if nonfinite:
+      raise ValueError(f"NaN or Inf in the stream or branch of sub-layers {nonfinite}; check "
+                       "the checkpoint and the input range (expected images in [-1, 1]).")
+    sums = (np.asarray(state.sums, np.float64) - np.asarray(state.compensation, np.float64))
+    tokens = np.asarray(state.tokens, np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      means = sums / np.where(tokens > 0, tokens * num_examples, np.nan)
+      ratio_of_means = means[0] / means[1]
+    if np.isinf(means[2]).any():
+      logging.warning("Some branch outputs are exactly zero: mean_of_ratios is inf there.")
+    return NormRatioResult(names=state.names, ratio_of_means=ratio_of_means,
+                           mean_of_ratios=means[2], norm_stream=means[0],
+                           norm_branch=means[1], num_tokens=tokens, num_examples=num_examples)

@@ -1,0 +1,263 @@
+"""Study 3, skip connections: norm ratios and training without skips (paper Figs 7-8).
+
+Raghu et al., "Do Vision Transformers See Like Convolutional Neural Networks?" (NeurIPS 2021,
+Section 6) show that ViT's skip connections carry much more of the representation than
+ResNet's, with a phase transition from CLS-token- to spatial-token-dominated propagation in the
+middle of the network (Fig 7), and that removing the skip connection of one block breaks the
+uniform CKA structure of the model around that block and costs accuracy (Fig 8).
+
+(a) Norm ratios: for each model of `config.norm_ratio.models` (model specs, e.g. public
+    checkpoints) and each trained model named in `config.norm_ratio.trained`, one pass over
+    `config.data`, accumulating ||z|| / ||f(z)|| of every residual sub-layer
+    (`vit_repr.residual.NormRatio`; definitions there) in one jitted step per batch (forward
+    pass and accumulation fused, batch sharded over the mesh). Writes `norm_ratios.{npz,json}`
+    (per model: `<key>/ratio_of_means`, `<key>/mean_of_ratios`, `<key>/norm_stream`,
+    `<key>/norm_branch` `[L, 2]` with columns (cls, spatial), `<key>/names`, `<key>/blocks`,
+    `<key>/identity_shortcut`) and `figures/norm_ratios`.
+(b) Ablation: trains (or reuses) `config.ablation.reference` and every model of
+    `config.ablation.models` with `training.run` into `<models_dir>/<name>`, then runs Study 1
+    (`vit_repr.studies.representation.run`) once per ablated model with model A = the ablated
+    model and model B = the reference into `<workdir>/ablation/<name>`, which gives the heatmap
+    of the ablated model against itself (`cka_aa`) and against the reference (`cka_ab`) from
+    one accumulator. Writes `skip_ablation.{npz,json}` (per ablated model `<name>/cka_self`,
+    `<name>/cka_vs_reference`, the reference's own heatmap, test accuracies, removed blocks)
+    and the figures `skip_ablation_self` (the paper's row of heatmaps, one per ablated block,
+    accuracy in the titles) and `skip_ablation_vs_reference`.
+
+Training runs and Study 1's CKA runs resume after a preemption; a norm-ratio pass (one forward
+pass per model) is recomputed.
+"""
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vit_repr import (data, features, models, parallel, plotting, residual, results,
+                      training)
+from vit_repr.studies import loading, representation
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, before anything is trained, for names or settings that cannot work."""
+  ablation = config.ablation
+  names = list(config.norm_ratio.trained)
+  if ablation.reference:
+    names += [ablation.reference, *ablation.models]
+  missing = [n for n in names if n not in config.models]
+  if missing:
+    raise ValueError(f"Models {missing} are not in config.models ({sorted(config.models)}); "
+                     "add their configs/train.py configs there.")
+  if ablation.reference and not ablation.models:
+    raise ValueError("config.ablation.reference is set but config.ablation.models is empty; "
+                     "name the ablated models (configs/train.py 'vit_noskip,block=i').")
+  for name in ablation.models if ablation.reference else ():
+    if not config.models[name].model.overrides.get("remove_skips"):
+      raise ValueError(f"Ablated model {name!r} removes no skip connection: set "
+                       f"config.models.{name}.model.overrides.remove_skips.")
+  if config.norm_ratio.statistic not in residual.STATISTICS:
+    raise ValueError(f"norm_ratio.statistic must be one of {residual.STATISTICS}; got "
+                     f"{config.norm_ratio.statistic!r}.")
+  if not (config.norm_ratio.models or config.norm_ratio.trained or ablation.reference):
+    raise ValueError("Nothing to do: set config.norm_ratio.models / .trained and/or "
+                     "config.ablation.reference and .models.")
+
+
+def _trained(config: ml_collections.ConfigDict, name: str, models_dir: str
+             ) -> tuple[training.TrainResult, str]:
+  run_dir = os.path.join(models_dir, name)
+  logging.info("Training %s into %s, or reusing it.", name, run_dir)
+  return training.run(config.models[name], run_dir), run_dir
+
+
+def _norm_ratio_specs(config: ml_collections.ConfigDict, models_dir: str
+                      ) -> dict[str, ml_collections.ConfigDict]:
+  specs = dict(config.norm_ratio.models.items())
+  for name in config.norm_ratio.trained:
+    _, run_dir = _trained(config, name, models_dir)
+    specs[name] = loading.trained_spec(config.models[name], run_dir)
+  return specs
+
+
+def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                mesh: jax.sharding.Mesh) -> tuple[residual.NormRatioResult,
+                                                  tuple[residual.SubLayer, ...]]:
+  """Norm ratios of every residual sub-layer of one model over `config.data`.
+
+  Args:
+    spec: the model spec (`vit_repr.studies.loading`).
+    config: the study config (`data`, `norm_ratio`).
+    mesh: the data-parallel mesh.
+
+  Returns:
+    (the accumulated `NormRatioResult`, the model's sub-layers in the same order).
+  """
+  cfg = config.data
+  info = data.dataset_info(cfg.name, cfg.data_dir)
+  model, params = loading.load_model(spec, image_size=cfg.image_size,
+                                     num_classes=info.num_classes)
+  layers = residual.sublayers(features.intermediate_shapes(model, cfg.image_size),
+                              getattr(model, "remove_skips", ()))
+
+  def streams_and_branches(params, images):
+    _, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    return residual.streams_and_branches(layers, models.flatten_intermediates(state))
+
+  estimator = residual.NormRatio(mesh)
+
+  def accumulate(state, params, images):
+    # One jitted step: the intermediates that are not z or f(z) are never materialised.
+    return estimator.update(state, *streams_and_branches(params, images))
+
+  step = jax.jit(accumulate, donate_argnums=0)
+  params = jax.device_put(params, parallel.replicated(mesh))
+  batches = data.eval_batches(cfg.name, cfg.split, image_size=cfg.image_size,
+                              global_batch_size=config.norm_ratio.global_batch_size, mesh=mesh,
+                              num_examples=cfg.num_examples, data_dir=cfg.data_dir,
+                              crop_fraction=cfg.crop_fraction)
+  images = jax.ShapeDtypeStruct(
+      (config.norm_ratio.global_batch_size, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  streams, _ = jax.eval_shape(streams_and_branches, params, images)
+  state = estimator.init(streams, has_cls=features.has_cls_token(model))
+  start = time.perf_counter()
+  for index, batch in enumerate(batches):
+    state = step(state, params, batch["image"])
+    if (index + 1) % config.norm_ratio.log_every == 0 or index + 1 == len(batches):
+      jax.block_until_ready(state.sums)
+      rate = (index + 1) * config.norm_ratio.global_batch_size / (time.perf_counter() - start)
+      logging.info("%s norm ratios: batch %d/%d, %.1f examples/s.", spec.name, index + 1,
+                   len(batches), rate)
+  return estimator.result(state), layers
+
+
+def _run_norm_ratios(config: ml_collections.ConfigDict, workdir: str, models_dir: str,
+                     mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  specs = _norm_ratio_specs(config, models_dir)
+  statistic = config.norm_ratio.statistic
+  arrays, panels, summary, described = {}, [], {}, {}
+  for key, spec in specs.items():
+    result, layers = norm_ratios(spec, config, mesh)
+    for field in ("ratio_of_means", "mean_of_ratios", "norm_stream", "norm_branch",
+                  "num_tokens"):
+      arrays[f"{key}/{field}"] = getattr(result, field)
+    arrays[f"{key}/names"] = np.asarray(result.names, dtype=str)
+    arrays[f"{key}/blocks"] = np.asarray([layer.block for layer in layers])
+    arrays[f"{key}/identity_shortcut"] = np.asarray(
+        [layer.identity_shortcut for layer in layers])
+    values = getattr(result, statistic)
+    panels.append(plotting.NormRatioPanel(
+        names=result.names, cls=values[:, 0], spatial=values[:, 1],
+        identity_shortcut=arrays[f"{key}/identity_shortcut"], title=f"{key} ({spec.name})"))
+    with np.errstate(all="ignore"):
+      summary[key] = {group: round(float(np.nanmean(values[:, g])), 3)
+                      for g, group in enumerate(residual.GROUPS)
+                      if not np.all(np.isnan(values[:, g]))}
+    described[key] = loading.describe(spec)
+    logging.info("%s: mean %s per group %s over %d sub-layers.", key, statistic, summary[key],
+                 len(layers))
+  metadata = {
+      "config": config.to_dict(),
+      "models": described,
+      "dataset": config.data.to_dict(),
+      "num_examples": result.num_examples,
+      "groups": list(residual.GROUPS),
+      "statistic": statistic,
+      "definition": "per example e and token t: n_z = ||z[e,t,:]||_2, n_f = ||f(z)[e,t,:]||_2 "
+                    "(L2 over width); ratio_of_means = mean_{e,t} n_z / mean_{e,t} n_f; "
+                    "mean_of_ratios = mean_{e,t} n_z / n_f; groups: the CLS token, the other "
+                    "(spatial) tokens / every feature-map location",
+      "sublayers": "ViT: attn (z = block in, f = attn_branch), mlp (z = mid, f = mlp_branch); "
+                   "Mixer: token_mixing, channel_mixing likewise; ResNet unit: f = branch, z = "
+                   "the unit input if the shortcut is the identity, else the projected "
+                   "shortcut out - branch (identity_shortcut False); blocks without skips "
+                   "(remove_skips) left out",
+  }
+  results.write_results(workdir, "norm_ratios", arrays, metadata)
+  plotting.plot_norm_ratios(panels, os.path.join(workdir, "figures", "norm_ratios"),
+                            ylabel=f"||z|| / ||f(z)|| ({statistic})")
+  return {f"mean_{statistic}": summary}
+
+
+def _run_ablation(config: ml_collections.ConfigDict, workdir: str,
+                  models_dir: str) -> dict[str, Any]:
+  ablation = config.ablation
+  reference, reference_dir = _trained(config, ablation.reference, models_dir)
+  accuracies = {ablation.reference: float(reference.final_eval.get("accuracy", np.nan))}
+  reference_spec = loading.trained_spec(config.models[ablation.reference], reference_dir,
+                                        ablation.layers)
+  arrays, self_panels, cross_panels, removed = {}, [], [], {}
+  for name in ablation.models:
+    blocks = tuple(int(b) for b in config.models[name].model.overrides.remove_skips)
+    trained, run_dir = _trained(config, name, models_dir)
+    accuracies[name] = float(trained.final_eval.get("accuracy", np.nan))
+    removed[name] = blocks
+    cka_config = ml_collections.ConfigDict(ablation.cka.to_dict())
+    cka_config.model_a = loading.trained_spec(config.models[name], run_dir, ablation.layers)
+    cka_config.model_b = reference_spec
+    cka_dir = os.path.join(workdir, "ablation", name)
+    representation.run(cka_config, cka_dir)
+    heatmaps, _ = results.read_results(cka_dir, "cka_heatmap")
+    arrays[f"{name}/cka_self"] = heatmaps["cka_aa"]
+    arrays[f"{name}/cka_vs_reference"] = heatmaps["cka_ab"]
+    arrays[f"{name}/stderr_self"] = heatmaps["stderr_aa"]
+    arrays[f"{name}/stderr_vs_reference"] = heatmaps["stderr_ab"]
+    arrays["reference/cka_self"] = heatmaps["cka_bb"]
+    arrays["names"] = heatmaps["names_a"]
+    names = list(heatmaps["names_a"])
+    title = f"no skip, block {', '.join(map(str, blocks))} ({100 * accuracies[name]:.1f}%)"
+    self_panels.append(plotting.HeatmapPanel(heatmaps["cka_aa"], names, names, "Layers",
+                                             "Layers", title))
+    cross_panels.append(plotting.HeatmapPanel(
+        heatmaps["cka_ab"], names, list(heatmaps["names_b"]), f"Layers {name}",
+        f"Layers {ablation.reference}", title))
+  reference_title = f"{ablation.reference} ({100 * accuracies[ablation.reference]:.1f}%)"
+  reference_names = list(arrays["names"])
+  self_panels.insert(0, plotting.HeatmapPanel(arrays["reference/cka_self"], reference_names,
+                                              reference_names, "Layers", "Layers",
+                                              reference_title))
+  arrays["accuracy"] = np.asarray([accuracies[n] for n in accuracies])
+  arrays["accuracy_models"] = np.asarray(list(accuracies), dtype=str)
+  metadata = {
+      "config": config.to_dict(),
+      "reference": {"name": ablation.reference, **loading.describe(reference_spec)},
+      "removed_blocks": removed,
+      "test_accuracy": accuracies,
+      "cka": "Study 1 (vit_repr.studies.representation) with model A = the ablated model and "
+             "model B = the reference; per-model outputs in ablation/<name>/cka_heatmap.*",
+  }
+  results.write_results(workdir, "skip_ablation", arrays, metadata)
+  figures = os.path.join(workdir, "figures")
+  plotting.plot_heatmaps(self_panels, os.path.join(figures, "skip_ablation_self"))
+  plotting.plot_heatmaps(cross_panels, os.path.join(figures, "skip_ablation_vs_reference"))
+  mean_diagonal = {n: round(float(np.mean(np.diag(arrays[f"{n}/cka_vs_reference"]))), 3)
+                   for n in ablation.models}
+  return {"test_accuracy": {k: round(v, 4) for k, v in accuracies.items()},
+          "mean_diagonal_cka_vs_reference": mean_diagonal}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the norm ratios and the skip-removal ablation of `config` into `workdir`.
+
+  Args:
+    config: a `configs/skip_connections.py` config.
+    workdir: output directory.
+
+  Returns:
+    Headline numbers: mean norm ratio per model and group; test accuracies and the mean
+    diagonal CKA of each ablated model against the reference.
+  """
+  _check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  models_dir = config.models_dir or os.path.join(workdir, "models")
+  mesh = parallel.make_mesh()
+  summary = {}
+  if config.norm_ratio.models or config.norm_ratio.trained:
+    summary["norm_ratios"] = _run_norm_ratios(config, workdir, models_dir, mesh)
+  if config.ablation.reference:
+    summary["ablation"] = _run_ablation(config, workdir, models_dir)
+  return summary

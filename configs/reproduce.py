@@ -10,7 +10,8 @@ fewer examples). Run from the repository root (this file imports its sibling con
 
 import ml_collections
 
-from configs import cka_heatmap, localization, skip_connections
+from configs import (attention_distance, cka_heatmap, data_scale, linear_probes, localization,
+                     receptive_field, skip_connections)
 from configs import train as train_configs
 
 # The trained models the studies use: name -> configs/train.py recipe.
@@ -42,18 +43,38 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   # the main job fills those specs in from `<workdir>/models/<model>` at run time.
   config.use_trained = ml_collections.ConfigDict(dict(
       representation=dict(model_a="vit_cls", model_b="bit"),
+      attention=dict(model="vit_cls", resnet="bit"),
+      receptive_fields=dict(model_a="vit_cls", model_b="bit"),
+      probes={"specs/vit_cls": "vit_cls", "specs/vit_gap": "vit_gap"},
       localization={"models/vit_cls": "vit_cls", "models/vit_gap": "vit_gap",
                     "models/bit": "bit"},
   ))
   # Study 1: CKA heatmaps of the trained ViT (CLS) and BiT ResNet.
   config.representation = cka_heatmap.get_config("runlocal")
+  # Study 2a: attention distances of the trained ViT (4x4 patches of 8 px, so distances range
+  # over 0-34 px) and the CKA of the heads of its lower third with the ResNet's lower stages.
+  config.attention = attention_distance.get_config("runlocal")
+  config.attention.analysis.head_blocks = (0, 1)
+  # Study 2b: receptive fields of every ViT sub-layer and ResNet unit, from 32 random channels
+  # per layer (an unbiased estimate of the all-channel mean) on 20 images.
+  config.receptive_fields = receptive_field.get_config("runlocal")
   # Study 3: norm ratios of the trained ViT and BiT; ViTs trained without the skip connections
   # of one block (the models are added to `config.models`) against the unablated ViT.
   config.skip_connections = skip_connections.get_config(arg)
   config.skip_connections.norm_ratio.trained = ("vit_cls", "bit")
-  for name in config.skip_connections.ablation.models:
-    config.models[name] = config.skip_connections.models[name]
-  del config.skip_connections.models  # The main job passes `config.models`.
+  if "mixer" in config.skip_connections.models:  # 'local' lists it; the demo trains no Mixer.
+    del config.skip_connections.models["mixer"]
+  # Study 4b: few-shot and full linear probes of every block output of the trained ViTs, per
+  # layer and per token.
+  config.probes = linear_probes.get_config("runlocal")
+  config.probes.probes.update(modes=("cls", "mean"), shots=(1, 5, 10, 25), seeds=(0, 1, 2))
+  # Study 4c: the ViT trained on nested subsets of the training split.
+  config.data_scale = data_scale.get_config(arg)
+  # Models the studies train themselves join `config.models` (trained by the models step and
+  # passed back to the studies from there).
+  for study in (config.skip_connections, config.data_scale):
+    for name, train_config in study.models.items():
+      config.models[name] = train_config
   # Study 4a: token-vs-patch CKA maps of the first, middle and top ViT blocks and of the
   # ResNet stage whose map is the ViTs' 4x4 grid (stage 3 is 2x2, stage 4 1x1 at 32 px).
   config.localization = localization.get_config("runlocal")
@@ -66,6 +87,9 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
     config.representation.data.num_examples = 120
     config.representation.analysis.num_passes = 1
     config.localization.data.num_examples = 120
+    config.attention.data.num_examples = 120
+    config.probes.probes.update(shots=(1, 5), seeds=(0,))
+    config.probes.linear.update(max_steps=60, patience=2)
     for name in ("vit_cls", "vit_gap"):
       config.localization.models[name].layers = (r"Transformer/encoderblock_(0|1)/out",)
   return config

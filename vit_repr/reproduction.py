@@ -23,7 +23,8 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, parallel, plotting, report, results, training
-from vit_repr.studies import loading, localization, representation, skip_connections
+from vit_repr.studies import (attention_distance, data_scale, linear_probes, loading,
+                              localization, receptive_field, representation, skip_connections)
 
 REPORT_FILE = "report.html"
 
@@ -156,6 +157,20 @@ def spatial_localization(config: ml_collections.ConfigDict, workdir: str) -> dic
                                    for layer, numbers in by_layer.items()}}
 
 
+def attention_distances(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Study 2a (paper Figs 3-5): mean attention distance of every head of the trained ViT, and
+  the CKA of each lower-block head with the lower layers of the trained ResNet."""
+  return attention_distance.run(study_config(config, workdir, "attention"),
+                                os.path.join(workdir, "attention"))
+
+
+def receptive_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Study 2b (paper Fig 6): effective receptive fields of the trained ViT and ResNet."""
+  summary = receptive_field.run(study_config(config, workdir, "receptive_fields"),
+                                os.path.join(workdir, "receptive_fields"))
+  return {"models": summary}
+
+
 def skip_connection_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 3 (paper Figs 7-8): norm ratios of the trained models, and ViTs trained without the
   skip connections of one block against the unablated ViT."""
@@ -164,6 +179,23 @@ def skip_connection_study(config: ml_collections.ConfigDict, workdir: str) -> di
   study.models = config.models
   study.models_dir = os.path.join(workdir, "models")
   return skip_connections.run(study, os.path.join(workdir, "skip_connections"))
+
+
+def probes(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Study 4b (paper Fig 11): few-shot and full linear probes per layer and per token of the
+  trained CLS-token and GAP ViTs."""
+  return {"models": linear_probes.run(study_config(config, workdir, "probes"),
+                                      os.path.join(workdir, "probes"))}
+
+
+def data_scaling(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Study 4c (paper Figs 12-13): ViTs trained on nested subsets of the training data against
+  the full-data ViT, layer by layer (CKA) and by probe accuracy."""
+  study = study_config(config, workdir, "data_scale")
+  study.cka.data.data_dir = study.probes.data.data_dir = config.data.data_dir
+  study.models = {name: config.models[name] for name in study.models}
+  study.models_dir = os.path.join(workdir, "models")
+  return data_scale.run(study, os.path.join(workdir, "data_scale"))
 
 
 def study_config(config: ml_collections.ConfigDict, workdir: str,
@@ -217,6 +249,28 @@ STEPS: tuple[Step, ...] = (
              f"quarter reaches CKA {n['top_vit_best_cka_to_resnet']:.2f} with its best ResNet "
              f"layer ({n['num_examples']} examples accumulated)."),
          figures=("representation/figures/cka_heatmap.png",)),
+    Step(key="attention", title="Mean attention distance (Figs 3-5)",
+         run=attention_distances, config_keys=("attention",),
+         paper_finding="With enough pretraining data, ViT's lower blocks mix local and global "
+                       "heads while its higher blocks are all global; local heads are the ones "
+                       "most similar to ResNet's lower layers.",
+         observed=lambda n: (
+             f"Mean distance per block (px): {n['mean_distance_per_layer']}; first block's "
+             f"heads span {n['first_layer_distance_range']} px, last block's "
+             f"{n['last_layer_distance_range']} px; correlation of a head's distance with its "
+             f"CKA to ResNet layers: {n.get('distance_cka_correlation', 'not computed')} "
+             f"({n['num_examples']} examples)."),
+         figures=("attention/figures/attention_distance.png",
+                  "attention/figures/head_cka_vs_distance.png")),
+    Step(key="receptive_fields", title="Effective receptive fields (Fig 6)",
+         run=receptive_fields, config_keys=("receptive_fields",),
+         paper_finding="ResNet's effective receptive fields grow gradually with depth; ViT's "
+                       "become global early, yet stay peaked at the centre patch because of the "
+                       "skip connections.",
+         observed=lambda n: "Receptive-field radius (px) from the first to the last layer: " + (
+             "; ".join(f"{name} " + " → ".join(f"{r:.1f}" for r in m["radius_px"].values())
+                       for name, m in n["models"].items()) + "."),
+         figures=("receptive_fields/figures/receptive_field.png",)),
     Step(key="skip_connections", title="Skip connections (Figs 7-8)",
          run=skip_connection_study,
          config_keys=("models", "skip_connections"),
@@ -249,6 +303,30 @@ STEPS: tuple[Step, ...] = (
              f"{name} {v['own_patch_cka']:.2f} ({v['peak_at_own_patch']:.0%})"
              for name, v in n["own_patch"].items()) + f" ({n['num_examples']} examples).",
          figures=("localization/figures/localization.png",)),
+    Step(key="probes", title="Linear probes per layer and per token (Fig 11)",
+         run=probes, config_keys=("probes",),
+         paper_finding="Linear probe accuracy rises through the blocks; probing individual "
+                       "tokens separates the models: a CLS-trained ViT's spatial tokens probe "
+                       "poorly in the top blocks, a GAP-trained ViT's tokens probe well.",
+         observed=lambda n: "Few-shot probe accuracy on the last block (CLS token / mean of the "
+                            "spatial tokens): " + "; ".join((
+             f"{name} " + " / ".join(f"{_fraction(acc)}" for kind, acc in next(
+                 v for k, v in m.items() if k.startswith("fewshot")).items()
+                                     if kind in ("cls", "mean"))
+             for name, m in n["models"].items())) + ".",
+         figures=("probes/figures/linear_probes.png",
+                  "probes/figures/linear_probes_tokens.png")),
+    Step(key="data_scale", title="Pretraining data scale (Figs 12-13)",
+         run=data_scaling, config_keys=("models", "data_scale"),
+         paper_finding="Models trained on less data form weaker intermediate representations: "
+                       "their higher layers differ most from the full-data model's, while lower "
+                       "layers converge first.",
+         observed=lambda n: "CKA with the full-data model, first → last layer: " + "; ".join((
+             f"{name} ({_fraction(m['fraction'])} of the data, test accuracy "
+             f"{_fraction(m['test_accuracy'])}) {m['cka_first_layer']:.2f} → "
+             f"{m['cka_last_layer']:.2f}"
+             for name, m in n["models"].items() if "cka_first_layer" in m)) + ".",
+         figures=("data_scale/figures/data_scale.png",)),
 )
 
 

@@ -1,0 +1,117 @@
+r"""Linear probes per layer and per token (Raghu et al. 2021, Fig 11 and the Figs 12-13 curves).
+
+    python -m experiments.linear_probes --config=configs/linear_probes.py:vit_b16 \
+        --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/probes_b16
+    python -m experiments.linear_probes \
+        --config=configs/linear_probes.py:vit_b16_i1k+vit_b16_i21k --workdir=/tmp/probes_i1k_i21k
+    python -m experiments.linear_probes --config=configs/linear_probes.py:runlocal --workdir=/tmp/p
+
+The arg names the probed models joined by '+': `vit_b32`, `vit_b16`, `vit_l16` (ImageNet-21k
+checkpoints of vision_transformer), `vit_b16_i1k` / `vit_b16_i21k` (the AugReg ViT-B/16
+pre-trained on ImageNet-1k only / on ImageNet-21k, same recipe: the public pair closest to the
+paper's data-scale comparison), `r50` (BiT-M R50x1). Paper variants probe the 12 (24) block
+outputs on ImageNet: shots drawn from the first 50,000 'train' images, accuracy on 10,000
+'validation' images, 224px with the 0.875 centre crop; modes 'cls' and 'mean'; full probes on
+the same 50,000 (1,000 classes x ~50 examples each: full-probe accuracies on a pool this small
+are a lower bound of a probe trained on all 1.28M images).
+
+Cost for ViT-B/16. Host memory for the feature matrices: 4 bytes x 60,000 examples x
+(768 + 768) x 12 layers = 4.4 GB. Compute: one forward pass over 60,000 images (~35 GFLOP per
+image, ~2 PFLOP in all: minutes on a TPU v3-8), 12 layers x 2 modes x 4 shot counts x 3 seeds
+ridge solves of 769 x 769 (seconds) and 24 full probes of 40,000 x 768 x 1,000 (minutes on one
+accelerator). Per-token probes (`probes.per_token=True`) keep [examples, tokens, width] per
+layer (605 kB per example per layer for B/16): lower `data.train_num_examples` or select fewer
+layers for them.
+
+`runlocal`: a tiny randomly initialised CLS-token ViT and a GAP ViT on the embedded 'digits'
+data (~75 s of CPU time on 2 cores, mostly compiling one probe per feature shape). Settings
+the paper does not state are fields below, recorded in the metadata: the probed pool and test
+sizes, the token modes, the few-shot seeds (big_vision averages 3), and every setting of the
+full probes (held-out fraction, optimiser, early stopping).
+"""
+
+import ml_collections
+
+_VIT_LAYERS = (r"Transformer/encoderblock_\d+/out",)
+_RESNET_LAYERS = (r"block\d/unit\d+/out",)
+_AUGREG = "gs://vit_models/augreg/"
+
+# name -> (registered model, public checkpoint, layer patterns).
+PAPER_MODELS = {
+    "vit_b32": ("ViT-B/32", "gs://vit_models/imagenet21k/ViT-B_32.npz", _VIT_LAYERS),
+    "vit_b16": ("ViT-B/16", "gs://vit_models/imagenet21k/ViT-B_16.npz", _VIT_LAYERS),
+    "vit_l16": ("ViT-L/16", "gs://vit_models/imagenet21k/ViT-L_16.npz", _VIT_LAYERS),
+    "vit_b16_i1k": ("ViT-B/16", _AUGREG + "B_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.1-"
+                    "sd_0.1.npz", _VIT_LAYERS),
+    "vit_b16_i21k": ("ViT-B/16", _AUGREG + "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-"
+                     "sd_0.0.npz", _VIT_LAYERS),
+    "r50": ("BiT-R50x1", "gs://bit_models/BiT-M-R50x1.npz", _RESNET_LAYERS),
+}
+
+
+def model_spec(name: str = "", checkpoint: str = "", layers=(), overrides=None,
+               seed: int = 0) -> ml_collections.ConfigDict:
+  """A model spec: registered name, checkpoint ('' = random init from seed), layer patterns."""
+  return ml_collections.ConfigDict(dict(
+      name=name, checkpoint=checkpoint, layers=tuple(layers),
+      overrides=ml_collections.ConfigDict(overrides or {}), seed=seed))
+
+
+def _base() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.specs = ml_collections.ConfigDict()  # name -> model spec, probed in this order.
+  config.data = ml_collections.ConfigDict(dict(
+      name="imagenet2012", data_dir=None, image_size=224, crop_fraction=0.875,
+      train_split="train",          # Pool the shots are drawn from (and the full probes train on).
+      train_num_examples=50_000,    # First n of the pool split (None: all of it).
+      test_split="validation",
+      test_num_examples=10_000,
+      global_batch_size=1024,       # Divisible by the device count; the last partial batch of
+                                    # each split is dropped (logged).
+  ))
+  config.probes = ml_collections.ConfigDict(dict(
+      modes=("cls", "mean"),        # Per-layer token modes: 'cls', 'mean', 'all' (flattened).
+      per_token=False,              # One probe per token position as well.
+      shots=(1, 5, 10, 25),         # big_vision's few-shot defaults.
+      seeds=(0, 1, 2),              # Shot samplings averaged (big_vision: 3).
+      l2_reg=2.0 ** 10,             # big_vision's ridge regulariser.
+  ))
+  config.linear = ml_collections.ConfigDict(dict(
+      enabled=True,                 # Full softmax-regression probes besides the few-shot ones.
+      holdout_fraction=0.2,         # Of the pool, for early stopping.
+      seed=0,                       # Held-out split.
+      learning_rate=1e-2,           # Full-batch Adam on standardised features.
+      weight_decay=0.0,
+      max_steps=2000,
+      eval_every=20,                # Steps between held-out evaluations.
+      patience=10,                  # Evaluations without improvement before stopping.
+      min_delta=1e-4,               # Held-out loss decrease that counts as improvement.
+  ))
+  return config
+
+
+def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
+  """Returns the config for `arg`: 'runlocal' or '<model>[+<model>...]' (module docstring)."""
+  config = _base()
+  if arg == "runlocal":
+    tiny = dict(patch_size=8, hidden_size=32, depth=3, num_heads=2, mlp_dim=64)
+    config.specs = ml_collections.ConfigDict(dict(
+        vit_cls=model_spec("ViT-Ti/16", layers=_VIT_LAYERS, overrides=dict(tiny)),
+        vit_gap=model_spec("ViT-Ti/16", layers=_VIT_LAYERS,
+                           overrides=dict(tiny, classifier="gap"))))
+    config.data.update(name="digits", image_size=32, crop_fraction=None, train_split="train",
+                       train_num_examples=None, test_split="test", test_num_examples=None,
+                       global_batch_size=120)
+    config.probes.update(modes=("cls", "mean", "all"), per_token=True, shots=(1, 5, 10),
+                         seeds=(0, 1))
+    config.linear.update(max_steps=300, eval_every=20, patience=3)
+    return config
+  names = arg.split("+")
+  unknown = [n for n in names if n not in PAPER_MODELS]
+  if unknown or not names:
+    raise ValueError(f"Bad linear_probes config arg {arg!r}: use 'runlocal' or models of "
+                     f"{sorted(PAPER_MODELS)} joined by '+'.")
+  for name in names:
+    model, checkpoint, layers = PAPER_MODELS[name]
+    config.specs[name] = model_spec(model, checkpoint, layers)
+  return config

@@ -1,0 +1,169 @@
+"""Tests for vit_repr.receptive_field and the receptive-field study (paper Figure 6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import receptive_field as erf_config
+from tests.conftest import run_python
+from vit_repr import receptive_field, results
+from vit_repr.studies import receptive_field as erf_study
+
+SIZE = 16
+
+
+def conv(x, kernel, stride=1, padding="SAME"):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def images(n=4, seed=1, size=SIZE):
+  return jax.random.uniform(jax.random.key(seed), (n, size, size, 3), minval=-1, maxval=1)
+
+
+def accumulate(fn, params, shapes, batches, **options):
+  erf = receptive_field.ReceptiveField(fn, shapes, image_size=batches[0].shape[1], **options)
+  state = erf.init()
+  for batch in batches:
+    state = erf.update(state, params, batch)
+  return erf.result(state)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5], ids=["k1", "k3", "k5"])
+@pytest.mark.parametrize("estimator", ["mean_abs", "abs_of_sum"])
+def test_single_conv_has_exactly_k_by_k_support(k, estimator):
+  """out[y, x, c] = sum_ij W[i, j, :, c] . in[y + i - k//2, x + j - k//2]: the gradient of the
+  centre (8, 8) is W on the k x k window around it, zero elsewhere."""
+  kernel = jax.random.normal(jax.random.key(k), (k, k, 3, 5))
+  fn = lambda w, x: {"conv": conv(x, w)}
+  result = accumulate(fn, kernel, {"conv": (SIZE, SIZE, 5)}, [images(3), images(2, seed=2)],
+                      estimator=estimator, channel_chunk=2)
+  w = np.asarray(kernel, np.float64)
+  window = (np.abs(w).sum(2).mean(-1) if estimator == "mean_abs"
+            else np.abs(w.mean(-1)).sum(2))
+  expected = np.zeros((SIZE, SIZE))
+  expected[8 - k // 2:8 + k // 2 + 1, 8 - k // 2:8 + k // 2 + 1] = window
+  np.testing.assert_allclose(result.raw_maps[0], expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(result.maps[0], expected / expected.max(), rtol=1e-5, atol=1e-7)
+  assert np.count_nonzero(result.maps[0]) == k * k
+  assert result.num_examples == 5
+  np.testing.assert_allclose(result.centres[0], [8.5, 8.5])
+
+
+def two_layer_net(params, x):
+  hidden = jnp.tanh(conv(x, params["w1"]) + 0.3)
+  return {"hidden": hidden, "out": conv(hidden, params["w2"], stride=2)}
+
+
+def test_nonlinear_net_matches_full_jacobian():
+  """Two 3x3 convs with tanh: per-image Jacobians by jax.jacrev, reduced in float64 NumPy;
+  supports 3x3 and 5x5. channel_chunk=3 of 5 channels exercises the padded chunk."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  params = {"w1": jax.random.normal(keys[0], (3, 3, 3, 4)),
+            "w2": jax.random.normal(keys[1], (3, 3, 4, 5))}
+  batch = images(3)
+  result = accumulate(two_layer_net, params, {"hidden": (SIZE, SIZE, 4),
+                                              "out": (SIZE // 2, SIZE // 2, 5)}, [batch],
+                      channel_chunk=3)
+  for row, (name, (y, x)) in enumerate([("hidden", (8, 8)), ("out", (4, 4))]):
+    jac = jax.jacrev(lambda im: two_layer_net(params, im[None])[name][0, y, x])
+    per_image = [np.abs(np.asarray(jac(im), np.float64)).sum(-1).mean(0) for im in batch]
+    expected = np.mean(per_image, axis=0)
+    np.testing.assert_allclose(result.raw_maps[row], expected, rtol=1e-4, atol=1e-7)
+    support = 3 if name == "hidden" else 5
+    assert np.count_nonzero(result.maps[row] > 1e-6) == support * support
+
+
+@pytest.mark.parametrize("center,cells", [("single", [(2, 2)]),
+                                          ("mean", [(1, 1), (1, 2), (2, 1), (2, 2)])])
+def test_patch_tokens_with_cls(center, cells):
+  """A linear patch embedding (4x4 patches, 4x4 grid) with a CLS token prepended: the centre
+  token's receptive field is its own patch (or the four central patches, averaged)."""
+  kernel = jax.random.normal(jax.random.key(3), (4, 4, 3, 6))
+
+  def tokens(w, x):
+    patches = conv(x, w, stride=4, padding="VALID").reshape(x.shape[0], 16, 6)
+    return {"tokens": jnp.concatenate([jnp.ones((x.shape[0], 1, 6)), patches], axis=1)}
+
+  result = accumulate(tokens, kernel, {"tokens": (17, 6)}, [images(2)], token_grid=(4, 4),
+                      num_prefix_tokens=1, center=center)
+  patch = np.abs(np.asarray(kernel, np.float64)).sum(2).mean(-1)
+  expected = np.zeros((SIZE, SIZE))
+  for r, c in cells:
+    expected[4 * r:4 * r + 4, 4 * c:4 * c + 4] = patch / len(cells)
+  np.testing.assert_allclose(result.raw_maps[0], expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(result.centres[0], [8.0, 8.0] if center == "mean" else [10.0, 10.0])
+
+
+def test_channel_subset_averages_the_chosen_channels():
+  kernel = jax.random.normal(jax.random.key(4), (3, 3, 3, 10))
+  fn = lambda w, x: {"conv": conv(x, w)}
+  erf = receptive_field.ReceptiveField(fn, {"conv": (SIZE, SIZE, 10)}, image_size=SIZE,
+                                       max_channels=4, channel_seed=7)
+  state = erf.update(erf.init(), kernel, images(2))
+  chosen = erf._channels["conv"]  # pylint: disable=protected-access
+  assert len(chosen) == 4 and len(set(chosen.tolist())) == 4
+  window = np.abs(np.asarray(kernel, np.float64)[..., chosen]).sum(2).mean(-1)
+  np.testing.assert_allclose(erf.result(state).raw_maps[0][7:10, 7:10], window, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid,center,expected", [
+    ((5, 5), "mean", [(2, 2)]), ((4, 4), "single", [(2, 2)]), ((4, 3), "mean", [(1, 1), (2, 1)]),
+], ids=["odd", "even_single", "even_rows_mean"])
+def test_center_cells(grid, center, expected):
+  assert receptive_field.center_cells(grid, center) == expected
+
+
+def test_bad_inputs_raise_clear_errors():
+  fn = lambda w, x: {"t": x}
+  with pytest.raises(ValueError, match="estimator"):
+    receptive_field.ReceptiveField(fn, {"t": (4, 4, 3)}, image_size=4, estimator="grad")
+  with pytest.raises(ValueError, match="token_grid"):
+    receptive_field.ReceptiveField(fn, {"t": (17, 8)}, image_size=32, token_grid=(3, 3),
+                                   num_prefix_tokens=1)
+  with pytest.raises(ValueError, match="tokens \\[T, D\\] or feature maps"):
+    receptive_field.ReceptiveField(fn, {"t": (8,)}, image_size=4)
+  erf = receptive_field.ReceptiveField(fn, {"t": (4, 4, 3)}, image_size=4)
+  with pytest.raises(ValueError, match="Expected images"):
+    erf.update(erf.init(), None, jnp.ones((1, 5, 5, 3)))
+  with pytest.raises(ValueError, match="vit_b32"):
+    erf_config.get_config("vit_b99")
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device(tmp_path):
+  code = f"""
+import jax, numpy as np
+from tests.test_receptive_field import conv, images
+from vit_repr import parallel, receptive_field
+mesh = parallel.make_mesh()
+w = jax.random.normal(jax.random.key(0), (3, 3, 3, 4))
+erf = receptive_field.ReceptiveField(lambda w, x: {{'c': jax.numpy.tanh(conv(x, w))}},
+                                     {{'c': (16, 16, 4)}}, image_size=16, mesh=mesh)
+state = erf.update(erf.init(), w, jax.device_put(images(16), parallel.batch_sharding(mesh)))
+np.save({str(tmp_path)!r} + f'/{{jax.device_count()}}.npy', erf.result(state).raw_maps)
+"""
+  run_python(code, num_devices=8)
+  run_python(code, num_devices=1)
+  np.testing.assert_allclose(np.load(tmp_path / "8.npy"), np.load(tmp_path / "1.npy"),
+                             rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_runlocal_end_to_end(tmp_path):
+  """ViT receptive fields are global from the first block; the ResNet stem's are local and
+  grow with depth (paper Fig 6), on random-init runlocal models."""
+  config = erf_config.get_config("runlocal")
+  config.model_a.overrides.depth = 2
+  summary = erf_study.run(config, str(tmp_path))
+  arrays, metadata = results.read_results(str(tmp_path), "receptive_field")
+  assert arrays["maps_a"].shape == (4, 32, 32) and arrays["maps_b"].shape == (5, 32, 32)
+  for key in ("a", "b"):
+    np.testing.assert_allclose(arrays[f"maps_{key}"].max(axis=(1, 2)), 1.0)
+  assert np.all(arrays["maps_a"][0] > 0)          # Block 0 'mid': every pixel contributes.
+  assert np.mean(arrays["maps_b"][0] == 0) > 0.5  # ResNet stem: local support.
+  radius_b = arrays["radius_b"]
+  assert radius_b[0] < radius_b[1] < radius_b[3]
+  assert metadata["estimator"] == "mean_abs" and summary["ViT-Ti/16"]["num_examples"] == 20
+  assert (tmp_path / "figures" / "receptive_field.png").stat().st_size > 1000

@@ -1,0 +1,222 @@
+"""Study 2a, local and global heads: mean attention distance and per-head CKA to a ResNet.
+
+Raghu et al. (NeurIPS 2021), Figures 3-5. One pass over the data through the ViT of
+`config.model` accumulates the mean attention distance of every head of the selected attention
+layers (`vit_repr.attention.MeanAttentionDistance`, fused into the jitted forward pass so the
+attention maps of all layers are never materialised together). If `config.resnet.name` is set,
+the same pass also streams the ResNet and accumulates minibatch CKA (`vit_repr.cka.MinibatchCKA`,
+unbiased HSIC) between each attention head of the lower ViT blocks, taken as its own "layer",
+and the selected lower ResNet layers (paper Fig 5: local heads resemble the ResNet's lower
+layers more). A head's representation is its attention-weighted values before the output
+projection (`head_outputs[:, :, h]`, `[b, T, d]`), flattened per example over the patch tokens
+only (`analysis.head_token_mode='spatial'`, default: the ResNet has no CLS counterpart) or over
+all tokens ('all'); ResNet layers are flattened feature maps. Each device's shard of a global
+batch is one CKA minibatch of `analysis.minibatch_size` examples.
+
+Outputs in the workdir: `attention_distance.{npz,json}` (distance, spread and CLS mass per layer
+and head, per-head CKA against each ResNet layer with standard errors and the heads' distances,
+names, counts, every methodological choice) and `figures/attention_distance.{png,pdf}` (heads
+sorted by distance per layer, Fig 3) and, with a ResNet, `figures/head_cka_vs_distance.{png,pdf}`
+(Fig 5).
+"""
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vit_repr import attention, cka, data, features, parallel, plotting, results
+from vit_repr.models import flatten_intermediates
+from vit_repr.studies import loading
+
+_ATTENTION_TAG = "attn_probs"
+_HEAD_TAG = "head_outputs"
+HEAD_TOKEN_MODES = ("spatial", "all")
+
+
+def attention_layers(model_name: str, shapes: dict[str, tuple[int, ...]],
+                     patterns: Any) -> list[str]:
+  """The attention-probability layers of a model selected by `patterns`.
+
+  Raises:
+    ValueError: the model sows no attention maps (e.g. a ResNet), a pattern matches nothing
+      (the available names are listed), or a selected name is not an attention map.
+  """
+  available = [n for n in shapes if n.endswith(f"/{_ATTENTION_TAG}")]
+  if not available:
+    raise ValueError(f"{model_name} sows no attention probabilities ('.../{_ATTENTION_TAG}'), "
+                     "so it has no attention distance: it is not a Transformer (e.g. a ResNet or "
+                     "Mixer). Use a ViT model for `model`, and put a ResNet in `resnet` for the "
+                     "per-head CKA.")
+  names = features.select_names(list(shapes), patterns)
+  wrong = [n for n in names if n not in available]
+  if wrong:
+    raise ValueError(f"Layers {wrong} of {model_name} are not attention maps; select names "
+                     f"ending in '/{_ATTENTION_TAG}', e.g. {available[0]!r}.")
+  return names
+
+
+def _head_blocks(config: ml_collections.ConfigDict, depth: int) -> list[int]:
+  """The ViT blocks whose heads are compared with the ResNet (default: the lowest quarter)."""
+  blocks = config.analysis.head_blocks
+  if blocks is None:
+    return list(range(math.ceil(depth / 4)))
+  bad = [b for b in blocks if not 0 <= b < depth]
+  if bad:
+    raise ValueError(f"analysis.head_blocks {bad} do not exist: the ViT has blocks 0..{depth - 1}.")
+  return sorted(set(blocks))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Computes mean attention distances (and per-head CKA to a ResNet) of `config` into `workdir`.
+
+  Args:
+    config: a `configs/attention_distance.py` config (model, resnet, data, analysis).
+    workdir: output directory.
+
+  Returns:
+    Headline numbers: examples, per-layer mean distance (pixels), the lowest and highest head
+    distance of the first and last layer, and with a ResNet the Pearson correlation between a
+    head's distance and its CKA to each ResNet layer.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  cfg_data, analysis = config.data, config.analysis
+  if analysis.head_token_mode not in HEAD_TOKEN_MODES:
+    raise ValueError(f"analysis.head_token_mode must be one of {HEAD_TOKEN_MODES}; got "
+                     f"{analysis.head_token_mode!r}.")
+  info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
+  global_batch = analysis.minibatch_size * mesh.devices.size
+  image_size = cfg_data.image_size
+
+  model, params = loading.load_model(config.model, image_size=image_size,
+                                     num_classes=info.num_classes)
+  shapes = features.intermediate_shapes(model, image_size)
+  names = attention_layers(config.model.name, shapes, list(config.model.layers))
+  _, num_heads, num_tokens, _ = shapes[names[0]]
+  has_cls = features.has_cls_token(model)
+  prefix = int(has_cls)
+  side = image_size // model.patch_size
+  if num_tokens != prefix + side * side:
+    raise ValueError(f"{config.model.name} has {num_tokens} tokens, not {prefix} + {side}x{side} "
+                     "patches; attention distance needs a square patch grid.")
+  distance = attention.MeanAttentionDistance(
+      names, num_heads=num_heads, grid=(side, side), patch_size=model.patch_size,
+      num_prefix_tokens=prefix, renormalize=analysis.renormalize, mesh=mesh)
+  logging.info("%s: %d attention layers x %d heads on a %dx%d grid of %d px patches.",
+               config.model.name, len(names), num_heads, side, side, model.patch_size)
+
+  with_resnet = bool(config.resnet.name)
+  head_names, head_sources = [], {}
+  if with_resnet:
+    depth = model.depth
+    for block in _head_blocks(config, depth):
+      source = f"Transformer/encoderblock_{block}/{_HEAD_TAG}"
+      features.select_names(list(shapes), source)
+      for head in range(num_heads):
+        head_names.append(f"block{block}/head{head}")
+        head_sources[head_names[-1]] = (source, head)
+    resnet, resnet_params = loading.load_model(config.resnet, image_size=image_size,
+                                               num_classes=info.num_classes)
+    resnet_extractor = features.FeatureExtractor(resnet, list(config.resnet.layers),
+                                                 image_size=image_size, token_mode="all")
+    estimator = cka.MinibatchCKA(mesh, gram_blocks=analysis.gram_blocks)
+    cka_state = estimator.init({n: None for n in head_names},
+                               {n: None for n in resnet_extractor.names})
+    logging.info("Per-head CKA: %d heads x %d %s layers.", len(head_names),
+                 len(resnet_extractor.names), config.resnet.name)
+  token_mode = analysis.head_token_mode
+
+  def step(state, params, images):
+    _, sown = model.apply({"params": params}, images, mutable=["intermediates"])
+    flat = flatten_intermediates(sown)
+    state = distance.fold(state, {n: flat[n] for n in names})
+    heads = {n: features.reduce_tokens(flat[src][:, :, h], token_mode, has_cls=has_cls, name=n)
+             for n, (src, h) in head_sources.items()}
+    return state, heads
+
+  step = jax.jit(step, donate_argnums=0,
+                 out_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+  batches = data.eval_batches(cfg_data.name, cfg_data.split, image_size=image_size,
+                              global_batch_size=global_batch, mesh=mesh,
+                              num_examples=cfg_data.num_examples, data_dir=cfg_data.data_dir,
+                              crop_fraction=cfg_data.crop_fraction)
+  state, start = distance.init(), time.perf_counter()
+  for index, batch in enumerate(batches, start=1):
+    state, heads = step(state, params, batch["image"])
+    if with_resnet:
+      cka_state = estimator.update(cka_state, heads, resnet_extractor(resnet_params,
+                                                                      batch["image"]))
+    if index % config.log_every == 0 or index == len(batches):
+      jax.block_until_ready(state.num_examples)
+      logging.info("Attention distance batch %d/%d: %.1f examples/s.", index, len(batches),
+                   index * global_batch / (time.perf_counter() - start))
+  result = distance.result(state)
+  seconds = time.perf_counter() - start
+
+  arrays = {"distance": result.distance, "distance_std": result.distance_std,
+            "distance_stderr": result.stderr, "cls_attention": result.cls_attention,
+            "distance_sorted": np.sort(result.distance, axis=1),
+            "layer_names": np.asarray(names, dtype=str)}
+  summary = {
+      "num_examples": result.num_examples,
+      "mean_distance_per_layer": [round(float(d), 2) for d in result.distance.mean(1)],
+      "first_layer_distance_range": [round(float(result.distance[0].min()), 2),
+                                     round(float(result.distance[0].max()), 2)],
+      "last_layer_distance_range": [round(float(result.distance[-1].min()), 2),
+                                    round(float(result.distance[-1].max()), 2)],
+      "seconds": round(seconds, 1),
+  }
+  figures = os.path.join(workdir, "figures")
+  plotting.plot_attention_distance(
+      result.distance, [plotting.short_layer_name(n) for n in names],
+      os.path.join(figures, "attention_distance"),
+      title=f"{config.model.name}: mean attention distance", image_size=image_size)
+  metadata = {
+      "config": config.to_dict(),
+      "models": {"model": loading.describe(config.model)},
+      "num_examples": result.num_examples,
+      "patch_grid": [side, side], "patch_size": model.patch_size, "image_size": image_size,
+      "num_prefix_tokens": prefix,
+      "renormalize": analysis.renormalize,
+      "definition": "per head: mean over query patches of sum_j A[i, j] * ||p_i - p_j|| (patch "
+                    "centres in pixels), averaged over images; prefix (CLS) tokens excluded as "
+                    "queries and keys; " + ("patch-to-patch weights renormalised to sum to 1"
+                                            if analysis.renormalize else
+                                            "patch-to-patch weights not renormalised"),
+  }
+  if with_resnet:
+    similarity = estimator.result(cka_state)
+    row_of = {n: i for i, n in enumerate(names)}
+    head_distance = np.asarray([
+        result.distance[row_of[src.replace(_HEAD_TAG, _ATTENTION_TAG)], h]
+        if src.replace(_HEAD_TAG, _ATTENTION_TAG) in row_of else np.nan
+        for src, h in head_sources.values()])
+    head_block = np.asarray([int(n.split("/")[0][len("block"):]) for n in head_names])
+    arrays.update(head_cka=similarity.cka, head_cka_stderr=similarity.stderr,
+                  head_distance=head_distance, head_block=head_block,
+                  head_names=np.asarray(head_names, dtype=str),
+                  resnet_names=np.asarray(similarity.names_y, dtype=str))
+    metadata["models"]["resnet"] = loading.describe(config.resnet)
+    metadata.update(
+        head_representation=f"head_outputs[:, :, h] (attention-weighted values before the out "
+                            f"projection), token_mode {token_mode!r}, flattened per example",
+        cka_estimator="minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021), one pass; "
+                      "minibatch = each device's shard",
+        num_minibatches=similarity.num_batches)
+    plotting.plot_head_cka_vs_distance(
+        head_distance, similarity.cka, head_block, list(similarity.names_y),
+        os.path.join(figures, "head_cka_vs_distance"),
+        title=f"{config.model.name} heads vs {config.resnet.name}")
+    valid = np.isfinite(head_distance)
+    summary["distance_cka_correlation"] = {
+        plotting.short_layer_name(r): round(float(np.corrcoef(
+            head_distance[valid], similarity.cka[valid, j])[0, 1]), 3)
+        for j, r in enumerate(similarity.names_y)}
+  results.write_results(workdir, "attention_distance", arrays, metadata)
+  return summary

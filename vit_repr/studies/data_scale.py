@@ -1,0 +1,166 @@
+"""Pretraining data scale: layer-wise CKA to the full-data model and probe curves (Figs 12-13).
+
+Raghu et al. (NeurIPS 2021, Section 6) train the same architecture on nested subsets of the
+pretraining data and ask which layers form "the same" representation as with all the data
+(CKA of each layer against the same layer of the full-data model, Fig 12) and how linearly
+decodable each layer is (per-layer linear probes, Fig 13, also comparing public checkpoints
+pre-trained on ImageNet-1k against ImageNet-21k).
+
+Steps:
+1. every model of `config.models` (name -> `configs/train.py` config; the subset ones with
+   `data.subset_fraction` < 1, the nested subsets of `vit_repr.data.subset_indices`) is trained,
+   or reused when finished, by `vit_repr.training.run` in `<models_dir>/<name>`;
+2. (a) for every model but the reference (`config.reference`, the full-data model), Study 1
+   (`vit_repr.studies.representation.run`) computes minibatch CKA between its layers (model A)
+   and the reference's (model B) into `<workdir>/cka/<name>`; the diagonal of the cross
+   heatmap is the per-layer CKA to the full-data model (no new CKA code);
+3. (b) the linear-probe study (`vit_repr.studies.linear_probes.run`) probes every trained model
+   and the public checkpoints of `config.probes.specs` into `<workdir>/probes`.
+
+Outputs in the workdir: `data_scale.{npz,json}` with 'models' (trained names, by fraction),
+'fractions', 'layers', 'cka_to_reference' `[models, layers]` (NaN for the reference itself:
+1 by definition), 'cka_stderr', the reference's layer names, and the probe curves
+'probe/<section>/<mode>/<model>' `[layers]` (section 'fewshot' at the largest shot count, mean
+over seeds, or 'linear'); `figures/data_scale.{png,pdf}` (left: Fig 12, CKA per layer to the
+full-data model, one curve per fraction; right: Fig 13, probe accuracy per layer, one curve
+per model).
+"""
+
+import copy
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vit_repr import plotting, results, training
+from vit_repr.studies import linear_probes, loading, representation
+
+
+def _label(name: str, fraction: float) -> str:
+  return f"{name} ({100 * fraction:g}% data)"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or reuses) the subset models, then CKA to the full-data model and probes.
+
+  Args:
+    config: a `configs/data_scale.py` config (models, reference, models_dir, layers, cka,
+      probes).
+    workdir: output directory.
+
+  Returns:
+    Headline numbers: per model its fraction, test accuracy, mean CKA to the reference over
+    layers and the CKA of its first and last layers, and the probe study's summary.
+
+  Raises:
+    ValueError: the reference is not one of the models, or is not trained on all the data.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if config.reference not in config.models:
+    raise ValueError(f"config.reference={config.reference!r} is not among config.models "
+                     f"({list(config.models)}); name the full-data model.")
+  reference_config = config.models[config.reference]
+  if reference_config.data.subset_fraction != 1.0:
+    raise ValueError(f"The reference {config.reference!r} is trained on subset_fraction="
+                     f"{reference_config.data.subset_fraction}; the reference must use all the "
+                     "data (1.0).")
+  models_dir = config.models_dir or os.path.join(workdir, "models")
+  fractions = {name: float(tc.data.subset_fraction) for name, tc in config.models.items()}
+  order = sorted(config.models, key=lambda n: (fractions[n], n))
+  specs, accuracies = {}, {}
+  for name in order:
+    train_config = config.models[name]
+    logging.info("Model %s (fraction %g): training or reusing.", name, fractions[name])
+    result = training.run(train_config, os.path.join(models_dir, name))
+    accuracies[name] = float(result.final_eval.get("accuracy", float("nan")))
+    specs[name] = loading.trained_spec(train_config, os.path.join(models_dir, name),
+                                       tuple(config.layers))
+
+  cka_rows, stderr_rows, layer_names = [], [], None
+  for name in order:
+    if name == config.reference:
+      continue
+    study = copy.deepcopy(config.cka)
+    study.model_a, study.model_b = specs[name], specs[config.reference]
+    cka_dir = os.path.join(workdir, "cka", name)
+    representation.run(study, cka_dir)
+    arrays, _ = results.read_results(cka_dir, "cka_heatmap")
+    cka_rows.append(np.diag(arrays["cka_ab"]))
+    stderr_rows.append(np.diag(arrays["stderr_ab"]))
+    layer_names = [str(n) for n in arrays["names_b"]]
+  trained = [n for n in order if n != config.reference]
+  cka = np.stack(cka_rows) if cka_rows else np.zeros((0, 0))
+
+  probe_config = copy.deepcopy(config.probes)
+  public = probe_config.specs.to_dict()
+  probe_config.specs = ml_collections.ConfigDict(
+      {**{n: specs[n] for n in order}, **public})
+  probe_dir = os.path.join(workdir, "probes")
+  probe_summary = linear_probes.run(probe_config, probe_dir)
+  probe_arrays, probe_meta = results.read_results(probe_dir, "linear_probes")
+
+  arrays = {"models": np.asarray(order, dtype=str),
+            "fractions": np.asarray([fractions[n] for n in order]),
+            "test_accuracy": np.asarray([accuracies[n] for n in order]),
+            "cka_models": np.asarray(trained, dtype=str),
+            "cka_to_reference": cka, "cka_stderr": np.stack(stderr_rows) if stderr_rows
+            else np.zeros((0, 0)),
+            "layers": np.asarray(layer_names or [], dtype=str)}
+  sections = ["fewshot"] + (["linear"] if config.probes.linear.enabled else [])
+  for key, meta in probe_meta["models"].items():
+    for mode in meta["kinds"]:
+      if mode == linear_probes.TOKEN:
+        continue
+      for section in sections:
+        values = probe_arrays[f"{key}/{section}/{mode}"]
+        arrays[f"probe/{section}/{mode}/{key}"] = (values[:, -1].mean(-1) if section == "fewshot"
+                                                   else values)
+  metadata = {
+      "config": config.to_dict(),
+      "reference": config.reference,
+      "models": {n: {**loading.describe(specs[n]), "subset_fraction": fractions[n],
+                     "train_steps": config.models[n].train.total_steps,
+                     "test_accuracy": accuracies[n]} for n in order},
+      "public_models": {k: loading.describe(config.probes.specs[k]) for k in public},
+      "cka": "Study 1 (minibatch linear CKA, unbiased HSIC) between each subset model and the "
+             "reference; per-layer values are the diagonal of the cross heatmap",
+      "probes": probe_meta["fewshot"],
+      "models_dir": os.path.abspath(models_dir),
+  }
+  results.write_results(workdir, "data_scale", arrays, metadata)
+  _plot(config, arrays, order, fractions, probe_meta, workdir)
+  summary = {n: {"fraction": fractions[n], "test_accuracy": round(accuracies[n], 4)}
+             for n in order}
+  for name, row in zip(trained, cka):
+    summary[name].update(mean_cka_to_reference=round(float(np.nanmean(row)), 4),
+                         cka_first_layer=round(float(row[0]), 4),
+                         cka_last_layer=round(float(row[-1]), 4))
+  return {"models": summary, "probes": probe_summary}
+
+
+def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], order: list[str],
+          fractions: dict[str, float], probe_meta: dict, workdir: str) -> None:
+  """Fig 12 (CKA to the full-data model per layer) beside Fig 13 (probe accuracy per layer)."""
+  labels = {n: _label(n, fractions[n]) for n in order}
+  layer_names = list(arrays["layers"])
+  # Every panel lists the models in the same order (by fraction, then the public ones), so a
+  # model has the same colour everywhere; the reference's CKA to itself is 1 by definition.
+  cka_rows = dict(zip(arrays["cka_models"], arrays["cka_to_reference"]))
+  cka_rows[config.reference] = np.ones(len(layer_names))
+  panels = [plotting.CurvePanel(
+      curves={labels[n]: cka_rows[n] for n in order},
+      title=f"CKA to {config.reference} (same layer)", ylabel="CKA",
+      layer_names=layer_names)]
+  chance = probe_meta["chance_accuracy"]
+  shots = config.probes.probes.shots[-1]
+  probed = order + [k for k in probe_meta["models"] if k not in order]
+  for mode in config.probes.probes.modes:
+    curves = {labels.get(k, k): arrays[f"probe/fewshot/{mode}/{k}"]
+              for k in probed if f"probe/fewshot/{mode}/{k}" in arrays}
+    if curves:
+      panels.append(plotting.CurvePanel(curves=curves, title=f"{shots}-shot probe, {mode}",
+                                        ylabel="test accuracy", chance=chance,
+                                        layer_names=layer_names))
+  plotting.plot_layer_curves(panels, os.path.join(workdir, "figures", "data_scale"))

@@ -1,0 +1,295 @@
+"""Linear probes per layer and per token position (Raghu et al. 2021, Fig 11; Figs 12-13 curves).
+
+For every model of `config.specs`, streams the training pool (`data.train_split`, the first
+`data.train_num_examples`) and the test examples (`data.test_split`) once through the model
+(`features.FeatureExtractor`, batches sharded over the mesh) and keeps, for every selected layer:
+
+  '<mode>:<layer>'  `[n, F]` for each token mode of `probes.modes`: 'cls' (the CLS token),
+                    'mean' (mean over spatial tokens / locations), 'all' (every token,
+                    flattened) (`features.reduce_tokens`); 'cls' is skipped, with a warning,
+                    for models without a CLS token;
+  'token:<layer>'   `[n, T, D]` every token position (`probes.per_token`), for one probe per
+                    token (a ResNet map `[h, w, C]` is `h * w` tokens of width C).
+
+The reduction runs inside the jitted forward pass, whose outputs are gathered (replicated over
+the mesh) and copied to the host batch by batch. The feature matrices are materialised on the
+host: `4 * (train + test examples) * sum of per-example feature sizes` bytes per model (logged
+before streaming; e.g. ViT-B/16, 12 block outputs, 'cls' + 'mean', 50,000 + 10,000 examples:
+4.4 GB; per-token features of ViT-B/16 cost 605 kB per example per layer, so keep the pool small
+or the layers few for them).
+
+Probes (`vit_repr.probes`): few-shot closed-form probes for each shot count and seed of
+`probes` (big_vision's evaluator: 2 * onehot - 1 targets, ridge l2 2^10, bias as a constant
+feature 100, features standardised) and, if `linear.enabled`, full softmax-regression probes
+trained with Adam on the whole pool with early stopping on a held-out fraction of it.
+
+Outputs in the workdir: `linear_probes.{npz,json}` with, per model m,
+  '<m>/layers' names; '<m>/fewshot/<kind>' `[layers, shots, seeds]` (`[..., T]` for 'token');
+  '<m>/linear/<kind>' test accuracy `[layers]` (`[layers, T]`), '<m>/linear_holdout/<kind>',
+  '<m>/linear_best_step/<kind>'; per-token arrays of layers with fewer tokens than the
+  longest (ResNet stages: 8x8, 4x4, ... locations) are NaN-padded on the token axis;
+and `figures/linear_probes.{png,pdf}` (accuracy per layer, one curve per model, a panel per
+mode; few-shot at the largest shot count, then full probes) and, with per-token probes,
+`figures/linear_probes_tokens.{png,pdf}` (per model: the CLS token's probe against the mean
+accuracy of the spatial tokens' probes, per layer: the paper's Fig 11 comparison).
+"""
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from vit_repr import data, features, parallel, plotting, probes, results
+from vit_repr.studies import loading
+
+TOKEN = "token"  # The per-token feature kind.
+
+
+def _kinds(model: nn.Module, modes: Sequence[str], per_token: bool, name: str) -> list[str]:
+  """The feature kinds probed for `model`: its applicable modes, then 'token'."""
+  unknown = [m for m in modes if m not in ("cls", "mean", "all")]
+  if unknown:
+    raise ValueError(f"Unknown probe modes {unknown}; use 'cls', 'mean' and/or 'all' "
+                     "(per-token probes are switched on by probes.per_token).")
+  kinds = []
+  for mode in modes:
+    if mode == "cls" and not features.has_cls_token(model):
+      logging.warning("%s has no CLS token: mode 'cls' skipped for it.", name)
+      continue
+    kinds.append(mode)
+  return kinds + ([TOKEN] if per_token else [])
+
+
+def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], has_cls: bool,
+                mesh: Mesh):
+  """Jitted `(params, images, labels) -> ({'<kind>:<layer>': array}, labels)`, replicated."""
+  shapes = extractor.shapes
+
+  def fn(params, images, labels):
+    flat = extractor(params, images)
+    out = {}
+    for name in extractor.names:
+      x = flat[name].reshape(images.shape[0], *shapes[name])
+      for kind in kinds:
+        if kind == TOKEN:
+          out[f"{kind}:{name}"] = x.reshape(x.shape[0], *probes.token_layout(shapes[name], name))
+        else:
+          out[f"{kind}:{name}"] = features.reduce_tokens(x, kind, has_cls=has_cls, name=name)
+    return out, labels
+
+  return jax.jit(fn, out_shardings=parallel.replicated(mesh))
+
+
+def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequence[str],
+            batches: data.EvalBatches, *, image_size: int, mesh: Mesh,
+            what: str = "") -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+  """Streams `batches` through `model` and materialises the probe features on the host.
+
+  Args:
+    model: the Flax module.
+    params: its parameters.
+    layers: layer names or patterns (`features.select_names`).
+    kinds: token modes ('cls', 'mean', 'all') and/or 'token'.
+    batches: the eval batches to stream.
+    image_size: model resolution.
+    mesh: the mesh the batches are sharded over.
+    what: a label for the log lines.
+
+  Returns:
+    (layer names, `{'<kind>:<layer>': float32 [n, F] or [n, T, D]}`, int `[n]` labels).
+
+  Raises:
+    ValueError: unknown layers, or a kind that does not apply to a layer (e.g. 'token' on a
+      layer without spatial tokens).
+  """
+  extractor = features.FeatureExtractor(model, list(layers), image_size=image_size,
+                                        token_mode="all")
+  has_cls = features.has_cls_token(model)
+  if TOKEN in kinds:
+    for name in extractor.names:
+      probes.token_layout(extractor.shapes[name], name)
+  fn = _feature_fn(extractor, kinds, has_cls, mesh)
+  sizes = jax.eval_shape(fn, params,
+                         jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32),
+                         jax.ShapeDtypeStruct((1,), np.int32))[0]
+  per_example = sum(int(np.prod(s.shape[1:])) for s in sizes.values())
+  logging.info("%s: %d examples x %d features (%d layers, kinds %s): %.1f MB on the host.",
+               what, batches.plan.num_examples, per_example, len(extractor.names),
+               list(kinds), 4e-6 * batches.plan.num_examples * per_example)
+  chunks, labels, pending = {k: [] for k in sizes}, [], None
+  start = time.perf_counter()
+
+  def keep(outputs):
+    feats, batch_labels = jax.device_get(outputs)
+    for key, value in feats.items():
+      chunks[key].append(np.asarray(value, np.float32))
+    labels.append(np.asarray(batch_labels))
+
+  for batch in batches:
+    outputs = fn(params, batch["image"], batch["label"])
+    if pending is not None:
+      keep(pending)  # Copies batch i - 1 while batch i computes.
+    pending = outputs
+  keep(pending)
+  logging.info("%s: extracted in %.1f s.", what, time.perf_counter() - start)
+  return (extractor.names, {k: np.concatenate(v) for k, v in chunks.items()},
+          np.concatenate(labels))
+
+
+def _stack(values: Sequence[np.ndarray]) -> np.ndarray:
+  """Stacks per-layer arrays; per-token ones of layers with fewer tokens (ResNet stages) are
+  padded with NaN along the last (token) axis."""
+  longest = max(v.shape[-1] for v in values)
+  return np.stack([np.pad(np.asarray(v, np.float64),
+                          [(0, 0)] * (v.ndim - 1) + [(0, longest - v.shape[-1])],
+                          constant_values=np.nan) for v in values])
+
+
+def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                 mesh: Mesh, info: data.DatasetInfo, key: str) -> tuple[dict, dict]:
+  """Arrays '<key>/...' and metadata of every probe of one model."""
+  cfg_data, cfg_probes, cfg_linear = config.data, config.probes, config.linear
+  model, params = loading.load_model(spec, image_size=cfg_data.image_size,
+                                     num_classes=info.num_classes)
+  kinds = _kinds(model, cfg_probes.modes, cfg_probes.per_token, key)
+
+  def batches(split, num_examples):
+    return data.eval_batches(cfg_data.name, split, image_size=cfg_data.image_size,
+                             global_batch_size=cfg_data.global_batch_size, mesh=mesh,
+                             num_examples=num_examples, data_dir=cfg_data.data_dir,
+                             crop_fraction=cfg_data.crop_fraction)
+
+  names, train, train_labels = extract(
+      model, params, spec.layers, kinds, batches(cfg_data.train_split,
+                                                 cfg_data.train_num_examples),
+      image_size=cfg_data.image_size, mesh=mesh, what=f"{key} {cfg_data.train_split}")
+  _, test, test_labels = extract(
+      model, params, spec.layers, kinds, batches(cfg_data.test_split, cfg_data.test_num_examples),
+      image_size=cfg_data.image_size, mesh=mesh, what=f"{key} {cfg_data.test_split}")
+  arrays = {f"{key}/layers": np.asarray(names, dtype=str)}
+  for kind in kinds:
+    fewshot, linear = [], []
+    for name in names:
+      start = time.perf_counter()
+      fewshot.append(probes.fewshot_accuracy(
+          train[f"{kind}:{name}"], train_labels, test[f"{kind}:{name}"], test_labels,
+          num_classes=info.num_classes, shots=tuple(cfg_probes.shots),
+          seeds=tuple(cfg_probes.seeds), l2_reg=cfg_probes.l2_reg))
+      if cfg_linear.enabled:
+        linear.append(probes.linear_probe(
+            train[f"{kind}:{name}"], train_labels, test[f"{kind}:{name}"], test_labels,
+            num_classes=info.num_classes, holdout_fraction=cfg_linear.holdout_fraction,
+            seed=cfg_linear.seed, learning_rate=cfg_linear.learning_rate,
+            weight_decay=cfg_linear.weight_decay, max_steps=cfg_linear.max_steps,
+            eval_every=cfg_linear.eval_every, patience=cfg_linear.patience,
+            min_delta=cfg_linear.min_delta))
+      logging.info("%s %s %s: %d-shot %.3f%s (%.1f s).", key, kind, name, cfg_probes.shots[-1],
+                   float(np.mean(fewshot[-1][-1])),
+                   f", linear {float(np.mean(linear[-1].test_accuracy)):.3f}" if linear else "",
+                   time.perf_counter() - start)
+    stack = _stack if kind == TOKEN else np.stack
+    arrays[f"{key}/fewshot/{kind}"] = stack(fewshot)
+    if linear:
+      arrays[f"{key}/linear/{kind}"] = stack([r.test_accuracy for r in linear])
+      arrays[f"{key}/linear_holdout/{kind}"] = stack([r.holdout_accuracy for r in linear])
+      arrays[f"{key}/linear_best_step/{kind}"] = stack([r.best_step for r in linear])
+  metadata = {"model": loading.describe(spec), "kinds": kinds,
+              "has_cls_token": features.has_cls_token(model),
+              "num_train_examples": int(len(train_labels)),
+              "num_test_examples": int(len(test_labels)),
+              "feature_sizes": {k: list(v.shape[1:]) for k, v in train.items()}}
+  return arrays, metadata
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Probes every layer of every model of `config` and writes arrays, metadata and figures.
+
+  Args:
+    config: a `configs/linear_probes.py` config (specs, data, probes, linear).
+    workdir: output directory.
+
+  Returns:
+    Headline numbers per model: the last layer's accuracy per kind at the largest shot count
+    (and of the full probe), example counts, seconds.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if not config.specs:
+    raise ValueError("config.specs is empty: add at least one model spec to probe.")
+  mesh = parallel.make_mesh()
+  info = data.dataset_info(config.data.name, config.data.data_dir)
+  arrays, models, summary = {}, {}, {}
+  for key, spec in config.specs.items():
+    start = time.perf_counter()
+    model_arrays, models[key] = _probe_model(spec, config, mesh, info, key)
+    arrays.update(model_arrays)
+    summary[key] = {
+        f"fewshot_{config.probes.shots[-1]}shot_last_layer": {
+            kind: round(float(np.mean(arrays[f"{key}/fewshot/{kind}"][-1, -1])), 4)
+            for kind in models[key]["kinds"]},
+        "seconds": round(time.perf_counter() - start, 1)}
+    if config.linear.enabled:
+      summary[key]["linear_last_layer"] = {
+          kind: round(float(np.mean(arrays[f"{key}/linear/{kind}"][-1])), 4)
+          for kind in models[key]["kinds"]}
+  metadata = {
+      "config": config.to_dict(),
+      "models": models,
+      "dataset": {"name": info.name, "num_classes": info.num_classes,
+                  "train_split": config.data.train_split, "test_split": config.data.test_split},
+      "fewshot": {"estimator": "big_vision few-shot linear regression: per-seed per-class "
+                               "permutation, first n per class; features standardised with the "
+                               "shot set's mean and std (+1e-5); constant feature 100 for the "
+                               "bias; targets 2*onehot-1; (Z^T Z + l2 I) W = Z^T Y (dual form "
+                               "when n < features); argmax accuracy on the test examples",
+                  "shots": list(config.probes.shots), "seeds": list(config.probes.seeds),
+                  "l2_reg": config.probes.l2_reg, "bias_constant": probes.BIAS_CONSTANT},
+      "linear": {"estimator": "softmax regression on standardised features, full-batch Adam, "
+                              "early stopping on held-out cross-entropy",
+                 **config.linear.to_dict()},
+      "chance_accuracy": 1.0 / info.num_classes,
+  }
+  results.write_results(workdir, "linear_probes", arrays, metadata)
+  _plot(config, arrays, models, info.num_classes, workdir)
+  return summary
+
+
+def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], models: dict,
+          num_classes: int, workdir: str) -> None:
+  """The per-layer accuracy figure and, with per-token probes, the CLS-vs-spatial figure."""
+  shots = config.probes.shots[-1]
+  layer_names = list(arrays[f"{next(iter(models))}/layers"])
+  modes = [m for m in config.probes.modes if any(m in meta["kinds"] for meta in models.values())]
+  panels = []
+  sections = [("fewshot", f"{shots}-shot")] + ([("linear", "linear")]
+                                                if config.linear.enabled else [])
+  for section, label in sections:
+    for mode in modes:
+      curves = {key: (arrays[f"{key}/{section}/{mode}"][:, -1].mean(-1) if section == "fewshot"
+                      else arrays[f"{key}/{section}/{mode}"])
+                for key, meta in models.items() if mode in meta["kinds"]}
+      panels.append(plotting.CurvePanel(curves=curves, title=f"{label} probe, {mode}",
+                                        ylabel="test accuracy", chance=1.0 / num_classes,
+                                        layer_names=layer_names))
+  plotting.plot_layer_curves(panels, os.path.join(workdir, "figures", "linear_probes"),
+                             columns=len(modes))
+  if not config.probes.per_token:
+    return
+  token_panels = []
+  for key, meta in models.items():
+    per_token = arrays[f"{key}/fewshot/{TOKEN}"][:, -1].mean(1)  # [layers, T]
+    first_spatial = 1 if meta["has_cls_token"] else 0
+    curves = {"spatial tokens (mean)": np.nanmean(per_token[:, first_spatial:], axis=-1)}
+    if meta["has_cls_token"]:
+      curves = {"CLS token": per_token[:, 0], **curves}
+    token_panels.append(plotting.CurvePanel(
+        curves=curves, title=f"{key}: {shots}-shot probe per token", ylabel="test accuracy",
+        chance=1.0 / num_classes, layer_names=list(arrays[f"{key}/layers"])))
+  plotting.plot_layer_curves(token_panels,
+                             os.path.join(workdir, "figures", "linear_probes_tokens"))

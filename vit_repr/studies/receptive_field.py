@@ -1,0 +1,116 @@
+"""Study 2b, effective receptive fields of ViT and ResNet layers (Raghu et al. 2021, Fig 6).
+
+For each model spec (`config.model_a`, optionally `config.model_b`) and each selected layer,
+`vit_repr.receptive_field.ReceptiveField` accumulates, over the images of `config.data`, the
+absolute gradient of the centre location's representation with respect to the input pixels,
+per channel, averaged over channels and images, normalised to max 1 per layer. Default layers:
+ViT, the representations after the residual additions of every block ('mid' after attention,
+'out' after the MLP); ResNet, the stem and every unit output. The centre location and the
+estimator are `analysis.center` and `analysis.estimator` (see `vit_repr.receptive_field`).
+
+Outputs in the workdir: `receptive_field.{npz,json}` (per model: normalised maps
+`maps_<k>` `[layers, H, W]`, raw maps, ERF radii in pixels, centres, layer names; metadata with
+every choice) and `figures/receptive_field.{png,pdf}` (one ERF image per layer, per model).
+"""
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vit_repr import data, features, parallel, plotting, receptive_field, results
+from vit_repr.models import flatten_intermediates
+from vit_repr.studies import loading
+
+
+def _model_specs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+  specs = [("a", config.model_a)]
+  if config.model_b.name:
+    specs.append(("b", config.model_b))
+  return specs
+
+
+def _estimator(model, spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+               mesh) -> receptive_field.ReceptiveField:
+  """The ERF accumulator of one model's selected layers."""
+  image_size = config.data.image_size
+  shapes = features.intermediate_shapes(model, image_size)
+  names = features.select_names(list(shapes), list(spec.layers))
+  patch = getattr(model, "patch_size", None)
+
+  def representations(params, images):
+    _, sown = model.apply({"params": params}, images, mutable=["intermediates"])
+    return flatten_intermediates(sown)
+
+  analysis = config.analysis
+  return receptive_field.ReceptiveField(
+      representations, {n: shapes[n][1:] for n in names}, image_size=image_size,
+      token_grid=None if patch is None else (image_size // patch,) * 2,
+      num_prefix_tokens=int(features.has_cls_token(model)), center=analysis.center,
+      estimator=analysis.estimator, channel_chunk=analysis.channel_chunk,
+      max_channels=analysis.max_channels, channel_seed=analysis.channel_seed, mesh=mesh)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Computes the effective receptive fields of `config`'s models into `workdir`.
+
+  Args:
+    config: a `configs/receptive_field.py` config (model_a, model_b, data, analysis).
+    workdir: output directory.
+
+  Returns:
+    Headline numbers: images, and per model the ERF radius (pixels) of each layer.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  cfg_data = config.data
+  info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
+  global_batch = config.analysis.minibatch_size * mesh.devices.size
+  arrays, panels, summary, models_meta = {}, [], {}, {}
+  for key, spec in _model_specs(config):
+    model, params = loading.load_model(spec, image_size=cfg_data.image_size,
+                                       num_classes=info.num_classes)
+    estimator = _estimator(model, spec, config, mesh)
+    logging.info("Model %s (%s): receptive fields of %d layers.", key.upper(), spec.name,
+                 len(estimator.names))
+    batches = data.eval_batches(cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
+                                global_batch_size=global_batch, mesh=mesh,
+                                num_examples=cfg_data.num_examples, data_dir=cfg_data.data_dir,
+                                crop_fraction=cfg_data.crop_fraction)
+    state, start = estimator.init(), time.perf_counter()
+    for index, batch in enumerate(batches, start=1):
+      state = estimator.update(state, params, batch["image"])
+      if index % config.log_every == 0 or index == len(batches):
+        jax.block_until_ready(state.sums)
+        logging.info("ERF %s batch %d/%d: %.1f images/s.", spec.name, index, len(batches),
+                     index * global_batch / (time.perf_counter() - start))
+    result = estimator.result(state)
+    arrays.update({f"maps_{key}": result.maps, f"raw_maps_{key}": result.raw_maps,
+                   f"radius_{key}": result.radius, f"centres_{key}": result.centres,
+                   f"names_{key}": np.asarray(result.names, dtype=str)})
+    panels.append((spec.name, result.maps, [plotting.short_layer_name(n) for n in result.names]))
+    summary[spec.name] = {
+        "num_examples": result.num_examples,
+        "radius_px": {plotting.short_layer_name(n): round(float(r), 2)
+                      for n, r in zip(result.names, result.radius)},
+        "seconds": round(time.perf_counter() - start, 1)}
+    models_meta[key] = {**loading.describe(spec), "num_examples": result.num_examples,
+                        "layers": list(result.names)}
+  metadata = {
+      "config": config.to_dict(), "models": models_meta,
+      "definition": "ERF[y, x] = mean_images mean_c sum_rgb |d r[centre, c] / d image[y, x, rgb]|"
+                    ", normalised to max 1 per layer",
+      "estimator": config.analysis.estimator, "center": config.analysis.center,
+      "channels": ("every channel (exact)" if config.analysis.max_channels is None else
+                   f"a fixed random subset of {config.analysis.max_channels} channels per wider "
+                   f"layer (seed {config.analysis.channel_seed})"),
+      "radius": "sqrt of the ERF-weighted mean squared pixel distance from the centre "
+                "location's centre",
+  }
+  results.write_results(workdir, "receptive_field", arrays, metadata)
+  plotting.plot_receptive_fields(panels, os.path.join(workdir, "figures", "receptive_field"))
+  return summary

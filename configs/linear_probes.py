@@ -32,6 +32,8 @@ full probes (held-out fraction, optimiser, early stopping).
 
 import ml_collections
 
+from configs.cka_heatmap import model_spec
+
 _VIT_LAYERS = (r"Transformer/encoderblock_\d+/out",)
 _RESNET_LAYERS = (r"block\d/unit\d+/out",)
 _AUGREG = "gs://vit_models/augreg/"
@@ -48,13 +50,6 @@ PAPER_MODELS = {
     "r50": ("BiT-R50x1", "gs://bit_models/BiT-M-R50x1.npz", _RESNET_LAYERS),
 }
 
-
-def model_spec(name: str = "", checkpoint: str = "", layers=(), overrides=None,
-               seed: int = 0) -> ml_collections.ConfigDict:
-  """A model spec: registered name, checkpoint ('' = random init from seed), layer patterns."""
-  return ml_collections.ConfigDict(dict(
-      name=name, checkpoint=checkpoint, layers=tuple(layers),
-      overrides=ml_collections.ConfigDict(overrides or {}), seed=seed))
 
 
 def _base() -> ml_collections.ConfigDict:

@@ -30,6 +30,8 @@ Grams per block per minibatch, negligible against the forward pass (see
 
 import ml_collections
 
+from configs.cka_heatmap import model_spec
+
 # ViT blocks: first, middle, last (paper Fig. 9 shows the last, Fig. 10 lower and higher ones).
 _VIT_B_LAYERS = (r"Transformer/encoderblock_(0|5|11)/out",)
 _VIT_L_LAYERS = (r"Transformer/encoderblock_(0|11|23)/out",)
@@ -45,13 +47,6 @@ PAPER_MODELS = {
 }
 OPTIONS = ("gap",)
 
-
-def model_spec(name: str = "", checkpoint: str = "", layers=(), overrides=None,
-               seed: int = 0) -> ml_collections.ConfigDict:
-  """A model spec: registered name, checkpoint ('' = random init from seed), layer patterns."""
-  return ml_collections.ConfigDict(dict(
-      name=name, checkpoint=checkpoint, layers=tuple(layers),
-      overrides=ml_collections.ConfigDict(overrides or {}), seed=seed))
 
 
 def _base() -> ml_collections.ConfigDict:

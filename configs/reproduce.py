@@ -2,10 +2,33 @@ r"""The main job: every study of the paper, on the embedded dataset by default.
 
     python -m experiments.reproduce --workdir=outputs/reproduce
     python -m experiments.reproduce --config=configs/reproduce.py:runlocal --workdir=/tmp/r
+    python -m experiments.reproduce --config=configs/reproduce.py:paper \
+        --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=gs://my-bucket/paper
 
-Args after the colon: `local` (default: the embedded 'digits' data, small models trained on
-the CPU in minutes) or `runlocal` (the same steps shrunk to a smoke test: a few training steps,
-fewer examples). Run from the repository root (this file imports its sibling configs).
+Args after the colon (run from the repository root: this file imports its sibling configs):
+  local     The default, what `make demo` runs: the embedded 'digits' data (1,437 train / 360
+            test images at 32 px), seven small models trained on the CPU (ViT width 64, 6
+            blocks, 4x4 patches of 8 px with a CLS or GAP head, two of them without one block's
+            skip connections, two on 10% and 30% of the data; a BiT ResNet with one unit per
+            stage), then every study: about 13 minutes on 2 CPU cores.
+  runlocal  The same steps shrunk to a smoke test (6 training steps, fewer examples).
+  paper     The paper's analyses on ImageNet (TFDS 'imagenet2012', prepared in data_dir) with
+            the public ImageNet-21k checkpoints of vision_transformer and big_transfer (the
+            paper's JFT-300M ones are not public): ViT-B/16 and BiT-M R50x1 for the heatmaps,
+            attention distances and localization, ViT-B/32 and R50 for receptive fields,
+            ViT-B/16, Mixer-B/16 and R50 for norm ratios, AugReg ViT-B/16 (ImageNet-1k vs
+            ImageNet-21k) for the data-scale probes. It also trains eight ViT-B/16s on
+            ImageNet-1k from scratch (configs/train.py:imagenet_vit_b16, 300 epochs): the GAP
+            variant, the reference, three without one block's skip connections and three on 3%,
+            10% and 30% of the data. Expected cost, estimated from FLOP counts and not measured:
+            each training is 93,835 steps x 4,096 images x 3 x 17.6 GFLOP = 2e19 FLOP, about
+            1.5 days of a TPU v3-8 at 40% of its bfloat16 peak, so 12 TPU v3-8 days for the
+            eight (run them in parallel on a pod slice with --jax_distributed); every analysis
+            on the public checkpoints is one to ten passes over 10,000 validation images,
+            minutes to an hour each on the same hardware. On GPUs, scale by peak FLOP/s. Never
+            run it on a CPU or in tests.
+The job resumes where it stopped (finished steps are skipped, training and CKA runs continue
+from their last checkpoint): rerun the same command.
 """
 
 import ml_collections
@@ -20,10 +43,8 @@ _MODELS = ("vit_cls", "vit_gap", "bit")
 _DEMO_STEPS = {"ViT": 600, "BiT": 500}
 
 
-def get_config(arg: str = "local") -> ml_collections.ConfigDict:
-  """Returns the reproduction config for `arg` ('local' or 'runlocal')."""
-  if arg not in ("local", "runlocal"):
-    raise ValueError(f"Unknown reproduce config {arg!r}; use 'local' or 'runlocal'.")
+def _embedded(arg: str) -> ml_collections.ConfigDict:
+  """'local' and 'runlocal': the embedded data, small models trained here."""
   suffix = ",runlocal" if arg == "runlocal" else ""
   config = ml_collections.ConfigDict()
   config.arg = arg                 # The config arg, shown in the report's commands.
@@ -37,6 +58,7 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   ))
   config.summary = ml_collections.ConfigDict(dict(
       examples_per_class=10,   # Montage columns.
+      num_examples=None,       # Examples of each split summarised (None: all).
   ))
   # Training configs of the small models, trained into <workdir>/models/<name> (or reused).
   config.models = ml_collections.ConfigDict(
@@ -103,3 +125,48 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
     for name in ("vit_cls", "vit_gap"):
       config.localization.models[name].layers = (r"Transformer/encoderblock_(0|1)/out",)
   return config
+
+
+def _paper() -> ml_collections.ConfigDict:
+  """'paper': ImageNet with the public checkpoints and ViT-B/16s trained on ImageNet-1k."""
+  config = ml_collections.ConfigDict()
+  config.arg = "paper"
+  config.data = ml_collections.ConfigDict(dict(
+      name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
+      image_size=224, global_batch_size=1024))
+  config.summary = ml_collections.ConfigDict(dict(examples_per_class=8, num_examples=10_000))
+  config.train_processes = 1
+  config.models = ml_collections.ConfigDict()
+  # The GAP ViT-B/16 of the localization and per-token probe comparisons (the public ViT
+  # checkpoints all have CLS heads).
+  gap = train_configs.get_config("imagenet_vit_b16")
+  gap.model.overrides.classifier = "gap"
+  config.models.imagenet_vit_b16_gap = gap
+  config.use_trained = ml_collections.ConfigDict(dict(
+      localization={"models/vit_gap": "imagenet_vit_b16_gap"},
+      probes={"specs/vit_gap": "imagenet_vit_b16_gap"},
+  ))
+  config.representation = cka_heatmap.get_config("vit_b16+r50")
+  config.attention = attention_distance.get_config("vit_b16+r50")
+  config.receptive_fields = receptive_field.get_config("vit_b32+r50")
+  config.skip_connections = skip_connections.get_config("vit_b16")
+  config.localization = localization.get_config("vit_b16+r50")
+  config.localization.models.vit_gap = cka_heatmap.model_spec(
+      layers=config.localization.models.vit_b16.layers)
+  config.probes = linear_probes.get_config("vit_b16+r50")
+  config.probes.specs.vit_gap = cka_heatmap.model_spec(layers=config.probes.specs.vit_b16.layers)
+  config.probes.probes.per_token = True
+  config.data_scale = data_scale.get_config("imagenet_vit_b16")
+  for study in (config.skip_connections, config.data_scale):
+    for name, train_config in study.models.items():
+      config.models[name] = train_config
+  return config
+
+
+def get_config(arg: str = "local") -> ml_collections.ConfigDict:
+  """Returns the reproduction config for `arg`: 'local', 'runlocal' or 'paper'."""
+  if arg == "paper":
+    return _paper()
+  if arg not in ("local", "runlocal"):
+    raise ValueError(f"Unknown reproduce config {arg!r}; use 'local', 'runlocal' or 'paper'.")
+  return _embedded(arg)

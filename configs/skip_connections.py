@@ -91,13 +91,13 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       name, checkpoint, _ = cka_heatmap.PAPER_MODELS[key]
       config.norm_ratio.models[key] = cka_heatmap.model_spec(name, checkpoint)
     reference = train_configs.get_config("imagenet_vit_b16")
-    config.models["vit_b16"] = reference
+    config.models["imagenet_vit_b16"] = reference
     for block in (1, 6, 10):
       ablated = train_configs.get_config("imagenet_vit_b16")
       ablated.model.overrides.remove_skips = (block,)
-      config.models[f"vit_b16_noskip_block{block}"] = ablated
-    config.ablation.update(dict(reference="vit_b16", models=tuple(
-        f"vit_b16_noskip_block{b}" for b in (1, 6, 10))))
+      config.models[f"imagenet_vit_b16_noskip_block{block}"] = ablated
+    config.ablation.update(dict(reference="imagenet_vit_b16", models=tuple(
+        f"imagenet_vit_b16_noskip_block{b}" for b in (1, 6, 10))))
     return config
 
   suffix = ",runlocal" if arg == "runlocal" else ""

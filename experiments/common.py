@@ -2,10 +2,13 @@
 
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False,
@@ -28,3 +31,20 @@ def setup(argv: list[str], config: ml_collections.ConfigDict, workdir: str) -> N
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+
+
+def run_study(run: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
+              config_file: str) -> None:
+  """The absl main of a study: `--config=configs/<config_file>:<arg>` and `--workdir`, then
+  `run(config, workdir)`, logging its headline numbers. Call it under `__main__`."""
+  config_flag = config_flags.DEFINE_config_file("config", None, f"configs/{config_file}:<arg>",
+                                                lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "Output directory (resumable).",
+                                     required=True)
+  flags.mark_flag_as_required("config")
+
+  def main(argv: list[str]) -> None:
+    setup(argv, config_flag.value, workdir_flag.value)
+    logging.info("Done: %s", json.dumps(run(config_flag.value, workdir_flag.value)))
+
+  app.run(main)

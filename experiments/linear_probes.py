@@ -6,24 +6,8 @@ r"""Linear probes per layer and per token (paper Fig 11; the probe curves of Fig
         --workdir=/tmp/probes_local
 """
 
-import json
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 from experiments import common
 from vit_repr.studies import linear_probes
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/linear_probes.py:<arg>",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-flags.mark_flag_as_required("config")
-
-
-def main(argv):
-  common.setup(argv, _CONFIG.value, _WORKDIR.value)
-  logging.info("Done: %s", json.dumps(linear_probes.run(_CONFIG.value, _WORKDIR.value)))
-
-
 if __name__ == "__main__":
-  app.run(main)
+  common.run_study(linear_probes.run, "linear_probes.py")

@@ -1,23 +1,99 @@
-"""The main job end to end on the embedded dataset (what `make demo` runs)."""
+"""The main job and the notebooks end to end at their smallest size (config 'runlocal').
 
+The notebooks of colabs/ run first, in one shared work directory, each computing its steps;
+then the main job (`make demo`'s command) completes the same directory, writes the report and
+must reuse what the notebooks computed. All of it runs on one pytest-xdist worker
+(`--dist loadgroup`), in file order.
+"""
+
+import ast
+import base64
+import glob
 import json
 import os
+import re
+import subprocess
+import sys
 
+import nbclient
+import nbformat
 import numpy as np
 import pytest
 
 from configs import reproduce as reproduce_config
-from tests.conftest import images_loaded_in_chromium
+from tests.conftest import REPO_ROOT, images_loaded_in_chromium
 from vit_repr import reproduction, results
+
+pytestmark = pytest.mark.xdist_group("reproduce")
+COLABS = os.path.join(REPO_ROOT, "colabs")
+NOTEBOOKS = sorted(glob.glob(os.path.join(COLABS, "*.ipynb")))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("reproduce"))
+
+
+def _notebook_steps(notebook: nbformat.NotebookNode) -> tuple[str, ...]:
+  for cell in notebook.cells:
+    found = re.search(r"^STEPS = (.*)$", cell.source, re.M)
+    if cell.cell_type == "code" and found:
+      return ast.literal_eval(found.group(1))
+  raise AssertionError("The notebook names no STEPS.")
+
+
+def test_the_notebooks_cover_every_figure():
+  covered = {key for path in NOTEBOOKS for key in _notebook_steps(nbformat.read(path, 4))}
+  with_figures = {step.key for step in reproduction.STEPS if step.figures}
+  assert with_figures <= covered, with_figures - covered
+  assert len(NOTEBOOKS) == 5
 
 
 @pytest.mark.slow
-def test_reproduce_writes_every_step_output(tmp_path):
-  config = reproduce_config.get_config("runlocal")
-  summary = reproduction.run(config, str(tmp_path))
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
+def test_notebook_runs_and_shows_its_figures(path, workdir):
+  notebook = nbformat.read(path, as_version=4)
+  parameters = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(parameters) == 1 and 'MODE = "local"' in parameters[0].source
+  # The smallest size of the 'local' mode, into the shared work directory.
+  parameters[0].source = f'MODE = "runlocal"\nDATA_DIR = None\nWORKDIR = {workdir!r}'
+  nbclient.NotebookClient(notebook, timeout=1200, kernel_name="python3",
+                          resources={"metadata": {"path": COLABS}}).execute()
 
+  shown = [base64.b64decode(output["data"]["image/png"])
+           for cell in notebook.cells if cell.cell_type == "code"
+           for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+  expected = [figure for key in _notebook_steps(notebook)
+              for figure in reproduction.figures(workdir, key)]
+  assert len(shown) == len(expected) > 0
+  for png, figure in zip(shown, expected):
+    with open(figure, "rb") as f:
+      assert png == f.read(), figure
+  printed = "".join(output.get("text", "") for cell in notebook.cells
+                    for output in cell.get("outputs", []))
+  for key in _notebook_steps(notebook):
+    assert f"{key}: " in printed
+
+
+@pytest.mark.slow
+def test_demo_command_completes_the_work_directory(workdir):
+  config = reproduce_config.get_config("runlocal")
+  computed_by_notebooks = {os.path.basename(p)[:-5]
+                           for p in glob.glob(os.path.join(workdir, "steps", "*.json"))}
+  before = {k: os.path.getmtime(os.path.join(workdir, "steps", f"{k}.json"))
+            for k in computed_by_notebooks}
+  subprocess.run([sys.executable, "-m", "experiments.reproduce",
+                  "--config=configs/reproduce.py:runlocal", f"--workdir={workdir}"],
+                 cwd=REPO_ROOT, check=True, capture_output=True, timeout=1800)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
   assert list(summary) == [step.key for step in reproduction.STEPS]
-  arrays, metadata = results.read_results(str(tmp_path), "dataset_summary")
+  # What the notebooks computed was reused, not recomputed.
+  assert computed_by_notebooks >= {"representation", "attention", "localization"}
+  for key, mtime in before.items():
+    assert os.path.getmtime(os.path.join(workdir, "steps", f"{key}.json")) == mtime, key
+
+  arrays, metadata = results.read_results(workdir, "dataset_summary")
   # sklearn's digits: 1,797 images, a stratified 1,437 / 360 split.
   assert metadata["train"]["num_examples"] == 1437
   assert metadata["test"]["num_examples"] == 360
@@ -25,37 +101,38 @@ def test_reproduce_writes_every_step_output(tmp_path):
   # The sharded pipeline sees exactly the labels the summary counted (360 = 3 batches of 120).
   np.testing.assert_array_equal(arrays["pipeline/label_histogram"],
                                 arrays["test/class_counts"])
-  assert np.all(np.abs(arrays["test/pixel_mean"]) < 1.0)
-  for ext in ("png", "pdf"):
-    assert os.path.getsize(tmp_path / "figures" / f"dataset_examples.{ext}") > 1000
-  with open(tmp_path / "summary.json") as f:
-    assert json.load(f)["dataset"]["num_classes"] == 10
-  # The small models were trained (smoke-test length) and their final parameters saved.
+  # Every model was trained (smoke-test length) and its final parameters saved.
   assert set(summary["models"]["test_accuracy"]) == set(config.models)
   for name in config.models:
-    assert os.path.isdir(tmp_path / "models" / name / "params")
-  # Study 1 ran on them: two sub-layers per ViT block, one unit per BiT stage.
-  cka, metadata = results.read_results(str(tmp_path / "representation"), "cka_heatmap")
+    assert os.path.isdir(os.path.join(workdir, "models", name, "params"))
+  # Study 1 ran on the trained models: two sub-layers per ViT block, one unit per BiT stage.
+  cka, metadata = results.read_results(os.path.join(workdir, "representation"), "cka_heatmap")
   depth = config.models.vit_cls.model.overrides.depth
   assert cka["cka_ab"].shape == (2 * depth, 4)
   np.testing.assert_allclose(np.diag(cka["cka_aa"]), 1.0, atol=1e-5)
   assert metadata["models"]["a"]["checkpoint"].endswith("models/vit_cls/params")
-  assert os.path.getsize(tmp_path / "representation" / "figures" / "cka_heatmap.png") > 1000
+  # Every figure exists as PNG and PDF.
+  for step in reproduction.STEPS:
+    for figure in reproduction.figures(workdir, step.key):
+      assert os.path.getsize(figure) > 1000 and os.path.getsize(figure[:-3] + "pdf") > 1000
+
   # The report embeds every figure of every step, and Chromium displays each of them.
-  report_path = str(tmp_path / reproduction.REPORT_FILE)
+  report_path = os.path.join(workdir, reproduction.REPORT_FILE)
+  with open(report_path) as f:
+    page = f.read()
+  for step in reproduction.STEPS:
+    assert step.title in page and step.paper_finding in page
+  assert "python -m experiments.reproduce --config=configs/reproduce.py:runlocal" in page
   figures = [f for step in reproduction.STEPS for f in step.figures]
-  loaded = images_loaded_in_chromium(report_path, str(tmp_path))
+  loaded = images_loaded_in_chromium(report_path, workdir)
   assert [alt for alt, _ in loaded] == [os.path.basename(f) for f in figures]
   assert all(ok for _, ok in loaded), loaded
-  # Training alone reuses the trained models instead of training them again.
-  before = os.path.getmtime(tmp_path / "models" / "bit" / "params")
-  again = reproduction.train_models(config, str(tmp_path))
-  assert again["test_accuracy"] == summary["models"]["test_accuracy"]
-  assert os.path.getmtime(tmp_path / "models" / "bit" / "params") == before
-  # A rerun skips every finished step and gives the same numbers; a changed study reruns.
-  assert reproduction.run(config, str(tmp_path)) == summary
+
+  # A rerun skips every finished step; a changed config section reruns that step alone.
+  again = reproduction.run(config, workdir)
+  assert again == summary
   config.summary.examples_per_class = 4
-  rerun = reproduction.run(config, str(tmp_path))
+  rerun = reproduction.run(config, workdir)
   assert rerun["dataset"]["seconds"] != summary["dataset"]["seconds"]
   assert {k: v for k, v in rerun.items() if k != "dataset"} == {
       k: v for k, v in summary.items() if k != "dataset"}
@@ -64,3 +141,12 @@ def test_reproduce_writes_every_step_output(tmp_path):
 def test_unknown_reproduce_config_is_rejected():
   with pytest.raises(ValueError, match="runlocal"):
     reproduce_config.get_config("imagenet")
+
+
+def test_paper_config_trains_each_shared_model_once():
+  config = reproduce_config.get_config("paper")
+  assert config.data.name == "imagenet2012" and config.train_processes == 1
+  # The skip-connection and data-scale studies share their unablated full-data reference.
+  assert config.skip_connections.ablation.reference == config.data_scale.reference
+  assert len(config.models) == 8
+  assert config.representation.model_a.checkpoint.startswith("gs://vit_models/")

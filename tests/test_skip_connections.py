@@ -100,7 +100,7 @@ def test_config_args():
   with pytest.raises(ValueError, match="runlocal"):
     skip_configs.get_config("vit_b99")
   paper = skip_configs.get_config("vit_b16")
-  assert paper.ablation.reference == "vit_b16"
+  assert paper.ablation.reference == "imagenet_vit_b16"  # The data-scale reference too.
   assert [tuple(paper.models[n].model.overrides.remove_skips) for n in paper.ablation.models] \
       == [(1,), (6,), (10,)]
   assert paper.norm_ratio.models.vit_b16.checkpoint.endswith("ViT-B_16.npz")

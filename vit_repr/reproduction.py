@@ -66,7 +66,7 @@ def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
   arrays, metadata = {}, {"dataset": cfg.to_dict()}
   for split in (cfg.train_split, cfg.eval_split):
     summary = data.summarize(cfg.name, split, image_size=cfg.image_size,
-                             data_dir=cfg.data_dir,
+                             data_dir=cfg.data_dir, num_examples=config.summary.num_examples,
                              examples_per_class=config.summary.examples_per_class)
     arrays[f"{split}/class_counts"] = summary["class_counts"]
     arrays[f"{split}/pixel_mean"] = summary["pixel_mean"]

@@ -19,52 +19,17 @@ config, models, grids, example counts and per-layer summaries) and
 `figures/localization.{png,pdf}` (one row per model and layer, one column per position).
 """
 
-import hashlib
-import json
 import os
-import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from vit_repr import data, features, localization, parallel, plotting, results
-from vit_repr.studies import loading
+from vit_repr.studies import loading, resume
 
 STATE_FILE = "localization_state.npz"
-# Config entries that do not change the numbers (excluded from the resume fingerprint).
-_RUN_ONLY_KEYS = ("checkpoint_every", "log_every", "stop_after_batches")
-
-
-def _fingerprint(config: ml_collections.ConfigDict) -> str:
-  kept = {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY_KEYS}
-  return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _save_state(path: str, arrays: dict[str, np.ndarray], batches_done: int,
-                fingerprint: str) -> None:
-  """Writes the accumulator states atomically (temporary file, then rename)."""
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays, batches_done=np.asarray(batches_done),
-           fingerprint=np.asarray(fingerprint))
-  os.replace(tmp, path)
-
-
-def _load_state(path: str, fingerprint: str) -> tuple[dict[str, np.ndarray], int] | None:
-  """(saved arrays, batches done) from `path`, or None when there is nothing to resume."""
-  if not os.path.exists(path):
-    return None
-  with np.load(path, allow_pickle=False) as saved:
-    arrays = {k: saved[k] for k in saved.files}
-  if str(arrays.pop("fingerprint")) != fingerprint:
-    raise ValueError(f"{path} holds a localization state accumulated with a different config; "
-                     "resuming would mix two analyses. Use a new --workdir, or rerun with the "
-                     "original config to resume.")
-  return arrays, int(arrays.pop("batches_done"))
 
 
 def _resolve_positions(positions: Any, grid: int) -> list[tuple[int, int]]:
@@ -113,16 +78,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       _resolve_positions(analysis.positions, grid)  # Fails early on a bad position.
     logging.info("Model %s (%s): layers %s.", name, spec.name, accumulators[name].grids)
 
-  def pass_batches(pass_index: int) -> data.EvalBatches:
-    return data.eval_batches(
-        cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
-        global_batch_size=global_batch, mesh=mesh, num_examples=cfg_data.num_examples,
-        data_dir=cfg_data.data_dir, crop_fraction=cfg_data.crop_fraction,
-        shuffle_seed=None if pass_index == 0 else analysis.shuffle_seed + pass_index)
+  pass_batches = resume.pass_reader(cfg_data, global_batch_size=global_batch, mesh=mesh,
+                                    shuffle_seed=analysis.shuffle_seed)
 
-  fingerprint = _fingerprint(config)
+  fingerprint = resume.fingerprint(config)
   state_path = os.path.join(workdir, STATE_FILE)
-  saved = _load_state(state_path, fingerprint)
+  saved = resume.load_state(state_path, fingerprint)
   if saved is None:
     states, done = {n: accumulators[n].init() for n in names}, 0
   else:
@@ -134,43 +95,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   def save(done: int) -> None:
     arrays = {f"{n}/{k}": v for n in names
               for k, v in localization.LocalizationCKA.to_numpy(states[n]).items()}
-    _save_state(state_path, arrays, done, fingerprint)
+    resume.save_state(state_path, arrays, done, fingerprint)
 
   batches_per_pass = len(pass_batches(0))
   total = analysis.num_passes * batches_per_pass
   stop_at = min(total, config.get("stop_after_batches") or total)
-  start, timed_batches = None, 0
-  for pass_index in range(analysis.num_passes):
-    if done >= min(stop_at, (pass_index + 1) * batches_per_pass):
-      continue
-    for batch_index, batch in enumerate(pass_batches(pass_index)):
-      step = pass_index * batches_per_pass + batch_index
-      if step < done:
-        continue
-      if step >= stop_at:
-        break
-      for n in names:
-        feats = extractors[n](params[n], batch["image"])
-        states[n] = accumulators[n].update(states[n], feats, batch["image"])
-      done = step + 1
-      if start is None:  # Timed from the first finished batch (after compiling).
-        jax.block_until_ready(states)
-        start = time.perf_counter()
-      else:
-        timed_batches += 1
-      if done % config.checkpoint_every == 0 or done == stop_at:
-        save(done)
-      if done % config.log_every == 0 or done == stop_at:
-        logging.info("Localization batch %d/%d (pass %d/%d).", done, total, pass_index + 1,
-                     analysis.num_passes)
+  timer = resume.Throughput(global_batch)
+  for step, pass_index, batch in resume.remaining_batches(
+      pass_batches, num_passes=analysis.num_passes, batches_per_pass=batches_per_pass,
+      done=done, stop_at=stop_at):
+    for n in names:
+      feats = extractors[n](params[n], batch["image"])
+      states[n] = accumulators[n].update(states[n], feats, batch["image"])
+    done = step + 1
+    timer.batch_done(states)
+    if done % config.checkpoint_every == 0 or done == stop_at:
+      save(done)
+    if done % config.log_every == 0 or done == stop_at:
+      logging.info("Localization batch %d/%d (pass %d/%d): %s.", done, total, pass_index + 1,
+                   analysis.num_passes, timer.report(total - done))
   if done < total:
     logging.info("Stopped after %d of %d batches (stop_after_batches); rerun to resume.", done,
                  total)
     return {"batches_done": done, "batches_total": total}
-  examples_per_second = None
-  if timed_batches:
-    jax.block_until_ready(states)
-    examples_per_second = round(timed_batches * global_batch / (time.perf_counter() - start), 1)
+  examples_per_second = timer.examples_per_second()
   found = {n: accumulators[n].result(states[n]) for n in names}
   return _write(config, workdir, found, examples_per_second)
 

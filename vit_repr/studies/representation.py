@@ -10,96 +10,28 @@ Passes: pass 0 reads the examples in canonical order, pass p > 0 in an order shu
 `analysis.shuffle_seed + p` (same examples, new minibatch grouping), as the reference
 minibatch-CKA code does (10 passes over 10,000 examples, batch 256).
 
-Preemption: the accumulator state is saved atomically every `checkpoint_every` batches to
-`<workdir>/cka_state.npz` with a fingerprint of the config; a rerun with the same config
-skips the batches already accumulated (reading but not computing them) and ends with the same
-numbers as an uninterrupted run. A state from another config is refused.
+Preemption (`vit_repr.studies.resume`): the accumulator state is saved atomically every
+`checkpoint_every` batches to `<workdir>/cka_state.npz` with a fingerprint of the config; a
+rerun with the same config skips the batches already accumulated (reading but not computing
+them) and ends with the same numbers as an uninterrupted run. A state from another config is
+refused.
 
 Outputs in the workdir: `cka_heatmap.{npz,json}` (heatmaps `cka_aa`, `cka_bb`, `cka_ab` with
 standard errors `stderr_*`, layer names, example counts, config, models, versions) and
 `figures/cka_heatmap.{png,pdf}`.
 """
 
-import hashlib
-import json
 import os
-import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from vit_repr import cka, data, features, parallel, plotting, results
-from vit_repr.studies import loading
+from vit_repr.studies import loading, resume
 
 STATE_FILE = "cka_state.npz"
-# Config entries that do not change the numbers (excluded from the resume fingerprint).
-_RUN_ONLY_KEYS = ("checkpoint_every", "log_every", "stop_after_batches")
-
-
-def _fingerprint(config: ml_collections.ConfigDict) -> str:
-  kept = {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY_KEYS}
-  return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _save_state(path: str, state: cka.MinibatchCKAState, batches_done: int,
-                fingerprint: str) -> None:
-  """Writes the accumulator state atomically (temporary file, then rename)."""
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **state.to_numpy(), batches_done=np.asarray(batches_done),
-           fingerprint=np.asarray(fingerprint))
-  os.replace(tmp, path)
-
-
-def _restore_state(path: str, fingerprint: str) -> tuple[cka.MinibatchCKAState, int] | None:
-  """(state, batches done) from `path`, or None when there is nothing to resume."""
-  if not os.path.exists(path):
-    return None
-  with np.load(path, allow_pickle=False) as saved:
-    arrays = {k: saved[k] for k in saved.files}
-  if str(arrays.pop("fingerprint")) != fingerprint:
-    raise ValueError(f"{path} holds a CKA state accumulated with a different config; resuming "
-                     "would mix two analyses. Use a new --workdir, or rerun with the original "
-                     "config to resume.")
-  batches_done = int(arrays.pop("batches_done"))
-  return cka.MinibatchCKAState.from_numpy(arrays), batches_done
-
-
-class _Throughput:
-  """Examples/s and ETA of the hot loop, timed from the first finished batch (after compiling).
-
-  Blocks on the state only for the first batch and when a report is asked for.
-  """
-
-  def __init__(self, global_batch: int):
-    self._global_batch = global_batch
-    self._start = None
-    self._batches = 0
-    self._leaf = None
-
-  def batch_done(self, state_leaf: jax.Array) -> None:
-    if self._start is None:
-      jax.block_until_ready(state_leaf)
-      self._start = time.perf_counter()
-    else:
-      self._batches += 1
-    self._leaf = state_leaf
-
-  def examples_per_second(self) -> float | None:
-    if not self._batches:
-      return None
-    jax.block_until_ready(self._leaf)
-    return round(self._batches * self._global_batch / (time.perf_counter() - self._start), 1)
-
-  def report(self, batches_left: int) -> str:
-    rate = self.examples_per_second()
-    if rate is None:
-      return "compiled"
-    return f"{rate:.1f} examples/s, ETA {batches_left * self._global_batch / rate:.0f} s"
 
 
 def _model_specs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
@@ -136,45 +68,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  len(extractors[key].names), sorted(set(extractors[key].feature_sizes.values())))
   layer_names = [f"{k}:{n}" for k, e in extractors.items() for n in e.names]
 
-  def pass_batches(pass_index: int) -> data.EvalBatches:
-    return data.eval_batches(
-        cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
-        global_batch_size=global_batch, mesh=mesh, num_examples=cfg_data.num_examples,
-        data_dir=cfg_data.data_dir, crop_fraction=cfg_data.crop_fraction,
-        shuffle_seed=None if pass_index == 0 else analysis.shuffle_seed + pass_index)
-
+  pass_batches = resume.pass_reader(cfg_data, global_batch_size=global_batch, mesh=mesh,
+                                    shuffle_seed=analysis.shuffle_seed)
   estimator = cka.MinibatchCKA(mesh, gram_blocks=analysis.gram_blocks)
-  fingerprint = _fingerprint(config)
+  fingerprint = resume.fingerprint(config)
   state_path = os.path.join(workdir, STATE_FILE)
-  restored = _restore_state(state_path, fingerprint)
-  if restored is None:
+  saved = resume.load_state(state_path, fingerprint)
+  if saved is None:
     state, done = estimator.init({n: None for n in layer_names}), 0
   else:
-    state, done = restored
+    arrays, done = saved
+    state = cka.MinibatchCKAState.from_numpy(arrays)
     logging.info("Resuming after %d batches from %s.", done, state_path)
   batches_per_pass = len(pass_batches(0))
   total = analysis.num_passes * batches_per_pass
   stop_at = min(total, config.get("stop_after_batches") or total)
-  timer = _Throughput(global_batch)
-  for pass_index in range(analysis.num_passes):
-    if done >= min(stop_at, (pass_index + 1) * batches_per_pass):
-      continue
-    for batch_index, batch in enumerate(pass_batches(pass_index)):
-      step = pass_index * batches_per_pass + batch_index
-      if step < done:
-        continue
-      if step >= stop_at:
-        break
-      feats = {f"{k}:{n}": v for k, e in extractors.items()
-               for n, v in e(params[k], batch["image"]).items()}
-      state = estimator.update(state, feats)
-      done = step + 1
-      timer.batch_done(state.sums)
-      if done % config.checkpoint_every == 0 or done == stop_at:
-        _save_state(state_path, state, done, fingerprint)
-      if done % config.log_every == 0 or done == stop_at:
-        logging.info("CKA batch %d/%d (pass %d/%d): %s.", done, total, pass_index + 1,
-                     analysis.num_passes, timer.report(total - done))
+  timer = resume.Throughput(global_batch)
+  for step, pass_index, batch in resume.remaining_batches(
+      pass_batches, num_passes=analysis.num_passes, batches_per_pass=batches_per_pass,
+      done=done, stop_at=stop_at):
+    feats = {f"{k}:{n}": v for k, e in extractors.items()
+             for n, v in e(params[k], batch["image"]).items()}
+    state = estimator.update(state, feats)
+    done = step + 1
+    timer.batch_done(state.sums)
+    if done % config.checkpoint_every == 0 or done == stop_at:
+      resume.save_state(state_path, state.to_numpy(), done, fingerprint)
+    if done % config.log_every == 0 or done == stop_at:
+      logging.info("CKA batch %d/%d (pass %d/%d): %s.", done, total, pass_index + 1,
+                   analysis.num_passes, timer.report(total - done))
   if done < total:
     logging.info("Stopped after %d of %d batches (stop_after_batches); rerun to resume.", done,
                  total)

@@ -29,9 +29,13 @@ COLABS = os.path.join(REPO_ROOT, "colabs")
 NOTEBOOKS = sorted(glob.glob(os.path.join(COLABS, "*.ipynb")))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def workdir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("reproduce"))
+  """One directory per pytest worker, the same for every test of this file (a module fixture
+  would be rebuilt whenever xdist runs another file's test in between)."""
+  path = tmp_path_factory.getbasetemp() / "reproduce"
+  path.mkdir(exist_ok=True)
+  return str(path)
 
 
 def _notebook_steps(notebook: nbformat.NotebookNode) -> tuple[str, ...]:

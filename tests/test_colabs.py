@@ -1,14 +1,14 @@
-"""The main job and the notebooks end to end at their smallest size (config 'runlocal').
+"""The notebooks (colabs/) and the main job end to end at their smallest size (config 'runlocal').
 
-The notebooks of colabs/ run first, in one shared work directory, each computing its steps;
+One test: the notebooks of colabs/ run first, in one work directory, each computing its steps;
 then the main job (`make demo`'s command) completes the same directory, writes the report and
-must reuse what the notebooks computed. All of it runs on one pytest-xdist worker
-(`--dist loadgroup`), in file order.
+must reuse what the notebooks computed.
 """
 
 import ast
 import base64
 import glob
+import html
 import json
 import os
 import re
@@ -24,18 +24,8 @@ from configs import reproduce as reproduce_config
 from tests.conftest import REPO_ROOT, images_loaded_in_chromium
 from vit_repr import reproduction, results
 
-pytestmark = pytest.mark.xdist_group("reproduce")
 COLABS = os.path.join(REPO_ROOT, "colabs")
 NOTEBOOKS = sorted(glob.glob(os.path.join(COLABS, "*.ipynb")))
-
-
-@pytest.fixture
-def workdir(tmp_path_factory):
-  """One directory per pytest worker, the same for every test of this file (a module fixture
-  would be rebuilt whenever xdist runs another file's test in between)."""
-  path = tmp_path_factory.getbasetemp() / "reproduce"
-  path.mkdir(exist_ok=True)
-  return str(path)
 
 
 def _notebook_steps(notebook: nbformat.NotebookNode) -> tuple[str, ...]:
@@ -53,9 +43,7 @@ def test_the_notebooks_cover_every_figure():
   assert len(NOTEBOOKS) == 5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
-def test_notebook_runs_and_shows_its_figures(path, workdir):
+def _run_notebook_and_check_its_figures(path: str, workdir: str) -> None:
   notebook = nbformat.read(path, as_version=4)
   parameters = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
   assert len(parameters) == 1 and 'MODE = "local"' in parameters[0].source
@@ -72,15 +60,19 @@ def test_notebook_runs_and_shows_its_figures(path, workdir):
   assert len(shown) == len(expected) > 0
   for png, figure in zip(shown, expected):
     with open(figure, "rb") as f:
-      assert png == f.read(), figure
+      assert png == f.read(), (path, figure)
   printed = "".join(output.get("text", "") for cell in notebook.cells
                     for output in cell.get("outputs", []))
   for key in _notebook_steps(notebook):
-    assert f"{key}: " in printed
+    assert f"{key}: " in printed, path
 
 
 @pytest.mark.slow
-def test_demo_command_completes_the_work_directory(workdir):
+def test_notebooks_then_the_demo_command(tmp_path):
+  workdir = str(tmp_path)
+  for path in NOTEBOOKS:
+    _run_notebook_and_check_its_figures(path, workdir)
+
   config = reproduce_config.get_config("runlocal")
   computed_by_notebooks = {os.path.basename(p)[:-5]
                            for p in glob.glob(os.path.join(workdir, "steps", "*.json"))}
@@ -125,7 +117,7 @@ def test_demo_command_completes_the_work_directory(workdir):
   with open(report_path) as f:
     page = f.read()
   for step in reproduction.STEPS:
-    assert step.title in page and step.paper_finding in page
+    assert html.escape(step.title) in page and html.escape(step.paper_finding) in page
   assert "python -m experiments.reproduce --config=configs/reproduce.py:runlocal" in page
   figures = [f for step in reproduction.STEPS for f in step.figures]
   loaded = images_loaded_in_chromium(report_path, workdir)

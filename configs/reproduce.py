@@ -10,7 +10,7 @@ Args after the colon (run from the repository root: this file imports its siblin
             test images at 32 px), seven small models trained on the CPU (ViT width 64, 6
             blocks, 4x4 patches of 8 px with a CLS or GAP head, two of them without one block's
             skip connections, two on 10% and 30% of the data; a BiT ResNet with one unit per
-            stage), then every study: about 13 minutes on 2 CPU cores.
+            stage), then every study: under 15 minutes on 2 CPU cores.
   runlocal  The same steps shrunk to a smoke test (6 training steps, fewer examples).
   paper     The paper's analyses on ImageNet (TFDS 'imagenet2012', prepared in data_dir) with
             the public ImageNet-21k checkpoints of vision_transformer and big_transfer (the

@@ -329,6 +329,75 @@ def test_save_restore_continue_equals_uninterrupted(tmp_path):
   assert resumed.names_x == uninterrupted.names_x
 
 
+def grouped(seed, n):
+  """Model A: 4 layers [2, 3] then 2 layers [5]; model B: 3 layers [3] then 1 layer [4]. The
+  layers one by one, and stacked as groups `[n, k, ...]` (a group of 1 included)."""
+  xs, ys = layered(seed, n, a_shapes=((2, 3),) * 4 + ((5,),) * 2,
+                   b_shapes=((3,),) * 3 + ((4,),))
+  stack = lambda layers: np.stack(layers, axis=1)
+  return xs, ys, [stack(xs[:4]), stack(xs[4:])], [stack(ys[:3]), stack(ys[3:])]
+
+
+@pytest.mark.parametrize("within,gram_blocks,feature_chunk", [
+    (False, 1, None), (False, 3, 4), (True, 1, None)],
+    ids=["cross", "cross-blocks3-chunk4", "within"])
+def test_stacked_groups_equal_the_layers_one_by_one(within, gram_blocks, feature_chunk, caplog):
+  xs, ys, gx, gy = grouped(22, n=96)
+  for a in (xs[2], gx[0][:, 2]):  # A layer constant in every minibatch, inside a group.
+    a[...] = 0.1
+  names_x = [f"a{i}" for i in range(6)]
+  estimator = cka.MinibatchCKA(gram_blocks=gram_blocks, feature_chunk=feature_chunk)
+  one_by_one = estimator.init(xs, None if within else ys, names_x=names_x)
+  stacked = estimator.init(xs, None if within else ys, names_x=names_x)
+  for i in range(6):
+    rows = slice(16 * i, 16 * (i + 1))
+    one_by_one = estimator.update(one_by_one, [x[rows] for x in xs],
+                                  None if within else [y[rows] for y in ys])
+    stacked = estimator.update(stacked, [g[rows] for g in gx],
+                               None if within else [g[rows] for g in gy], stacked=True)
+  expected = estimator.result(one_by_one)
+  with caplog.at_level(logging.WARNING):
+    result = estimator.result(stacked)
+  assert any("constant" in r.getMessage() and "a2" in r.getMessage() for r in caplog.records)
+  assert result.names_x == tuple(names_x) and result.names_y == expected.names_y
+  assert (result.num_batches, result.num_examples) == (6, 96)
+  assert np.isnan(result.cka[2]).all()
+  ref = ref_heatmap(xs, xs if within else ys, 16)
+  ref[2] = np.nan
+  if within:
+    ref[:, 2] = np.nan
+  np.testing.assert_allclose(result.cka, ref, atol=2e-6)
+  np.testing.assert_allclose(result.cka, expected.cka, atol=1e-6)
+  np.testing.assert_allclose(result.stderr, expected.stderr, rtol=1e-4, atol=1e-7)
+
+
+def test_nonfinite_layer_in_a_group_is_named():
+  xs, ys, gx, gy = grouped(23, n=32)
+  gy[0][20, 1, 2] = np.nan
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys, names_y=["b0", "b1", "b2", "b3"])
+  for i in range(2):
+    rows = slice(16 * i, 16 * (i + 1))
+    state = estimator.update(state, [g[rows] for g in gx], [g[rows] for g in gy], stacked=True)
+  np.testing.assert_array_equal(np.asarray(state.nonfinite_y), [False, True, False, False])
+  with pytest.raises(ValueError, match="NaN or Inf features in model B layer 'b1':"):
+    estimator.result(state)
+
+
+def test_bad_groups_raise():
+  xs, ys, gx, gy = grouped(24, n=16)
+  estimator = cka.MinibatchCKA()
+  state = estimator.init(xs, ys)
+  with pytest.raises(ValueError, match=r"\(16, 4, 2, 3\), \(16, 1, 5\)\].*6 layers"):
+    estimator.update(state, [gx[0], gx[1][:, :1]], gy, stacked=True)
+  with pytest.raises(ValueError, match=r"\(16,\)\].*4 layers"):
+    estimator.update(state, gx, [ys[0][:, 0]], stacked=True)
+  with pytest.raises(TypeError, match="sequence of groups"):
+    estimator.update(state, {"a": gx[0], "b": gx[1]}, gy, stacked=True)
+  with pytest.raises(ValueError, match=r"same examples.*A:group 1 \(8, 2, 5\)"):
+    estimator.update(state, [gx[0], gx[1][:8]], gy, stacked=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices and processes.
 

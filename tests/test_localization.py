@@ -126,6 +126,46 @@ def test_maps_match_numpy_float64():
   assert np.all(localization.peaks_at_own_patch(maps["tokens"]))
 
 
+def test_full_grid_matches_numpy_float64():
+  """ViT-B/16's layout at 224 px (CLS + 14x14 tokens, 16x16x3 patches), narrow width: two
+  layers, given in computation order (not sorted: block 2 before block 10)."""
+  rng = np.random.default_rng(4)
+  n, batch, width = 48, 16, 16
+  # Independent patches [n, 196, 768] of low rank, assembled into images [n, 224, 224, 3].
+  patches = (rng.normal(size=(n, 196, 4)) @ rng.normal(size=(4, 768))
+             + 0.1 * rng.normal(size=(n, 196, 768))).astype(np.float32)
+  images = patches.reshape(n, 14, 14, 16, 16, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
+      n, 224, 224, 3)
+  np.testing.assert_array_equal(localization.image_patches(images, 14), patches)
+  names = ("Transformer/encoderblock_2/out", "Transformer/encoderblock_10/out")
+  layers = {name: np.concatenate([
+      rng.normal(size=(n, 1, width)),
+      patches @ rng.normal(size=(768, width)) * scale + rng.normal(size=(n, 196, width))],
+      axis=1).astype(np.float32) for name, scale in zip(names, (0.2, 0.05))}
+  loc = localization.LocalizationCKA({name: (197, width) for name in names}, image_size=224,
+                                     has_cls=True)
+  state = loc.init()
+  assert state["14"].names_x == tuple(f"{name}@{q}" for name in names for q in range(196))
+  for s in range(n // batch):
+    rows = slice(s * batch, (s + 1) * batch)
+    state = loc.update(state, {name: x[rows] for name, x in layers.items()}, images[rows])
+  state = loc.from_numpy(localization.LocalizationCKA.to_numpy(state))  # A saved run loads.
+  result = loc.result(state)
+  assert list(result.maps) == list(names) and result.num_examples == n
+  # Every token against its own patch and another one; the named positions against all.
+  named = [r * 14 + c for r, c in (localization.position_index(p, 14)
+                                   for p in localization.NAMED_POSITIONS)]
+  pairs = ({(q, q) for q in range(196)} | {(q, (37 * q + 5) % 196) for q in range(196)}
+           | {(q, p) for q in named for p in range(196)}
+           | {(q, p) for p in named for q in range(196)})
+  for name, x in layers.items():
+    maps = result.maps[name].reshape(196, 196)
+    for q, p in sorted(pairs):
+      expected = numpy_minibatch_cka(x[:, 1 + q], patches[:, p], batch)
+      np.testing.assert_allclose(maps[q, p], expected, atol=2e-5, err_msg=f"{name} {(q, p)}")
+    assert np.all(localization.peaks_at_own_patch(result.maps[name]))
+
+
 @pytest.fixture(scope="module")
 def zeroed_vit():
   """A 2-block ViT-Ti (patch 8, 4x4 grid, width 192 = 8 * 8 * 3) with all-zero parameters,

@@ -18,7 +18,10 @@ HSIC1 is computed through U-centring (Székely & Rizzo, "Partial distance correl
 Stat. 2014): with K̃ the Gram with its diagonal zeroed, U(K)_ij = K̃_ij - r_i - r_j + s for
 i != j and 0 on the diagonal (r = K̃ row sums / (n - 2), s = sum(K̃) / ((n - 1)(n - 2))), and
 HSIC1(K, L) = <U(K), U(L)>_F / (n (n - 3)). So one Gram per layer per minibatch and a single
-`[La, b²] x [b², Lb]` product give HSIC1 for every pair of layers.
+`[La, b²] x [b², Lb]` product give HSIC1 for every pair of layers. Many layers of one shape (every
+token of a ViT layer, as in `vit_repr.localization`) can be passed stacked, as one group
+`[b, k, ...]` of k layers (`MinibatchCKA.update(..., stacked=True)`): the k Grams are then one
+batched product, and the compiled program grows with the number of groups, not of layers.
 
 Inputs may be NumPy, JAX or any array convertible by `np.asarray` (e.g. PyTorch CPU tensors);
 computation is float32 unless float64 is enabled in JAX and the input is float64.
@@ -429,26 +432,50 @@ def _centred_gram(x: jax.Array, gram_blocks: int,
   return gram, mean_sq
 
 
-def _layer_grams(layers: tuple[jax.Array, ...], gram_blocks: int,
+def _group_grams(x: jax.Array, gram_blocks: int,
+                 feature_chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`_centred_gram` of each layer of a group `[b, k, p]`, as one batched computation.
+
+  A group of one layer takes the plain 2-D products, so a layer passed on its own gives the
+  same bits as before groups existed (batched products round differently, by ~1 ulp).
+
+  Returns:
+    The centred Grams `[k, b, b]` and b·||column means||² `[k]` of the k layers.
+  """
+  gram = functools.partial(_centred_gram, gram_blocks=gram_blocks, feature_chunk=feature_chunk)
+  if x.shape[1] == 1:
+    return jax.tree.map(lambda a: a[None], gram(x[:, 0]))
+  return jax.vmap(gram, in_axes=1)(x)
+
+
+def _layer_grams(layers: tuple[jax.Array, ...], stacked: bool, gram_blocks: int,
                  feature_chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """U-centred Grams `[L, b, b]` of one minibatch, with non-finite and varied flags `[L]`.
 
-  Features are centred per minibatch first: HSIC1 is exactly translation invariant, and
-  without it float32 cancellation costs ~1e-2 on activations with large means.
+  Args:
+    layers: per-layer arrays `[b, ...]`, or with `stacked` groups `[b, k, ...]` of k layers
+      (L = the sum of the k's); features flattened.
+    stacked: whether `layers` are groups.
+    gram_blocks: see `_gram_blocked`.
+    feature_chunk: see `_centred_gram`.
+
+  Features are centred per minibatch (and per layer) first: HSIC1 is exactly translation
+  invariant, and without it float32 cancellation costs ~1e-2 on activations with large means.
   """
-  grams, mean_sq = zip(*(_centred_gram(x.reshape(x.shape[0], -1).astype(jnp.float32),
-                                       gram_blocks, feature_chunk) for x in layers))
-  grams = jnp.stack(grams)
+  groups = (x.reshape(x.shape[0], x.shape[1] if stacked else 1, -1).astype(jnp.float32)
+            for x in layers)
+  grams, mean_sq = zip(*(_group_grams(x, gram_blocks, feature_chunk) for x in groups))
+  grams = jnp.concatenate(grams)
   centred_sq = jnp.trace(grams, axis1=1, axis2=2)
-  varied = centred_sq > _CONSTANT_RTOL * (centred_sq + jnp.stack(mean_sq))
+  varied = centred_sq > _CONSTANT_RTOL * (centred_sq + jnp.concatenate(mean_sq))
   return _u_centre(grams), ~jnp.isfinite(centred_sq), varied
 
 
 def _device_sums(shift: jax.Array, first: jax.Array, xs: tuple[jax.Array, ...],
-                 ys: tuple[jax.Array, ...] | None, gram_blocks: int,
+                 ys: tuple[jax.Array, ...] | None, stacked: bool, gram_blocks: int,
                  feature_chunk: int) -> tuple[jax.Array, ...]:
   """Per-device minibatch terms, summed over the mesh (runs inside shard_map)."""
-  ux, bad_x, varied_x = _layer_grams(xs, gram_blocks, feature_chunk)
+  ux, bad_x, varied_x = _layer_grams(xs, stacked, gram_blocks, feature_chunk)
   b = ux.shape[-1]
   ux = ux.reshape(ux.shape[0], b * b)
   if ys is None:
@@ -456,7 +483,7 @@ def _device_sums(shift: jax.Array, first: jax.Array, xs: tuple[jax.Array, ...],
     hxx = hyy = jnp.diagonal(hxy)
     bad_y, varied_y = bad_x, varied_x
   else:
-    uy, bad_y, varied_y = _layer_grams(ys, gram_blocks, feature_chunk)
+    uy, bad_y, varied_y = _layer_grams(ys, stacked, gram_blocks, feature_chunk)
     uy = uy.reshape(uy.shape[0], b * b)
     hxy = ux @ uy.T / (b * (b - 3))
     hxx = jnp.sum(ux * ux, axis=1) / (b * (b - 3))
@@ -471,16 +498,18 @@ def _device_sums(shift: jax.Array, first: jax.Array, xs: tuple[jax.Array, ...],
   return (shift, jax.lax.psum(moments, axis), *flags)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "gram_blocks", "feature_chunk"),
+@functools.partial(jax.jit,
+                   static_argnames=("stacked", "mesh", "gram_blocks", "feature_chunk"),
                    donate_argnums=0)
 def _update(state: dict[str, jax.Array], xs: tuple[jax.Array, ...],
-            ys: tuple[jax.Array, ...] | None, *, mesh: Mesh, gram_blocks: int,
+            ys: tuple[jax.Array, ...] | None, *, stacked: bool, mesh: Mesh, gram_blocks: int,
             feature_chunk: int) -> dict[str, jax.Array]:
   """One jitted update of the state's arrays (names stay outside, so they never recompile)."""
   data = PartitionSpec(parallel.DATA_AXIS)
   in_specs = (PartitionSpec(), PartitionSpec(), data, None if ys is None else data)
   sums_fn = jax.shard_map(
-      functools.partial(_device_sums, gram_blocks=gram_blocks, feature_chunk=feature_chunk),
+      functools.partial(_device_sums, stacked=stacked, gram_blocks=gram_blocks,
+                        feature_chunk=feature_chunk),
       mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec())
   shift, moments, bad_x, bad_y, varied_x, varied_y = sums_fn(
       state["shift"], state["num_batches"] == 0, xs, ys)
@@ -537,6 +566,22 @@ def _ordered(layers: Layers, names: tuple[str, ...], what: str) -> tuple[Any, ..
     raise TypeError(f"{what} must be a sequence or dict of per-layer arrays [b, ...]; got "
                     f"{type(layers).__name__}.")
   return tuple(a if isinstance(a, (jax.Array, np.ndarray)) else np.asarray(a) for a in arrays)
+
+
+def _stacked(groups: Sequence[jax.typing.ArrayLike], names: tuple[str, ...],
+             what: str) -> tuple[Any, ...]:
+  """The groups `[b, k, ...]` of `groups`, checked to hold one layer per name together."""
+  if not isinstance(groups, Sequence) or isinstance(groups, str):
+    raise TypeError(f"With stacked=True, {what} must be a sequence of groups [b, k, ...] of k "
+                    f"layers each; got {type(groups).__name__}.")
+  arrays = tuple(a if isinstance(a, (jax.Array, np.ndarray)) else np.asarray(a) for a in groups)
+  shapes = [tuple(np.shape(a)) for a in arrays]
+  if any(len(s) < 2 for s in shapes) or sum(s[1] for s in shapes) != len(names):
+    raise ValueError(
+        f"{what} holds groups of shapes {shapes}, but the state was initialised with "
+        f"{len(names)} layers: with stacked=True pass groups [b, k, ...] (k layers on axis 1) "
+        "whose k's add up to the layer count, in the order of the state's names.")
+  return arrays
 
 
 class MinibatchCKA:
@@ -630,8 +675,8 @@ class MinibatchCKA:
         names_x=names_x, names_y=names_y)
     return self._place(state)
 
-  def update(self, state: MinibatchCKAState, xs: Layers,
-             ys: Layers | None = None) -> MinibatchCKAState:
+  def update(self, state: MinibatchCKAState, xs: Layers, ys: Layers | None = None, *,
+             stacked: bool = False) -> MinibatchCKAState:
     """Folds one global batch into `state` (jitted; no host synchronisation).
 
     Args:
@@ -639,13 +684,21 @@ class MinibatchCKA:
       xs: model A's layers `[global_batch, ...]`, same structure as at `init`. Under a
         multi-host mesh, global arrays (`parallel.global_batch`).
       ys: model B's layers `[global_batch, ...]`; None iff the state is within-model.
+      stacked: xs (and ys) are sequences of groups `[global_batch, k, ...]` of k layers
+        stacked on axis 1 (layer j of a group is `group[:, j]`, features flattened), which
+        cover the state's layers in the order of its names. Each group's k Grams are one
+        batched computation, so the compiled update grows with the number of groups, not of
+        layers (e.g. every token of a ViT layer as one group `[b, N, D]`); the state and the
+        numbers (to float32 rounding) are those of the same layers passed one by one. A state
+        for groups is initialised with one name per layer (`init(names, names_x=names)`).
 
     Returns:
       The new state.
 
     Raises:
-      ValueError: on layers that differ from `init`, mismatched example counts, a batch
-        that does not split over the devices, or fewer than 4 examples per device.
+      ValueError: on layers that differ from `init` (with `stacked`: groups whose k's do not
+        add up to the layer count), mismatched example counts, a batch that does not split
+        over the devices, or fewer than 4 examples per device.
     """
     within = state.names_y is None
     if within != (ys is None):
@@ -653,10 +706,12 @@ class MinibatchCKA:
           "The state was initialised " + ("without ys (within-model) but ys was given"
                                           if within else "with ys but ys is missing") +
           "; pass the same models to init and update.")
-    arrays_x = _ordered(xs, state.names_x, "xs")
-    arrays_y = () if within else _ordered(ys, state.names_y, "ys")
-    named = [("A", n, a) for n, a in zip(state.names_x, arrays_x)] + [
-        ("B", n, a) for n, a in zip(state.names_y or (), arrays_y)]
+    checked = _stacked if stacked else _ordered
+    arrays_x = checked(xs, state.names_x, "xs")
+    arrays_y = () if within else checked(ys, state.names_y, "ys")
+    label = lambda names, i: f"group {i}" if stacked else names[i]
+    named = [("A", label(state.names_x, i), a) for i, a in enumerate(arrays_x)] + [
+        ("B", label(state.names_y, i), a) for i, a in enumerate(arrays_y)]
     counts = {np.shape(a)[0] if np.ndim(a) else 0 for _, _, a in named}
     if len(counts) != 1:
       shapes = ", ".join(f"{m}:{n} {tuple(np.shape(a))}" for m, n, a in named)
@@ -672,8 +727,9 @@ class MinibatchCKA:
       raise ValueError("With several processes pass global arrays built with "
                        "parallel.global_batch, not host-local NumPy arrays.")
     arrays = {f: getattr(self._place(state), f) for f in _STATE_ARRAYS}
-    arrays = _update(arrays, arrays_x, None if within else arrays_y, mesh=self.mesh,
-                     gram_blocks=self.gram_blocks, feature_chunk=self.feature_chunk)
+    arrays = _update(arrays, arrays_x, None if within else arrays_y, stacked=stacked,
+                     mesh=self.mesh, gram_blocks=self.gram_blocks,
+                     feature_chunk=self.feature_chunk)
     return MinibatchCKAState(**arrays, names_x=state.names_x, names_y=state.names_y)
 
   def result(self, state: MinibatchCKAState) -> CKAResult:

@@ -15,18 +15,20 @@ patch-embedding convolution orders them.
 Estimator: minibatch linear CKA with the unbiased HSIC (Nguyen, Raghu & Kornblith 2021), the
 paper's estimator, through `vit_repr.cka.MinibatchCKA`: every token of every chosen layer is a
 "layer" of model A and every input patch a "layer" of model B, so one Gram per token and per
-patch per minibatch and one all-pairs product give every map. Layers with the same grid share
-one accumulator (one set of patch Grams).
+patch per minibatch and one all-pairs product give every map. The tokens of a layer `[b, N, D]`
+and the patches `[b, N, P]` go in as stacked groups (`MinibatchCKA.update(..., stacked=True)`),
+so each group's N Grams are one batched product and the compiled update grows with L, not with
+N. Layers with the same grid share one accumulator (one set of patch Grams).
 
 Cost per minibatch of b examples, for L layers of N = grid² tokens of width D and patches of
 P = patch² · 3 pixels: Grams 2 b² N (L D + P) FLOPs, the all-pairs product 2 L N² b², and
 (L + 1) N U-centred Grams of b² floats in memory; the state is 21 L N² float32. For ViT-B/16 at
 224 px (N = 196, D = P = 768), one layer and b = 256: 39.5 GFLOP of Grams + 5.0 GFLOP of
 pairs (~0.5% of the 9 TFLOP forward pass of the batch), 103 MB of Grams and a 3.2 MB state.
-The price is compilation: the N per-token arrays are separate operands, so XLA compiles
-N (L + 1) slices and Grams. Measured for that case (one layer) on a 2-core CPU shared with other
-jobs: b = 64, ~30 s to compile (split + update) then 0.11 s per update; b = 256 (load ~9),
-~60 s to compile then 2.2 s per update (~20 GFLOP/s). Compile time grows linearly with L.
+Measured with `benchmarks/localization_bench.py` (L = 3, one device) on a 2-core CPU shared with
+other jobs (float32 GEMM peak ~90 GFLOP/s): ~1 s to compile at b = 32 and at b = 256 (one
+operand per token compiled for ~70 s), then 0.27 s (b = 32) and 3.9 s (b = 256, 94 GFLOP,
+~24 GFLOP/s) per update.
 """
 
 import math
@@ -234,15 +236,15 @@ class LocalizationCKA:
     return tuple(f"{n}@{q}" for n in self._by_grid[grid] for q in range(grid * grid))
 
   def _split_fn(self, features: dict[str, jax.Array], images: jax.Array
-                ) -> dict[str, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]:
-    """Per grid: (every token of every layer `[b, D]`, every patch `[b, P]`)."""
+                ) -> dict[str, tuple[tuple[jax.Array, ...], tuple[jax.Array]]]:
+    """Per grid, the stacked groups of `cka.MinibatchCKA.update`: (the tokens `[b, N, D]` of
+    each layer, in the order of `_by_grid`; the patches `[b, N, P]`)."""
     out = {}
     for grid, names in self._by_grid.items():
-      tokens = []
-      for n in names:
-        x = features[n].reshape(features[n].shape[0], *self.shapes[n])
-        tokens.extend(jnp.unstack(spatial_tokens(x, has_cls=self.has_cls), axis=1))
-      out[str(grid)] = (tuple(tokens), tuple(jnp.unstack(image_patches(images, grid), axis=1)))
+      tokens = tuple(
+          spatial_tokens(features[n].reshape(features[n].shape[0], *self.shapes[n]),
+                         has_cls=self.has_cls) for n in names)
+      out[str(grid)] = (tokens, (image_patches(images, grid),))
     return out
 
   def init(self) -> dict[str, cka.MinibatchCKAState]:
@@ -284,7 +286,8 @@ class LocalizationCKA:
                          f"{int(np.prod(self.shapes[n]))} features per example (shape "
                          f"{self.shapes[n]}); got {np.shape(features[n])}.")
     split = self._split({n: features[n] for n in self.names}, images)
-    return {key: self._estimator.update(state[key], *split[key]) for key in state}
+    return {key: self._estimator.update(state[key], *split[key], stacked=True)
+            for key in state}
 
   def result(self, state: dict[str, cka.MinibatchCKAState]) -> LocalizationResult:
     """The maps and their standard errors (one host synchronisation per grid)."""

@@ -2,6 +2,7 @@
 
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -50,7 +51,8 @@ def collect(batches):
 
 def test_digits_info_and_split():
   info = data.dataset_info("digits")
-  assert info.num_classes == 10 and dict(info.splits) == {"train": 1437, "test": 360}
+  assert info.num_classes == 10
+  assert dict(info.splits) == {"train": 1437, "test": 360, "validation": 360}
   assert info.image_shape == (8, 8, 3)
   assert "BSD-3" in info.license and "Alpaydin" in info.citation
   assert "digits" in data.known_datasets() and "cifar10" in data.known_datasets()
@@ -298,7 +300,31 @@ def test_unknown_dataset_lists_known_names():
 
 def test_unknown_split():
   with pytest.raises(ValueError, match="splits are"):
-    list(data.eval_numpy_batches("digits", "validation", image_size=8, global_batch_size=8))
+    list(data.eval_numpy_batches("digits", "val", image_size=8, global_batch_size=8))
+
+
+def test_digits_validation_is_the_test_split():
+  """Configs written for ImageNet's 'validation' split run on the digits unchanged."""
+  def read(split):
+    return list(data.eval_numpy_batches("digits", split, image_size=8, global_batch_size=40))
+  for validation, test in zip(read("validation"), read("test"), strict=True):
+    np.testing.assert_array_equal(validation["image"], test["image"])
+    np.testing.assert_array_equal(validation["label"], test["label"])
+
+
+def test_sample_seed_draws_a_seeded_sample_without_replacement():
+  """`sample_seed`: num_examples distinct examples drawn from the whole split, read in
+  canonical order; another seed draws others; None keeps the first num_examples."""
+  def indices(sample_seed):
+    return data.eval_plan(1_000, global_batch_size=10, num_examples=100,
+                          sample_seed=sample_seed, process_index=0,
+                          process_count=1).host_indices
+  first, drawn, other = indices(None), indices(0), indices(1)
+  np.testing.assert_array_equal(first, np.arange(100))
+  assert len(set(drawn)) == 100 and np.all(np.diff(drawn) > 0) and drawn.max() > 500
+  expected = np.sort(np.asarray(jax.random.permutation(jax.random.key(0), 1_000))[:100])
+  np.testing.assert_array_equal(drawn, expected)
+  assert set(drawn) != set(other)
 
 
 @pytest.mark.parametrize("name,hint", [("cifar10", "tfds build cifar10"),

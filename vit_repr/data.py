@@ -12,7 +12,10 @@ gs://), or an embedded dataset that ships inside an installed package and needs 
   repository lists the data set under CC BY 4.0. Each image
   is scaled to uint8 (v * 255 / 16, ink bright on a dark background), repeated over 3 channels
   and served at its native 8x8: the ordinary preprocessing upsamples it (bilinear) to the model
-  resolution. Splits: a stratified split with fixed seed 0, 'train' 1,437 and 'test' 360.
+  resolution. Splits: a stratified split with fixed seed 0, 'train' 1,437 and 'test' 360;
+  'validation' is a second name of 'test' (the digits have no separate validation set), so
+  configs written for ImageNet's 'train' / 'validation' run on them with only the dataset name
+  changed.
 
 Preprocessing follows the original ViT and BiT releases (google-research/vision_transformer
 `vit_jax/input_pipeline.py`; big_transfer `bit_pytorch/train.py`):
@@ -31,7 +34,9 @@ Example order and subsets. Examples are identified by their index in the split's
 (on-disk, unshuffled) order. `subset_fraction=f, subset_seed=s` keeps the first
 `round(f * n)` entries of one fixed permutation of `range(n)` drawn from `jax.random.key(s)`,
 so for one seed the 10% subset is inside the 30% one (nested data-scale study). Kept examples
-are read in canonical order. Eval batches are the first `num_examples` of that sequence; the
+are read in canonical order. Eval batches are the first `num_examples` of that sequence, or,
+with `sample_seed=s`, `num_examples` of them drawn at random without replacement (a seeded
+permutation; read in canonical order, e.g. the paper's 10,240 random validation images); the
 last partial batch is dropped (a padded batch would add fake examples to CKA Gram matrices):
 `EvalBatches.num_batches` / `.num_examples` say how many are used.
 
@@ -124,14 +129,15 @@ def _digits() -> tuple[DatasetInfo, np.ndarray, np.ndarray, dict[str, np.ndarray
   train, test = model_selection.train_test_split(
       np.arange(len(labels)), test_size=_DIGITS_TEST_SIZE, stratify=labels,
       random_state=_DIGITS_SPLIT_SEED)
-  splits = {"train": train, "test": test}
+  splits = {"train": train, "test": test, "validation": test}
   info = DatasetInfo(
       name="digits", num_classes=10, splits={k: len(v) for k, v in splits.items()},
       image_shape=(8, 8, 3), class_names=tuple(str(i) for i in range(10)),
       description=(
           "UCI ML hand-written digits (test set) as bundled with scikit-learn: 8x8 images of "
           "digits 0-9 from 13 writers, values 0..16 rescaled to 0..255, grey repeated to RGB; "
-          "stratified seeded split (seed 0) into 1,437 train / 360 test."),
+          "stratified seeded split (seed 0) into 1,437 train / 360 test ('validation' names "
+          "the same 360 test images)."),
       license=("scikit-learn: BSD-3-Clause; UCI Optical Recognition of Handwritten Digits "
                "data set: CC BY 4.0."),
       citation=("E. Alpaydin and C. Kaynak. Optical Recognition of Handwritten Digits. UCI "
@@ -300,9 +306,13 @@ def subset_indices(num_examples: int, subset_fraction: float = 1.0,
                      "use a larger fraction.")
   if size == num_examples:
     return np.arange(num_examples, dtype=np.int64)
+  return np.sort(_permutation(num_examples, subset_seed)[:size])
+
+
+def _permutation(size: int, seed: int) -> np.ndarray:
+  """int64 `jax.random.permutation(jax.random.key(seed), size)`, computed on the host CPU."""
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    perm = jax.random.permutation(jax.random.key(subset_seed), num_examples)
-  return np.sort(np.asarray(perm[:size], dtype=np.int64))
+    return np.asarray(jax.random.permutation(jax.random.key(seed), size), dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,11 +395,16 @@ class EvalPlan:
   num_dropped: int
   host_indices: np.ndarray
 
+  @property
+  def global_batch_size(self) -> int:
+    """Examples per global batch (all hosts)."""
+    return self.num_examples // self.num_batches
+
 
 def eval_plan(num_split_examples: int, *, global_batch_size: int,
               num_examples: int | None = None, subset_fraction: float = 1.0,
-              subset_seed: int = 0, process_index: int | None = None,
-              process_count: int | None = None) -> EvalPlan:
+              subset_seed: int = 0, sample_seed: int | None = None,
+              process_index: int | None = None, process_count: int | None = None) -> EvalPlan:
   """The examples an eval pass reads: pure index arithmetic, no data access.
 
   Args:
@@ -398,6 +413,9 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
     num_examples: examples requested (default the whole subset).
     subset_fraction: nested subset fraction (see `subset_indices`).
     subset_seed: nested subset seed.
+    sample_seed: None for the first `num_examples` of the subset; s for `num_examples` of it
+      drawn at random without replacement (permutation from `jax.random.key(s)`), used in
+      canonical order.
     process_index: this host (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -416,6 +434,8 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
         f"num_examples={num_examples} but the split has only {len(subset)} examples "
         f"(subset_fraction={subset_fraction} of {num_split_examples}); lower num_examples or "
         "use a larger split / subset_fraction.")
+  if sample_seed is not None:
+    subset = np.sort(subset[_permutation(len(subset), sample_seed)[:num_examples]])
   num_batches = num_examples // global_batch_size
   if num_batches == 0:
     raise ValueError(f"num_examples={num_examples} is smaller than one global batch of "
@@ -487,8 +507,9 @@ def _device_prefetch(host_batches: Iterator[dict[str, np.ndarray]],
 def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_size: int,
                        num_examples: int | None = None, data_dir: str | None = None,
                        subset_fraction: float = 1.0, subset_seed: int = 0,
-                       crop_fraction: float | None = None, shuffle_seed: int | None = None,
-                       shuffle_buffer: int | None = None, process_index: int | None = None,
+                       sample_seed: int | None = None, crop_fraction: float | None = None,
+                       shuffle_seed: int | None = None, shuffle_buffer: int | None = None,
+                       process_index: int | None = None,
                        process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Host-local eval batches as NumPy (this host's rows of each global batch).
 
@@ -497,7 +518,8 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
 
   Args:
     name, split, image_size, global_batch_size, num_examples, data_dir, subset_fraction,
-      subset_seed, crop_fraction, shuffle_seed, shuffle_buffer: as in `eval_batches`.
+      subset_seed, sample_seed, crop_fraction, shuffle_seed, shuffle_buffer: as in
+      `eval_batches`.
     process_index: host whose rows to load (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -508,7 +530,8 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
   source = _source(name, split, data_dir)
   plan = eval_plan(source.num_examples, global_batch_size=global_batch_size,
                    num_examples=num_examples, subset_fraction=subset_fraction,
-                   subset_seed=subset_seed, process_index=process_index,
+                   subset_seed=subset_seed, sample_seed=sample_seed,
+                   process_index=process_index,
                    process_count=process_count)
   host_batch = len(plan.host_indices) // plan.num_batches
   return _eval_dataset(source, plan, image_size, host_batch, crop_fraction, shuffle_seed,
@@ -518,7 +541,8 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
 def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: int, mesh: Mesh,
                  num_examples: int | None = None, data_dir: str | None = None,
                  subset_fraction: float = 1.0, subset_seed: int = 0,
-                 crop_fraction: float | None = None, shuffle_seed: int | None = None,
+                 sample_seed: int | None = None, crop_fraction: float | None = None,
+                 shuffle_seed: int | None = None,
                  shuffle_buffer: int | None = None) -> EvalBatches:
   """Deterministic eval batches for analyses, sharded over `mesh`.
 
@@ -538,6 +562,8 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
     data_dir: TFDS data directory (local or gs://).
     subset_fraction: nested subset fraction in (0, 1].
     subset_seed: nested subset seed.
+    sample_seed: None for the first `num_examples`; s for `num_examples` drawn at random
+      without replacement with seed s (see `eval_plan`).
     crop_fraction: None for the ViT/BiT plain resize; c for resize-shorter-side to
       `round(image_size / c)` and central crop.
     shuffle_seed: None for canonical order; else the seed of a deterministic shuffle of this
@@ -557,7 +583,7 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
   source = _source(name, split, data_dir)
   plan = eval_plan(source.num_examples, global_batch_size=global_batch_size,
                    num_examples=num_examples, subset_fraction=subset_fraction,
-                   subset_seed=subset_seed)
+                   subset_seed=subset_seed, sample_seed=sample_seed)
   if plan.num_dropped:
     logging.warning("%s/%s: using %d examples in %d batches of %d; the last %d are dropped.",
                     name, split, plan.num_examples, plan.num_batches, global_batch_size,

@@ -356,9 +356,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   """
   if config.train.dtype not in DTYPES:
     raise ValueError(f"train.dtype must be one of {sorted(DTYPES)}; got {config.train.dtype!r}.")
-  overrides = {"num_classes": num_classes, "image_size": config.data.image_size,
-               **config.model.overrides.to_dict(), "dtype": DTYPES[config.train.dtype]}
-  return models.create(config.model.name, **overrides)
+  return models.create_from_config(
+      config.model.name, {**config.model.overrides.to_dict(), "dtype": DTYPES[config.train.dtype]},
+      num_classes=num_classes, image_size=config.data.image_size)
 
 
 def make_train_mesh(config: ml_collections.ConfigDict) -> Mesh:

@@ -6,6 +6,8 @@ size is one table row in its family's file; a new family is one line here.
 """
 
 import types
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 
@@ -39,3 +41,20 @@ def create(name: str, **overrides) -> nn.Module:
   if module is None or variant not in module.VARIANTS:
     raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(known_names())}.")
   return module.from_variant(variant, **overrides)
+
+
+def create_from_config(name: str, overrides: Mapping[str, Any], **defaults) -> nn.Module:
+  """`create(name, **defaults, **overrides)` for overrides read from a config.
+
+  An override that is None (a config placeholder left unset, e.g. a width field) keeps the
+  value of `defaults` or the registered one.
+
+  Args:
+    name: registered model name.
+    overrides: constructor fields from a config, e.g. `spec.overrides.to_dict()`.
+    **defaults: values the config's overrides may replace (e.g. num_classes, image_size).
+
+  Returns:
+    An unbound `flax.linen.Module`.
+  """
+  return create(name, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})

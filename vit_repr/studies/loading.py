@@ -2,7 +2,8 @@
 
 A model spec (`config.model_a`, `config.model_b`, ...) is a ConfigDict with
   name: registered model name ('ViT-B/16', 'BiT-R50x1', ...);
-  overrides: constructor overrides (`num_classes` defaults to the dataset's classes);
+  overrides: constructor overrides (None: the registered value; `num_classes` defaults to
+    the dataset's classes, `image_size` to the study's resolution);
   checkpoint: '' for random initialisation from `seed`, a path ending in `.npz` for an original
     Google checkpoint (`checkpoints.load`), or a parameter directory written by
     `checkpoints.save` (e.g. `<train workdir>/params` of `vit_repr.training`);
@@ -23,7 +24,8 @@ from vit_repr import checkpoints, models
 
 def describe(spec: ml_collections.ConfigDict) -> dict[str, Any]:
   """The JSON-ready description of a model spec recorded in every result's metadata."""
-  return {"name": spec.name, "overrides": spec.overrides.to_dict(),
+  overrides = {k: v for k, v in spec.overrides.to_dict().items() if v is not None}
+  return {"name": spec.name, "overrides": overrides,
           "checkpoint": spec.checkpoint or f"random init (seed {spec.seed})"}
 
 
@@ -39,8 +41,8 @@ def load_model(spec: ml_collections.ConfigDict, *, image_size: int,
   Returns:
     (model, params).
   """
-  overrides = {"num_classes": num_classes, "image_size": image_size, **spec.overrides.to_dict()}
-  model = models.create(spec.name, **overrides)
+  model = models.create_from_config(spec.name, spec.overrides.to_dict(),
+                                    num_classes=num_classes, image_size=image_size)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   if not spec.checkpoint:
     logging.info("%s: random initialisation (seed %d).", spec.name, spec.seed)

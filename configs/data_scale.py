@@ -4,8 +4,7 @@ r"""Pretraining data scale (Raghu et al. 2021, Figs 12-13): nested subsets, CKA,
     python -m experiments.data_scale --config=configs/data_scale.py:local,fractions=0.03/0.1/0.3 \
         --config.models_dir=/tmp/shared_models --workdir=/tmp/ds
     python -m experiments.data_scale --config=configs/data_scale.py:imagenet_vit_b16 \
-        --config.cka.data.data_dir=gs://my-bucket/tensorflow_datasets \
-        --config.probes.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=gs://b/ds
+        --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=gs://b/ds
     python -m experiments.data_scale --config=configs/data_scale.py:runlocal --workdir=/tmp/ds_smoke
 
 Args after the colon: a setting, then comma-separated options.
@@ -27,6 +26,10 @@ Args after the colon: a setting, then comma-separated options.
                     one 30% subset, a few training steps, a small CKA and probe run).
 Options: `fractions=a/b/...` (subset fractions in (0, 1); the full-data reference is added).
 
+One dataset for the whole study: the models' training data, the CKA data and the probes' data
+are linked to `config.data` (name, data_dir, train_split, eval_split), so
+`--config.data.name=X --config.data.data_dir=Y` reaches every part.
+
 Model names follow the recipe: '<recipe>' for all the data, '<recipe>_fraction<f>' for a
 subset, with 'p' for the decimal point (ConfigDict keys cannot contain dots): 10% of the data
 is 'vit_cls_fraction0p1'. `models_dir` (None: <workdir>/models) holds the trained models;
@@ -37,6 +40,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import cka_heatmap
+from configs import common
 from configs import linear_probes
 from configs import train as train_configs
 
@@ -49,15 +53,6 @@ _VIT_LAYERS = (r"Transformer/encoderblock_\d+/out",)
 def model_name(recipe: str, fraction: float) -> str:
   """'vit_cls', 0.1 -> 'vit_cls_fraction0p1' (ConfigDict keys cannot hold dots)."""
   return f"{recipe}_fraction{fraction:g}".replace(".", "p")
-
-
-def _parse(arg: str) -> tuple[str, dict[str, str]]:
-  name, *options = [part.strip() for part in arg.split(",") if part.strip()] or [""]
-  parsed = {}
-  for option in options:
-    key, _, value = option.partition("=")
-    parsed[key] = value
-  return name, parsed
 
 
 def _fractions(setting: str, options: dict[str, str]) -> tuple[float, ...]:
@@ -75,7 +70,7 @@ def _fractions(setting: str, options: dict[str, str]) -> tuple[float, ...]:
 
 def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   """Returns the data-scale config for `arg` ('<setting>[,fractions=a/b]', module docstring)."""
-  setting, options = _parse(arg)
+  setting, options = common.parse_arg(arg)
   if setting not in SETTINGS or set(options) - {"fractions"}:
     raise ValueError(f"Bad data_scale config arg {arg!r}: settings are {SETTINGS}, option "
                      "'fractions=a/b/...'.")
@@ -83,6 +78,10 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   recipe = "imagenet_vit_b16" if setting == "imagenet_vit_b16" else "vit_cls"
   suffix = ",runlocal" if setting == "runlocal" else ""
   config = ml_collections.ConfigDict()
+  config.data = ml_collections.ConfigDict(dict(
+      name="imagenet2012" if setting == "imagenet_vit_b16" else "digits",
+      data_dir=config_dict.placeholder(str), train_split="train",
+      eval_split="validation" if setting == "imagenet_vit_b16" else "test"))
   # name -> configs/train.py config; trained (or reused) into <models_dir>/<name>.
   config.models = ml_collections.ConfigDict({recipe: train_configs.get_config(recipe + suffix)})
   for fraction in fractions:
@@ -101,12 +100,15 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
     config.probes = linear_probes.get_config("runlocal")
     config.probes.specs = ml_collections.ConfigDict()  # No public checkpoints offline.
     config.probes.probes.update(modes=("cls", "mean"), per_token=False)
-  config.cka.model_a = cka_heatmap.model_spec()
-  config.cka.model_b = cka_heatmap.model_spec()
+  config.cka.model_a = common.model_spec()
+  config.cka.model_b = common.model_spec()
   if setting == "runlocal":
     config.cka.data.num_examples = 120
     config.cka.analysis.num_passes = 1
     config.probes.probes.update(shots=(1, 5), seeds=(0,))
     config.probes.linear.update(max_steps=60, patience=2)
   # (b) probes: `probes.specs` holds the public checkpoints probed beside the trained models.
+  for section in (config.cka.data, config.probes.data,
+                  *(train_config.data for train_config in config.models.values())):
+    common.link_data(section, config.data)
   return config

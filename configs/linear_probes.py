@@ -9,19 +9,24 @@ r"""Linear probes per layer and per token (Raghu et al. 2021, Fig 11 and the Fig
 The arg names the probed models joined by '+': `vit_b32`, `vit_b16`, `vit_l16` (ImageNet-21k
 checkpoints of vision_transformer), `vit_b16_i1k` / `vit_b16_i21k` (the AugReg ViT-B/16
 pre-trained on ImageNet-1k only / on ImageNet-21k, same recipe: the public pair closest to the
-paper's data-scale comparison), `r50` (BiT-M R50x1). Paper variants probe the 12 (24) block
-outputs on ImageNet: shots drawn from the first 50,000 'train' images, accuracy on 10,000
-'validation' images, 224px with the 0.875 centre crop; modes 'cls' and 'mean'; full probes on
-the same 50,000 (1,000 classes x ~50 examples each: full-probe accuracies on a pool this small
-are a lower bound of a probe trained on all 1.28M images).
+paper's data-scale comparison), `r50` (BiT-M R50x1), then options: `full` (big_vision's 1, 5,
+10 and 25 shots and full softmax-regression probes besides the paper's 10-shot ones).
+
+The paper's setting: 10-shot closed-form probes (big_vision's few-shot linear regression,
+averaged over 3 shot samplings) of the 12 (24) block outputs on ImageNet: shots drawn from the
+first 50,000 'train' images, accuracy on 10,000 'validation' images, 224 px with the 0.875
+centre crop; modes 'cls' and 'mean'. With `full`, the full probes train on the same 50,000
+(1,000 classes x ~50 examples each: full-probe accuracies on a pool this small are a lower bound
+of a probe trained on all 1.28M images).
 
 Cost for ViT-B/16. Host memory for the feature matrices: 4 bytes x 60,000 examples x
 (768 + 768) x 12 layers = 4.4 GB. Compute: one forward pass over 60,000 images (~35 GFLOP per
-image, ~2 PFLOP in all: minutes on a TPU v3-8), 12 layers x 2 modes x 4 shot counts x 3 seeds
-ridge solves of 769 x 769 (seconds) and 24 full probes of 40,000 x 768 x 1,000 (minutes on one
+image, ~2 PFLOP in all: minutes on a TPU v3-8), 12 layers x 2 modes x 3 seeds ridge solves of
+769 x 769 (seconds); with `full`, 24 full probes of 40,000 x 768 x 1,000 (minutes on one
 accelerator). Per-token probes (`probes.per_token=True`) keep [examples, tokens, width] per
 layer (605 kB per example per layer for B/16): lower `data.train_num_examples` or select fewer
-layers for them.
+layers for them. The extracted features are saved in the workdir as they stream
+(`checkpoint_every` batches), so a killed run resumes where it stopped.
 
 `runlocal`: a tiny randomly initialised CLS-token ViT and a GAP ViT on the embedded 'digits'
 data (~75 s of CPU time on 2 cores, mostly compiling one probe per feature shape). Settings
@@ -31,8 +36,9 @@ full probes (held-out fraction, optimiser, early stopping).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
-from configs.cka_heatmap import model_spec
+from configs import common
 
 _VIT_LAYERS = (r"Transformer/encoderblock_\d+/out",)
 _RESNET_LAYERS = (r"block\d/unit\d+/out",)
@@ -40,39 +46,40 @@ _AUGREG = "gs://vit_models/augreg/"
 
 # name -> (registered model, public checkpoint, layer patterns).
 PAPER_MODELS = {
-    "vit_b32": ("ViT-B/32", "gs://vit_models/imagenet21k/ViT-B_32.npz", _VIT_LAYERS),
-    "vit_b16": ("ViT-B/16", "gs://vit_models/imagenet21k/ViT-B_16.npz", _VIT_LAYERS),
-    "vit_l16": ("ViT-L/16", "gs://vit_models/imagenet21k/ViT-L_16.npz", _VIT_LAYERS),
+    "vit_b32": (*common.PUBLIC_CHECKPOINTS["vit_b32"], _VIT_LAYERS),
+    "vit_b16": (*common.PUBLIC_CHECKPOINTS["vit_b16"], _VIT_LAYERS),
+    "vit_l16": (*common.PUBLIC_CHECKPOINTS["vit_l16"], _VIT_LAYERS),
     "vit_b16_i1k": ("ViT-B/16", _AUGREG + "B_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.1-"
                     "sd_0.1.npz", _VIT_LAYERS),
     "vit_b16_i21k": ("ViT-B/16", _AUGREG + "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-"
                      "sd_0.0.npz", _VIT_LAYERS),
-    "r50": ("BiT-R50x1", "gs://bit_models/BiT-M-R50x1.npz", _RESNET_LAYERS),
+    "r50": (*common.PUBLIC_CHECKPOINTS["r50"], _RESNET_LAYERS),
 }
-
+OPTIONS = ("full",)
 
 
 def _base() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.specs = ml_collections.ConfigDict()  # name -> model spec, probed in this order.
   config.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=None, image_size=224, crop_fraction=0.875,
+      name="imagenet2012", data_dir=config_dict.placeholder(str), image_size=224,
+      crop_fraction=0.875,          # None: plain resize; c: resize to size / c, centre crop.
       train_split="train",          # Pool the shots are drawn from (and the full probes train on).
       train_num_examples=50_000,    # First n of the pool split (None: all of it).
       test_split="validation",
-      test_num_examples=10_000,
+      test_num_examples=10_000,     # None: all of the test split.
       global_batch_size=1024,       # Divisible by the device count; the last partial batch of
                                     # each split is dropped (logged).
   ))
   config.probes = ml_collections.ConfigDict(dict(
       modes=("cls", "mean"),        # Per-layer token modes: 'cls', 'mean', 'all' (flattened).
       per_token=False,              # One probe per token position as well.
-      shots=(1, 5, 10, 25),         # big_vision's few-shot defaults.
+      shots=(10,),                  # The paper's 10-shot probes.
       seeds=(0, 1, 2),              # Shot samplings averaged (big_vision: 3).
       l2_reg=2.0 ** 10,             # big_vision's ridge regulariser.
   ))
   config.linear = ml_collections.ConfigDict(dict(
-      enabled=True,                 # Full softmax-regression probes besides the few-shot ones.
+      enabled=False,                # Full softmax-regression probes besides the few-shot ones.
       holdout_fraction=0.2,         # Of the pool, for early stopping.
       seed=0,                       # Held-out split.
       learning_rate=1e-2,           # Full-batch Adam on standardised features.
@@ -82,31 +89,46 @@ def _base() -> ml_collections.ConfigDict:
       patience=10,                  # Evaluations without improvement before stopping.
       min_delta=1e-4,               # Held-out loss decrease that counts as improvement.
   ))
+  config.checkpoint_every = 10      # Batches between saves of the features extracted so far.
+  config.log_every = 10
+  config.stop_after_batches = config_dict.placeholder(int)  # Simulated preemption.
   return config
 
 
+def use_full_probes(config: ml_collections.ConfigDict) -> None:
+  """Option 'full': big_vision's four shot counts and full softmax-regression probes."""
+  config.probes.shots = (1, 5, 10, 25)
+  config.linear.enabled = True
+
+
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: 'runlocal' or '<model>[+<model>...]' (module docstring)."""
+  """Returns the config for `arg`: 'runlocal' or '<model>[+<model>...][,full]' (docstring)."""
   config = _base()
   if arg == "runlocal":
     tiny = dict(patch_size=8, hidden_size=32, depth=3, num_heads=2, mlp_dim=64)
     config.specs = ml_collections.ConfigDict(dict(
-        vit_cls=model_spec("ViT-Ti/16", layers=_VIT_LAYERS, overrides=dict(tiny)),
-        vit_gap=model_spec("ViT-Ti/16", layers=_VIT_LAYERS,
-                           overrides=dict(tiny, classifier="gap"))))
-    config.data.update(name="digits", image_size=32, crop_fraction=None, train_split="train",
-                       train_num_examples=None, test_split="test", test_num_examples=None,
+        vit_cls=common.model_spec("ViT-Ti/16", layers=_VIT_LAYERS, overrides=dict(tiny)),
+        vit_gap=common.model_spec("ViT-Ti/16", layers=_VIT_LAYERS,
+                                  overrides=dict(tiny, classifier="gap"))))
+    config.data.update(name="digits", image_size=32, train_split="train", test_split="test",
                        global_batch_size=120)
+    config.data.crop_fraction = config_dict.placeholder(float)
+    config.data.train_num_examples = config_dict.placeholder(int)
+    config.data.test_num_examples = config_dict.placeholder(int)
     config.probes.update(modes=("cls", "mean", "all"), per_token=True, shots=(1, 5, 10),
                          seeds=(0, 1))
-    config.linear.update(max_steps=300, eval_every=20, patience=3)
+    config.linear.update(enabled=True, max_steps=300, eval_every=20, patience=3)
+    config.checkpoint_every = 3
+    config.log_every = 3
     return config
-  names = arg.split("+")
-  unknown = [n for n in names if n not in PAPER_MODELS]
-  if unknown or not names:
+  models, options = common.parse_arg(arg)
+  names = models.split("+")
+  if any(n not in PAPER_MODELS for n in names) or set(options) - set(OPTIONS):
     raise ValueError(f"Bad linear_probes config arg {arg!r}: use 'runlocal' or models of "
-                     f"{sorted(PAPER_MODELS)} joined by '+'.")
+                     f"{sorted(PAPER_MODELS)} joined by '+', optionally followed by ',full'.")
   for name in names:
     model, checkpoint, layers = PAPER_MODELS[name]
-    config.specs[name] = model_spec(model, checkpoint, layers)
+    config.specs[name] = common.model_spec(model, checkpoint, layers)
+  if "full" in options:
+    use_full_probes(config)
   return config

@@ -32,15 +32,28 @@ from their last checkpoint): rerun the same command.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
-from configs import (attention_distance, cka_heatmap, data_scale, linear_probes, localization,
-                     receptive_field, skip_connections)
+from configs import (attention_distance, cka_heatmap, common, data_scale, linear_probes,
+                     localization, receptive_field, skip_connections)
 from configs import train as train_configs
 
 # The trained models the studies use: name -> configs/train.py recipe.
 _MODELS = ("vit_cls", "vit_gap", "bit")
 # Training steps of the demo's models per family.
 _DEMO_STEPS = {"ViT": 600, "BiT": 500}
+# The config sections of the studies (each holds a `data` section).
+STUDIES = ("representation", "attention", "receptive_fields", "skip_connections",
+           "localization", "probes", "data_scale")
+
+
+def _link_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """One dataset for the whole job: every study's and every trained model's dataset name,
+  TFDS directory and splits are linked to `config.data`."""
+  for section in (*(config[study].data for study in STUDIES),
+                  *(train_config.data for train_config in config.models.values())):
+    common.link_data(section, config.data)
+  return config
 
 
 def _embedded(arg: str) -> ml_collections.ConfigDict:
@@ -50,7 +63,7 @@ def _embedded(arg: str) -> ml_collections.ConfigDict:
   config.arg = arg                 # The config arg, shown in the report's commands.
   config.data = ml_collections.ConfigDict(dict(
       name="digits",           # Any TFDS name (e.g. 'imagenet2012') or an embedded dataset.
-      data_dir=None,           # TFDS data directory, local or gs://.
+      data_dir=config_dict.placeholder(str),  # TFDS data directory, local or gs://.
       train_split="train",
       eval_split="test",
       image_size=32,           # Model resolution the images are resized to.
@@ -58,7 +71,7 @@ def _embedded(arg: str) -> ml_collections.ConfigDict:
   ))
   config.summary = ml_collections.ConfigDict(dict(
       examples_per_class=10,   # Montage columns.
-      num_examples=None,       # Examples of each split summarised (None: all).
+      num_examples=config_dict.placeholder(int),  # Examples of each split summarised (None: all).
   ))
   # Training configs of the small models, trained into <workdir>/models/<name> (or reused).
   config.models = ml_collections.ConfigDict(
@@ -66,15 +79,15 @@ def _embedded(arg: str) -> ml_collections.ConfigDict:
   # Models trained at a time, each in its own process (a small model's training step keeps
   # one CPU core busy); 1 on accelerators and on several hosts.
   config.train_processes = 2
-  # Which model spec of which study is a model trained above: {study: {spec field: model}};
-  # the main job fills those specs in from `<workdir>/models/<model>` at run time.
+  # Which model spec of which study is a model trained above: {study: {spec path: model}},
+  # nested like the study's config; the main job fills those specs in from
+  # `<workdir>/models/<model>` at run time.
   config.use_trained = ml_collections.ConfigDict(dict(
       representation=dict(model_a="vit_cls", model_b="bit"),
       attention=dict(model="vit_cls", resnet="bit"),
       receptive_fields=dict(model_a="vit_cls", model_b="bit"),
-      probes={"specs/vit_cls": "vit_cls", "specs/vit_gap": "vit_gap"},
-      localization={"models/vit_cls": "vit_cls", "models/vit_gap": "vit_gap",
-                    "models/bit": "bit"},
+      probes=dict(specs=dict(vit_cls="vit_cls", vit_gap="vit_gap")),
+      localization=dict(models=dict(vit_cls="vit_cls", vit_gap="vit_gap", bit="bit")),
   ))
   # Study 1: CKA heatmaps of the trained ViT (CLS) and BiT ResNet.
   config.representation = cka_heatmap.get_config("runlocal")
@@ -124,7 +137,7 @@ def _embedded(arg: str) -> ml_collections.ConfigDict:
     config.probes.linear.update(max_steps=60, patience=2)
     for name in ("vit_cls", "vit_gap"):
       config.localization.models[name].layers = (r"Transformer/encoderblock_(0|1)/out",)
-  return config
+  return _link_data(config)
 
 
 def _paper() -> ml_collections.ConfigDict:
@@ -132,8 +145,8 @@ def _paper() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.arg = "paper"
   config.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
-      image_size=224, global_batch_size=1024))
+      name="imagenet2012", data_dir=config_dict.placeholder(str), train_split="train",
+      eval_split="validation", image_size=224, global_batch_size=1024))
   config.summary = ml_collections.ConfigDict(dict(examples_per_class=8, num_examples=10_000))
   config.train_processes = 1
   config.models = ml_collections.ConfigDict()
@@ -143,24 +156,24 @@ def _paper() -> ml_collections.ConfigDict:
   gap.model.overrides.classifier = "gap"
   config.models.imagenet_vit_b16_gap = gap
   config.use_trained = ml_collections.ConfigDict(dict(
-      localization={"models/vit_gap": "imagenet_vit_b16_gap"},
-      probes={"specs/vit_gap": "imagenet_vit_b16_gap"},
+      localization=dict(models=dict(vit_gap="imagenet_vit_b16_gap")),
+      probes=dict(specs=dict(vit_gap="imagenet_vit_b16_gap")),
   ))
   config.representation = cka_heatmap.get_config("vit_b16+r50")
   config.attention = attention_distance.get_config("vit_b16+r50")
   config.receptive_fields = receptive_field.get_config("vit_b32+r50")
   config.skip_connections = skip_connections.get_config("vit_b16")
   config.localization = localization.get_config("vit_b16+r50")
-  config.localization.models.vit_gap = cka_heatmap.model_spec(
+  config.localization.models.vit_gap = common.model_spec(
       layers=config.localization.models.vit_b16.layers)
   config.probes = linear_probes.get_config("vit_b16+r50")
-  config.probes.specs.vit_gap = cka_heatmap.model_spec(layers=config.probes.specs.vit_b16.layers)
+  config.probes.specs.vit_gap = common.model_spec(layers=config.probes.specs.vit_b16.layers)
   config.probes.probes.per_token = True
   config.data_scale = data_scale.get_config("imagenet_vit_b16")
   for study in (config.skip_connections, config.data_scale):
     for name, train_config in study.models.items():
       config.models[name] = train_config
-  return config
+  return _link_data(config)
 
 
 def get_config(arg: str = "local") -> ml_collections.ConfigDict:

@@ -17,7 +17,10 @@ Two parts (`vit_repr.studies.skip_connections`):
     (`ablation.cka`, a configs/cka_heatmap.py config whose model specs are filled in) of each
     ablated model against itself and against the reference, and their test accuracies.
 `models` maps every trained model's name to its configs/train.py config; `models_dir` None is
-`<workdir>/models`.
+`<workdir>/models`. One dataset for the whole study: the trained models' data and the ablation's
+CKA data are linked to `config.data` (name, data_dir, train_split, split), so
+`--config.data.name=X --config.data.data_dir=Y` reaches every part. The norm-ratio passes save
+their state every `checkpoint_every` batches and resume after a kill.
 
 Args:
   vit_b16   The paper's setting with public substitutes: (a) ViT-B/16, Mixer-B/16 and BiT-M
@@ -25,8 +28,8 @@ Args:
             pass each: minutes on one accelerator); (b) ViT-B/16 trained on ImageNet-1k from
             scratch (configs/train.py `imagenet_vit_b16`: 300 epochs, ~4e19 FLOPs, about 2-3
             days of a TPU v3-8 per model) unablated and without the skips of blocks 1, 6 and 10
-            (0-based; the paper's exact blocks are not known here), CKA as Study 1's paper
-            default (10 passes over 10,000 validation images).
+            (0-based; the paper's exact blocks are not known here), CKA with Study 1's paper
+            settings (configs/cka_heatmap.py: minibatch 1024, 20 passes over 10,240 images).
   local     The demo on the embedded 'digits' data: (a) the trained small vit_cls, bit and
             mixer; (b) vit_noskip at blocks 1 and 4 of 6 against vit_cls (1,500 steps each).
   runlocal  `local` as a smoke test: the `runlocal` training recipes (6 steps, 2-block ViTs),
@@ -39,8 +42,10 @@ and tokens; 'mean_of_ratios' is also stored), the examples used, the ablated blo
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import cka_heatmap
+from configs import common
 from configs import train as train_configs
 
 _VIT_LAYERS = (r"Transformer/encoderblock_\d+/(mid|out)",)
@@ -51,27 +56,32 @@ ARGS = ("vit_b16", "local", "runlocal")
 def _base() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.models = ml_collections.ConfigDict()  # name -> configs/train.py config.
-  config.models_dir = None                     # None: <workdir>/models.
-  # Images for the norm ratios.
-  config.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", split="validation", data_dir=None, image_size=224,
-      num_examples=10_000, crop_fraction=None))
+  config.models_dir = config_dict.placeholder(str)  # None: <workdir>/models.
+  # The study's dataset: images for the norm ratios (`split`), training data of its models.
+  config.data = common.eval_data(train_split="train")
   config.norm_ratio = ml_collections.ConfigDict(dict(
-      models=ml_collections.ConfigDict(),  # key -> model spec (cka_heatmap.model_spec).
+      models=ml_collections.ConfigDict(),  # key -> model spec (configs/common.model_spec).
       trained=(),                          # Names in `models`, trained or reused.
       global_batch_size=256,               # A multiple of the device count.
       statistic="ratio_of_means",          # Plotted and summarised; both are stored.
-      log_every=10,
   ))
+  config.checkpoint_every = 10  # Norm-ratio batches between saves of the accumulated sums.
+  config.log_every = 10
+  config.stop_after_batches = config_dict.placeholder(int)  # Simulated preemption.
   config.ablation = ml_collections.ConfigDict(dict(
       reference="",       # Name in `models` of the unablated ViT ('' = no ablation).
       models=(),          # Names in `models` of ViTs with `remove_skips` set.
       layers=_VIT_LAYERS,
   ))
-  cka = cka_heatmap.get_config("vit_b16")
-  cka.model_a = cka_heatmap.model_spec()
-  cka.model_b = cka_heatmap.model_spec()
-  config.ablation.cka = cka  # Filled with the trained models' specs at run time.
+  config.ablation.cka = cka_heatmap.get_base()  # Model specs filled in at run time.
+  return config
+
+
+def _link_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Links the models' and the ablation's data to the study's (one dataset per job)."""
+  common.link_data(config.ablation.cka.data, config.data)
+  for train_config in config.models.values():
+    common.link_data(train_config.data, config.data)
   return config
 
 
@@ -88,8 +98,7 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
   config = _base()
   if arg == "vit_b16":
     for key in ("vit_b16", "mixer_b16", "r50"):
-      name, checkpoint, _ = cka_heatmap.PAPER_MODELS[key]
-      config.norm_ratio.models[key] = cka_heatmap.model_spec(name, checkpoint)
+      config.norm_ratio.models[key] = common.public_model(key)
     reference = train_configs.get_config("imagenet_vit_b16")
     config.models["imagenet_vit_b16"] = reference
     for block in (1, 6, 10):
@@ -98,14 +107,14 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       config.models[f"imagenet_vit_b16_noskip_block{block}"] = ablated
     config.ablation.update(dict(reference="imagenet_vit_b16", models=tuple(
         f"imagenet_vit_b16_noskip_block{b}" for b in (1, 6, 10))))
-    return config
+    return _link_data(config)
 
   suffix = ",runlocal" if arg == "runlocal" else ""
   config.data.update(dict(name="digits", split="test", image_size=32, num_examples=360))
   config.norm_ratio.global_batch_size = 40
   config.ablation.cka = cka_heatmap.get_config("runlocal")  # 360 digits, 2 passes, batch 40.
-  config.ablation.cka.model_a = cka_heatmap.model_spec()
-  config.ablation.cka.model_b = cka_heatmap.model_spec()
+  config.ablation.cka.model_a = common.model_spec()
+  config.ablation.cka.model_b = common.model_spec()
   blocks = (1,) if arg == "runlocal" else (1, 4)
   trained = ("vit_cls",) if arg == "runlocal" else ("vit_cls", "bit", "mixer")
   config.models.update({name: train_configs.get_config(name + suffix) for name in trained})
@@ -115,9 +124,9 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       f"vit_noskip_block{b}" for b in blocks)))
   if arg == "runlocal":
     # Beside the trained ViT, a random-init ResNet with an identity-shortcut unit.
-    config.norm_ratio.models.resnet = cka_heatmap.model_spec(
+    config.norm_ratio.models.resnet = common.model_spec(
         "BiT-R50x1", overrides=dict(units_per_stage=(2, 1, 1, 1), width_factor=0.5))
     config.data.num_examples = 120
     config.ablation.cka.data.num_examples = 120
     config.ablation.cka.analysis.num_passes = 1
-  return config
+  return _link_data(config)

@@ -39,6 +39,9 @@ subset f of the training split (data-scale study; same as --config.data.subset_f
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+from configs import common
 
 EMBEDDED = ("vit_cls", "vit_gap", "vit_noskip", "bit", "mixer")
 REAL = ("imagenet_vit_b16", "imagenet_r50", "finetune")
@@ -50,31 +53,22 @@ _SMALL_MIXER = dict(patch_size=8, hidden_size=64, depth=6, tokens_mlp_dim=32,
 _SMALL_BIT = dict(units_per_stage=(1, 1, 1, 1), width_factor=0.5)
 
 
-def _parse(arg: str) -> tuple[str, dict[str, str]]:
-  """'name,key=value,flag' -> ('name', {'key': 'value', 'flag': 'True'})."""
-  name, *options = [part.strip() for part in arg.split(",") if part.strip()] or [""]
-  parsed = {}
-  for option in options:
-    key, _, value = option.partition("=")
-    parsed[key] = value if value else "True"
-  return name, parsed
-
-
 def _base() -> ml_collections.ConfigDict:
   """Fields every recipe sets (the embedded-data defaults)."""
   config = ml_collections.ConfigDict()
   config.seed = 0                        # Parameter init, dropout and data order.
   config.model = ml_collections.ConfigDict(dict(
       name="ViT-Ti/16",                  # Any vit_repr.models name.
-      # Constructor overrides; num_classes / image_size default to the dataset's / data's.
-      overrides=ml_collections.ConfigDict(),
+      # Constructor overrides (None: the registered value; num_classes / image_size default
+      # to the dataset's / data's), with the family's width fields as placeholders.
+      overrides=ml_collections.ConfigDict(common.width_placeholders("ViT-Ti/16")),
   ))
   config.init = ml_collections.ConfigDict(dict(
-      checkpoint=None,                   # Original .npz (fine-tuning) or our params dir.
+      checkpoint=config_dict.placeholder(str),  # Original .npz (fine-tuning) or a params dir.
   ))
   config.data = ml_collections.ConfigDict(dict(
       name="digits",                     # Embedded name or any prepared TFDS name.
-      data_dir=None,                     # TFDS data directory, local or gs://.
+      data_dir=config_dict.placeholder(str),  # TFDS data directory, local or gs://.
       train_split="train",
       eval_split="test",
       image_size=32,
@@ -82,9 +76,11 @@ def _base() -> ml_collections.ConfigDict:
       subset_seed=0,
       shuffle_buffer=50_000,             # Examples per host.
       area_range=(0.5, 1.0),             # Random-crop area range (Inception crop).
-      eval_num_examples=None,            # None: the whole eval split (last partial batch dropped).
+      # None: the whole eval split (last partial batch dropped).
+      eval_num_examples=config_dict.placeholder(int),
       eval_global_batch_size=120,
-      crop_fraction=None,                # Eval: None resizes; c resizes to size / c, centre crop.
+      # Eval: None resizes; c resizes to size / c, centre crop.
+      crop_fraction=config_dict.placeholder(float),
   ))
   config.train = ml_collections.ConfigDict(dict(
       global_batch_size=64,
@@ -101,7 +97,7 @@ def _base() -> ml_collections.ConfigDict:
           weight_decay=1e-4,             # Adam: lr * wd * param; SGD: wd * param in the grad.
           weight_decay_pattern=".*/kernel",  # Regex over '/'-joined parameter paths.
           grad_clip_norm=1.0,            # None: no clipping.
-          mu_dtype=None,                 # None (param dtype) or 'bfloat16' first moment.
+          mu_dtype=config_dict.placeholder(str),  # None (param dtype) or 'bfloat16'.
       )),
       schedule=ml_collections.ConfigDict(dict(
           decay_type="cosine",           # 'cosine', 'linear' or 'constant'.
@@ -112,12 +108,20 @@ def _base() -> ml_collections.ConfigDict:
       eval_every=500,
       checkpoint_every=500,
       keep_checkpoints=2,                # None keeps all.
-      stop_after_steps=None,             # Stop early without a checkpoint (simulated kill).
+      # Stop early without a checkpoint (simulated kill).
+      stop_after_steps=config_dict.placeholder(int),
   ))
   config.mesh = ml_collections.ConfigDict(dict(
-      num_devices=None,                  # None: all devices of all hosts.
+      num_devices=config_dict.placeholder(int),  # None: all devices of all hosts.
   ))
   return config
+
+
+def _set_model(config: ml_collections.ConfigDict, name: str, **overrides) -> None:
+  """Sets the registered model and its overrides (width fields unset unless given)."""
+  config.model.name = name
+  config.model.overrides = ml_collections.ConfigDict(
+      {**common.width_placeholders(name), **overrides})
 
 
 def _embedded(name: str, options: dict[str, str]) -> ml_collections.ConfigDict:
@@ -126,14 +130,11 @@ def _embedded(name: str, options: dict[str, str]) -> ml_collections.ConfigDict:
     overrides = dict(_SMALL_VIT, classifier="gap" if name == "vit_gap" else "token")
     if name == "vit_noskip":
       overrides["remove_skips"] = (int(options.get("block", _SMALL_VIT["depth"] // 2)),)
-    config.model.name = "ViT-Ti/16"
+    _set_model(config, "ViT-Ti/16", **overrides)
   elif name == "bit":
-    overrides = dict(_SMALL_BIT)
-    config.model.name = "BiT-R50x1"
+    _set_model(config, "BiT-R50x1", **_SMALL_BIT)
   else:
-    overrides = dict(_SMALL_MIXER)
-    config.model.name = "Mixer-S/32"
-  config.model.overrides = ml_collections.ConfigDict(overrides)
+    _set_model(config, "Mixer-S/32", **_SMALL_MIXER)
   return config
 
 
@@ -151,9 +152,7 @@ def _imagenet_vit_b16() -> ml_collections.ConfigDict:
   first moment, RandAugment and Mixup (not implemented here).
   """
   config = _base()
-  config.model.name = "ViT-B/16"
-  config.model.overrides = ml_collections.ConfigDict(dict(
-      dropout_rate=0.1, representation_size=768, classifier="token"))
+  _set_model(config, "ViT-B/16", dropout_rate=0.1, representation_size=768, classifier="token")
   config.data.update(dict(name="imagenet2012", train_split="train", eval_split="validation",
                           image_size=224, area_range=(0.05, 1.0), eval_global_batch_size=1024,
                           shuffle_buffer=250_000, crop_fraction=0.875))
@@ -178,8 +177,7 @@ def _imagenet_r50() -> ml_collections.ConfigDict:
   steps and step decays by 10x at epochs 30, 60 and 80.
   """
   config = _base()
-  config.model.name = "BiT-R50x1"
-  config.model.overrides = ml_collections.ConfigDict()
+  _set_model(config, "BiT-R50x1")
   config.data.update(dict(name="imagenet2012", train_split="train", eval_split="validation",
                           image_size=224, area_range=(0.05, 1.0), eval_global_batch_size=1024,
                           shuffle_buffer=250_000, crop_fraction=0.875))
@@ -205,8 +203,7 @@ def _finetune() -> ml_collections.ConfigDict:
   `model.name` to match it.
   """
   config = _base()
-  config.model.name = "ViT-B/16"
-  config.model.overrides = ml_collections.ConfigDict(dict(classifier="token"))
+  _set_model(config, "ViT-B/16", classifier="token")
   config.init.checkpoint = "gs://vit_models/imagenet21k/ViT-B_16.npz"
   config.data.update(dict(name="cifar10", train_split="train[:98%]", eval_split="test",
                           image_size=384, area_range=(0.05, 1.0), eval_global_batch_size=512))
@@ -222,11 +219,14 @@ def _runlocal(config: ml_collections.ConfigDict, name: str) -> None:
   """Shrinks `config` in place to a seconds-long smoke test."""
   if name in REAL:
     config.data.update(dict(name="digits", train_split="train", eval_split="test",
-                            image_size=32, crop_fraction=None))
-    config.init.checkpoint = None
-    small = _SMALL_BIT if config.model.name.startswith("BiT") else dict(
-        _SMALL_VIT, representation_size=None)
-    config.model.overrides.update(small)
+                            image_size=32))
+    config.data.crop_fraction = config_dict.placeholder(float)
+    config.init.checkpoint = config_dict.placeholder(str)
+    if config.model.name.startswith("BiT"):
+      config.model.overrides.update(_SMALL_BIT)
+    else:
+      config.model.overrides.update(_SMALL_VIT)
+      config.model.overrides.representation_size = config_dict.placeholder(int)
   config.model.overrides.update(
       {k: v for k, v in dict(depth=2, hidden_size=32, num_heads=2, mlp_dim=64, tokens_mlp_dim=32,
                              channels_mlp_dim=64).items() if k in config.model.overrides})
@@ -241,7 +241,7 @@ def _runlocal(config: ml_collections.ConfigDict, name: str) -> None:
 
 def get_config(arg: str = "vit_cls") -> ml_collections.ConfigDict:
   """Returns the training config for `arg` ('<recipe>[,runlocal][,block=i][,fraction=f]')."""
-  name, options = _parse(arg)
+  name, options = common.parse_arg(arg)
   unknown = set(options) - {"runlocal", "block", "fraction"}
   if name not in EMBEDDED + REAL or unknown:
     raise ValueError(f"Bad train config arg {arg!r}: recipes are {EMBEDDED + REAL}, options "

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 
 from configs import attention_distance as attention_config
 from tests.conftest import run_python
+from tests.test_cka import ref_minibatch_cka
 from vit_repr import attention, features, results
 from vit_repr.models import create
 from vit_repr.studies import attention_distance
@@ -160,12 +162,19 @@ np.save({str(tmp_path)!r} + f'/{{jax.device_count()}}.npy', mad.result(state).di
 
 
 @pytest.mark.slow
-def test_runlocal_end_to_end(tmp_path):
-  """The study on the embedded data: distances match a direct NumPy recomputation from the
-  model's attention maps; per-head CKA is a valid similarity."""
+def test_runlocal_end_to_end_resumes_and_matches_references(tmp_path):
+  """The study on the embedded data, killed after one batch and rerun: distances match a
+  direct NumPy recomputation from the model's attention maps, and every head's CKA with every
+  ResNet layer matches float64 minibatch CKA of that head's own outputs."""
   config = attention_config.get_config("runlocal")
   config.model.overrides.depth = 2
   config.data.num_examples = 120
+  config.checkpoint_every = 1
+  config.stop_after_batches = 1
+  assert attention_distance.run(config, str(tmp_path)) == {"batches_done": 1,
+                                                          "batches_total": 3}
+  assert not (tmp_path / "attention_distance.npz").exists()
+  config.stop_after_batches = None
   summary = attention_distance.run(config, str(tmp_path))
   arrays, metadata = results.read_results(str(tmp_path), "attention_distance")
   assert arrays["distance"].shape == (2, 3) and summary["num_examples"] == 120
@@ -174,18 +183,31 @@ def test_runlocal_end_to_end(tmp_path):
   from vit_repr.studies import loading  # pylint: disable=g-import-not-at-top
   from vit_repr import data, parallel  # pylint: disable=g-import-not-at-top
   model, params = loading.load_model(config.model, image_size=32, num_classes=10)
-  extractor = features.FeatureExtractor(model, r".*/attn_probs", image_size=32)
-  batches = data.eval_batches("digits", "test", image_size=32, global_batch_size=120,
-                              mesh=parallel.make_mesh(), num_examples=120)
-  maps = extractor(params, next(iter(batches))["image"])
+  resnet, resnet_params = loading.load_model(config.resnet, image_size=32, num_classes=10)
+  extractor = features.FeatureExtractor(model, r".*/(attn_probs|head_outputs)", image_size=32)
+  resnet_extractor = features.FeatureExtractor(resnet, list(config.resnet.layers),
+                                               image_size=32)
+  images = next(iter(data.eval_batches("digits", "test", image_size=32, global_batch_size=120,
+                                       mesh=parallel.make_mesh(), num_examples=120)))["image"]
+  maps = extractor(params, images)
   distances = reference_distances(4, 4, 8)
-  for row, name in enumerate(extractor.names):
-    probs = np.asarray(maps[name]).reshape(120, 3, 17, 17)
+  for row in range(2):
+    probs = np.asarray(maps[f"Transformer/encoderblock_{row}/attn_probs"]).reshape(
+        120, 3, 17, 17)
     expected = reference_mean_distance(probs, distances, 1, True).mean(0)
     np.testing.assert_allclose(arrays["distance"][row], expected, rtol=1e-4)
 
   assert arrays["head_cka"].shape == (6, 2)  # 2 blocks x 3 heads vs 2 ResNet units.
-  assert np.all((arrays["head_cka"] > 0) & (arrays["head_cka"] < 1))
+  resnet_features = resnet_extractor(resnet_params, images)
+  for index, name in enumerate(arrays["head_names"]):
+    block, head = (int(part) for part in re.findall(r"\d+", name))
+    source = f"Transformer/encoderblock_{block}/head_outputs"
+    outputs = np.asarray(maps[source]).reshape(120, *extractor.shapes[source])  # [b, T, H, d]
+    spatial = outputs[:, 1:, head].reshape(120, -1)  # The head's patch tokens, CLS dropped.
+    for column, layer in enumerate(arrays["resnet_names"]):
+      expected = ref_minibatch_cka(spatial, np.asarray(resnet_features[layer]), 40)
+      np.testing.assert_allclose(arrays["head_cka"][index, column], expected, rtol=1e-4,
+                                 err_msg=f"{name} vs {layer}")
   np.testing.assert_allclose(arrays["head_distance"], arrays["distance"].ravel(), rtol=1e-6)
   assert list(arrays["head_block"]) == [0, 0, 0, 1, 1, 1]
   for stem in ("attention_distance", "head_cka_vs_distance"):

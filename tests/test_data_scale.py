@@ -7,7 +7,8 @@ import pytest
 
 from configs import data_scale as data_scale_configs
 from configs import train as train_configs
-from vit_repr import results
+from tests.test_cka import ref_minibatch_cka
+from vit_repr import checkpoints, data, features, models, parallel, results
 from vit_repr.studies import data_scale
 
 
@@ -76,7 +77,25 @@ def test_runlocal_end_to_end(tmp_path):
   np.testing.assert_array_equal(arrays["cka_to_reference"][0], np.diag(cka["cka_ab"]))
   np.testing.assert_array_equal(arrays["cka_stderr"][0], np.diag(cka["stderr_ab"]))
   assert list(arrays["layers"]) == [f"Transformer/encoderblock_{i}/out" for i in range(depth)]
-  assert np.all((arrays["cka_to_reference"] > 0.2) & (arrays["cka_to_reference"] <= 1.0))
+  # ... and equals float64 minibatch CKA of the two TRAINED models' block outputs, their
+  # parameters read back from their run directories here (not through the study's loader).
+  cka_data = config.cka.data
+  images = next(iter(data.eval_batches(
+      cka_data.name, cka_data.split, image_size=cka_data.image_size, global_batch_size=120,
+      mesh=parallel.make_mesh(), num_examples=120)))["image"]
+  outputs = {}
+  for name in ("vit_cls", "vit_cls_fraction0p3"):
+    model_config = config.models[name].model
+    model = models.create_from_config(model_config.name, model_config.overrides.to_dict(),
+                                      num_classes=10, image_size=cka_data.image_size)
+    params = checkpoints.restore(str(tmp_path / "shared_models" / name / "params"))
+    outputs[name] = features.FeatureExtractor(model, list(config.layers),
+                                              image_size=cka_data.image_size)(params, images)
+  for i, layer in enumerate(arrays["layers"]):
+    expected = ref_minibatch_cka(np.asarray(outputs["vit_cls_fraction0p3"][layer]),
+                                 np.asarray(outputs["vit_cls"][layer]),
+                                 config.cka.analysis.minibatch_size)
+    np.testing.assert_allclose(arrays["cka_to_reference"][0, i], expected, rtol=1e-4)
   # Probe curves of both models, equal to the probe study's own arrays.
   probes, _ = results.read_results(os.path.join(workdir, "probes"), "linear_probes")
   for name in ("vit_cls", "vit_cls_fraction0p3"):

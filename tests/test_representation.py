@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import cka_heatmap
+from configs import cka_heatmap, common
 from tests.conftest import run_python
 from vit_repr import results
 from vit_repr.studies import representation
@@ -15,8 +15,8 @@ def tiny_config(**analysis):
   """The runlocal config shrunk further: a 2-block ViT against itself, 120 examples."""
   config = cka_heatmap.get_config("runlocal")
   config.model_a.overrides.depth = 2
-  config.model_b = cka_heatmap.model_spec(config.model_a.name, layers=config.model_a.layers,
-                                          overrides=config.model_a.overrides.to_dict())
+  config.model_b = common.model_spec(config.model_a.name, layers=config.model_a.layers,
+                                     overrides=config.model_a.overrides.to_dict())
   config.data.num_examples = 120
   config.analysis.update({"minibatch_size": 20, "num_passes": 2, **analysis})
   config.checkpoint_every = 2

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common
 from configs import skip_connections as skip_configs
-from vit_repr import data, features, models, parallel, residual, results
+from vit_repr import checkpoints, data, features, models, parallel, residual, results
 from vit_repr.studies import loading, skip_connections
 
 LN_EPS = 1e-6
@@ -127,10 +128,9 @@ def test_bad_configs_fail_before_training(tmp_path, ablation, match):
   assert not os.path.exists(tmp_path / "models")
 
 
-def direct_norm_ratios(spec, config):
-  """The study's ratio_of_means for one model recomputed on the host in float64."""
+def direct_norm_ratios(model, params, config):
+  """ratio_of_means of every sub-layer recomputed on the host in float64 from `params`."""
   cfg = config.data
-  model, params = loading.load_model(spec, image_size=cfg.image_size, num_classes=10)
   layers = residual.sublayers(features.intermediate_shapes(model, cfg.image_size))
   names = sorted({n for layer in layers for n in (layer.stream, layer.branch)})
   extractor = features.FeatureExtractor(model, names, image_size=cfg.image_size)
@@ -156,14 +156,28 @@ def direct_norm_ratios(spec, config):
 
 @pytest.mark.slow
 def test_runlocal_end_to_end(tmp_path):
+  """Killed after one norm-ratio batch and rerun: the norm ratios of the TRAINED ViT (its
+  parameters read back from its run directory here, not through the study's loader) and of a
+  random-init ResNet match a float64 recomputation; the ablation's arrays are Study 1's."""
   config = skip_configs.get_config("runlocal")
+  config.checkpoint_every = 1
+  config.stop_after_batches = 1
+  assert skip_connections.run(config, str(tmp_path)) == {"batches_done": 1, "batches_total": 3}
+  config.stop_after_batches = None
   summary = skip_connections.run(config, str(tmp_path))
   ratios, meta = results.read_results(str(tmp_path), "norm_ratios")
   assert meta["statistic"] == "ratio_of_means" and meta["num_examples"] == 120
-  vit_spec = loading.trained_spec(config.models.vit_cls, str(tmp_path / "models" / "vit_cls"))
-  for key, spec in (("vit_cls", vit_spec), ("resnet", config.norm_ratio.models.resnet)):
-    np.testing.assert_allclose(ratios[f"{key}/ratio_of_means"], direct_norm_ratios(spec, config),
-                               rtol=1e-4)
+  vit = config.models.vit_cls.model
+  trained = (models.create_from_config(vit.name, vit.overrides.to_dict(), num_classes=10,
+                                       image_size=32),
+             checkpoints.restore(str(tmp_path / "models" / "vit_cls" / "params")))
+  resnet = models.create_from_config("BiT-R50x1", config.norm_ratio.models.resnet.overrides,
+                                     num_classes=10, image_size=32)
+  random_init = (resnet, resnet.init(jax.random.key(config.norm_ratio.models.resnet.seed),
+                                     np.zeros((1, 32, 32, 3), np.float32))["params"])
+  for key, (model, params) in (("vit_cls", trained), ("resnet", random_init)):
+    np.testing.assert_allclose(ratios[f"{key}/ratio_of_means"],
+                               direct_norm_ratios(model, params, config), rtol=1e-4)
   assert list(ratios["vit_cls/names"]) == [f"Transformer/encoderblock_{i}/{k}"
                                            for i in range(2) for k in ("attn", "mlp")]
   assert np.all(np.isfinite(ratios["vit_cls/ratio_of_means"]))
@@ -191,3 +205,48 @@ def test_runlocal_end_to_end(tmp_path):
   for stem in ("norm_ratios", "skip_ablation_self", "skip_ablation_vs_reference"):
     for ext in ("png", "pdf"):
       assert os.path.getsize(tmp_path / "figures" / f"{stem}.{ext}") > 1000
+
+
+ORDER_MODELS = {
+    # A ViT-L/16 (24 blocks, 14x14 patches at 224 px) and a Mixer-B/16 (12 blocks), narrow.
+    "vit_l16": ("ViT-L/16", dict(hidden_size=32, mlp_dim=64), 24, ("attn", "mlp"),
+                "Transformer/encoderblock_{}/{}"),
+    "mixer_b16": ("Mixer-B/16", dict(hidden_size=32, tokens_mlp_dim=16, channels_mlp_dim=64),
+                  12, ("token_mixing", "channel_mixing"), "MixerBlock_{}/{}"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ORDER_MODELS, ids=ORDER_MODELS)
+def test_norm_ratio_rows_follow_the_computation_order(key, tmp_path):
+  """At full depth and grid, the rows, their names and their block indices are in the order
+  the model computes them (block 2 before block 10, token mixing before channel mixing), and
+  each row holds the ratio of the sub-layer it names."""
+  name, width, depth, kinds, pattern = ORDER_MODELS[key]
+  config = skip_configs.get_config("vit_b16")
+  config.data.update(name="digits", num_examples=8)
+  config.norm_ratio.global_batch_size = 8
+  spec = common.model_spec(name, overrides=width)
+  result, layers = skip_connections.norm_ratios(spec, config, parallel.make_mesh(),
+                                                str(tmp_path / "state.npz"))
+  expected = [pattern.format(i, kind) for i in range(depth) for kind in kinds]
+  assert list(result.names) == expected == [layer.name for layer in layers]
+  assert [layer.block for layer in layers] == [i for i in range(depth) for _ in kinds]
+  model = models.create_from_config(name, width, num_classes=10, image_size=224)
+  params = jax.jit(model.init)(jax.random.key(spec.seed),
+                               np.zeros((1, 224, 224, 3), np.float32))
+  rows = [expected.index(pattern.format(i, kind)) for i in (2, 10) for kind in kinds]
+  cfg = config.data
+  inter = features.FeatureExtractor(model, r".*", image_size=224)(
+      params["params"], next(iter(data.eval_batches(
+          cfg.name, cfg.split, image_size=224, global_batch_size=8, mesh=parallel.make_mesh(),
+          num_examples=8)))["image"])
+  for row in rows:
+    block = layers[row].name.rsplit("/", 1)[0]
+    z = np.asarray(inter[layers[row].stream], np.float64).reshape(8, -1, width["hidden_size"])
+    f = np.asarray(inter[layers[row].branch], np.float64).reshape(8, -1, width["hidden_size"])
+    spatial = slice(1, None) if key == "vit_l16" else slice(None)
+    expected_ratio = (np.linalg.norm(z[:, spatial], axis=-1).mean()
+                      / np.linalg.norm(f[:, spatial], axis=-1).mean())
+    np.testing.assert_allclose(result.ratio_of_means[row, 1], expected_ratio, rtol=1e-4,
+                               err_msg=block)

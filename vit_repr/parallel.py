@@ -113,3 +113,27 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(to_global, local_batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places the host (NumPy) leaves of `tree` on every device of `mesh`, replicated.
+
+  Works in multi-process jobs (each process passes the same values); leaves that already are
+  `jax.Array`s are kept as they are.
+  """
+  sharding = replicated(mesh)
+
+  def place(leaf):
+    if isinstance(leaf, jax.Array):
+      return leaf
+    leaf = np.asarray(leaf)
+    return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+
+  return jax.tree.map(place, tree)
+
+
+def to_host(leaf: Any) -> np.ndarray:
+  """A replicated (possibly multi-host) array as NumPy, read from this process's copy."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    leaf = leaf.addressable_data(0)
+  return np.asarray(leaf)

@@ -7,7 +7,7 @@ both `<stem>.png` and `<stem>.pdf`, returning the two paths.
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -391,18 +391,19 @@ class CurvePanel:
   """Per-layer curves to draw in one panel (the layout of the paper's Figs 11-13).
 
   Attributes:
-    curves: `{label: [layers]}` values per layer, one line each (layer 0 = the input side;
-      curves may have different lengths, e.g. models of different depths).
+    curves: `{label: [layers]}` values per layer, one line each, input side first.
+    layer_names: `{label: [layers]}` each curve's layer names in computation order. Curves
+      whose models have the same layers share an x axis ticked with the (shortened) names;
+      curves of models with different layers (a ViT beside a ResNet) are drawn against each
+      model's relative depth (first layer 0, last layer 1).
     title: panel title.
     ylabel: y-axis label, e.g. 'test accuracy' or 'CKA to the full-data model'.
-    layer_names: names of the longest curve's layers for the x ticks (shortened), or empty
-      for plain indices.
     chance: a dashed horizontal reference line (e.g. chance accuracy), or None.
   """
-  curves: dict[str, np.ndarray]
+  curves: Mapping[str, np.ndarray]
+  layer_names: Mapping[str, Sequence[str]]
   title: str = ""
   ylabel: str = ""
-  layer_names: Sequence[str] = ()
   chance: float | None = None
 
 
@@ -418,6 +419,9 @@ def plot_layer_curves(panels: Sequence[CurvePanel], stem: str, *, columns: int |
 
   Returns:
     The PNG and PDF paths.
+
+  Raises:
+    ValueError: a curve that is not 1-D or whose layer names are missing or of another length.
   """
   if not panels:
     raise ValueError("plot_layer_curves needs at least one panel.")
@@ -428,20 +432,26 @@ def plot_layer_curves(panels: Sequence[CurvePanel], stem: str, *, columns: int |
   for ax in axes.ravel()[len(panels):]:
     ax.set_visible(False)
   for ax, panel in zip(axes.ravel(), panels):
+    names = {label: list(panel.layer_names.get(label, ())) for label in panel.curves}
+    shared = len({tuple(n) for n in names.values()}) <= 1
     for label, values in panel.curves.items():
       values = np.asarray(values, np.float64)
-      if values.ndim != 1:
-        raise ValueError(f"Panel {panel.title!r}: curve {label!r} must be [layers], got "
-                         f"{values.shape}.")
-      ax.plot(np.arange(len(values)), values, marker="o", markersize=3, label=label)
+      if values.ndim != 1 or len(values) != len(names[label]):
+        raise ValueError(f"Panel {panel.title!r}: curve {label!r} must be [layers] with one "
+                         f"layer name per value; got shape {values.shape} and "
+                         f"{len(names[label])} names.")
+      x = np.arange(len(values)) if shared else np.linspace(0.0, 1.0, len(values))
+      ax.plot(x, values, marker="o", markersize=3, label=label)
     if panel.chance is not None:
       ax.axhline(panel.chance, color="gray", linestyle="--", linewidth=0.8, label="chance")
-    if panel.layer_names:
-      positions, labels = _layer_ticks(list(panel.layer_names))
+    if shared and names:
+      positions, labels = _layer_ticks(next(iter(names.values())))
       ax.set_xticks(positions, labels=labels, fontsize=6, rotation=90)
+      ax.set_xlabel("layer")
+    else:
+      ax.set_xlabel("relative depth (first layer 0, last 1)")
     if ylim is not None:
       ax.set_ylim(*ylim)
-    ax.set_xlabel("layer")
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.title, fontsize=9)
     ax.legend(fontsize=6)

@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import time
 from concurrent import futures
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -200,7 +200,6 @@ def skip_connection_study(config: ml_collections.ConfigDict, workdir: str) -> di
   """Study 3 (paper Figs 7-8): norm ratios of the trained models, and ViTs trained without the
   skip connections of one block against the unablated ViT."""
   study = study_config(config, workdir, "skip_connections")
-  study.ablation.cka.data.data_dir = config.data.data_dir
   study.models = config.models
   study.models_dir = os.path.join(workdir, "models")
   return skip_connections.run(study, os.path.join(workdir, "skip_connections"))
@@ -217,24 +216,32 @@ def data_scaling(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 4c (paper Figs 12-13): ViTs trained on nested subsets of the training data against
   the full-data ViT, layer by layer (CKA) and by probe accuracy."""
   study = study_config(config, workdir, "data_scale")
-  study.cka.data.data_dir = study.probes.data.data_dir = config.data.data_dir
   study.models = {name: config.models[name] for name in study.models}
   study.models_dir = os.path.join(workdir, "models")
   return data_scale.run(study, os.path.join(workdir, "data_scale"))
 
 
+def trained_models_of(config: ml_collections.ConfigDict, key: str) -> dict[tuple[str, ...], str]:
+  """{path of a model spec in study `key`'s config: name of the model of `config.models` that
+  fills it}, from `config.use_trained[key]` (nested like the study's config)."""
+  def leaves(node: Any, path: tuple[str, ...]):
+    if isinstance(node, Mapping):
+      for part, child in node.items():
+        yield from leaves(child, path + (part,))
+    else:
+      yield path, node
+
+  return dict(leaves(config.use_trained.get(key, ml_collections.ConfigDict()).to_dict(), ()))
+
+
 def study_config(config: ml_collections.ConfigDict, workdir: str,
-                         key: str) -> ml_collections.ConfigDict:
-  """The config of study `key`: `config[key]` reading its data from `config.data.data_dir`,
-  with the model specs named in `config.use_trained[key]` ({spec field: trained model name})
-  replaced by the specs of those models (trained first if needed); a field may be a path
-  such as 'models/vit_cls'."""
+                 key: str) -> ml_collections.ConfigDict:
+  """The config of study `key`: a copy of `config[key]` (its dataset is the job's, linked in
+  configs/reproduce.py) with the model specs named in `config.use_trained[key]` replaced by
+  the specs of the models trained by the main job (trained first if needed)."""
   study = ml_collections.ConfigDict(config[key].to_dict())
-  if "data" in study:
-    study.data.data_dir = config.data.data_dir
-  for field, name in config.use_trained.get(key, {}).items():
+  for (*parents, leaf), name in trained_models_of(config, key).items():
     trained_model(config, workdir, name)
-    *parents, leaf = field.split("/")
     specs = functools.reduce(lambda node, part: node[part], parents, study)
     specs[leaf] = loading.trained_spec(config.models[name], model_dir(workdir, name),
                                        specs[leaf].layers)
@@ -358,8 +365,8 @@ STEPS: tuple[Step, ...] = (
 def _fingerprint(config: ml_collections.ConfigDict, step: Step) -> str:
   """Hash of the config sections `step` reads, and of the trained models it names."""
   sections = {k: config[k].to_dict() for k in step.config_keys if k in config}
-  named = config.use_trained.get(step.key, {})
-  sections["use_trained"] = named.to_dict() if named else {}
+  named = trained_models_of(config, step.key)
+  sections["use_trained"] = {"/".join(path): name for path, name in named.items()}
   sections["trained_models"] = {name: config.models[name].to_dict() for name in named.values()}
   return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
 

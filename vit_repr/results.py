@@ -68,7 +68,7 @@ def write_results(workdir: str, name: str, arrays: Mapping[str, np.ndarray],
     np.savez(npz_path, **{k: np.asarray(v) for k, v in arrays.items()})
     with open(json_path, "w") as f:
       json.dump(_to_jsonable({**metadata, "environment": environment_metadata()}), f,
-                indent=2, sort_keys=True)
+                indent=2)  # Insertion order: layer-keyed entries stay in model order.
   return npz_path, json_path
 
 

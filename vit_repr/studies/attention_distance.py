@@ -13,6 +13,9 @@ only (`analysis.head_token_mode='spatial'`, default: the ResNet has no CLS count
 all tokens ('all'); ResNet layers are flattened feature maps. Each device's shard of a global
 batch is one CKA minibatch of `analysis.minibatch_size` examples.
 
+The pass saves its state (distance sums and CKA sums) every `checkpoint_every` batches to
+`<workdir>/attention_state.npz` and resumes there after a kill (`vit_repr.studies.resume`).
+
 Outputs in the workdir: `attention_distance.{npz,json}` (distance, spread and CLS mass per layer
 and head, per-head CKA against each ResNet layer with standard errors and the heads' distances,
 names, counts, every methodological choice) and `figures/attention_distance.{png,pdf}` (heads
@@ -22,7 +25,6 @@ sorted by distance per layer, Fig 3) and, with a ResNet, `figures/head_cka_vs_di
 
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -32,8 +34,9 @@ from absl import logging
 
 from vit_repr import attention, cka, data, features, parallel, plotting, results
 from vit_repr.models import flatten_intermediates
-from vit_repr.studies import loading
+from vit_repr.studies import loading, resume
 
+STATE_FILE = "attention_state.npz"
 _ATTENTION_TAG = "attn_probs"
 _HEAD_TAG = "head_outputs"
 HEAD_TOKEN_MODES = ("spatial", "all")
@@ -62,9 +65,9 @@ def attention_layers(model_name: str, shapes: dict[str, tuple[int, ...]],
 
 
 def _head_blocks(config: ml_collections.ConfigDict, depth: int) -> list[int]:
-  """The ViT blocks whose heads are compared with the ResNet (default: the lowest quarter)."""
+  """The ViT blocks whose heads are compared with the ResNet (default (): the lowest quarter)."""
   blocks = config.analysis.head_blocks
-  if blocks is None:
+  if not blocks:
     return list(range(math.ceil(depth / 4)))
   bad = [b for b in blocks if not 0 <= b < depth]
   if bad:
@@ -112,10 +115,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                config.model.name, len(names), num_heads, side, side, model.patch_size)
 
   with_resnet = bool(config.resnet.name)
-  head_names, head_sources = [], {}
+  head_names, head_sources, states = [], {}, {"distance": distance.init()}
   if with_resnet:
-    depth = model.depth
-    for block in _head_blocks(config, depth):
+    for block in _head_blocks(config, model.depth):
       source = f"Transformer/encoderblock_{block}/{_HEAD_TAG}"
       features.select_names(list(shapes), source)
       for head in range(num_heads):
@@ -126,13 +128,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     resnet_extractor = features.FeatureExtractor(resnet, list(config.resnet.layers),
                                                  image_size=image_size, token_mode="all")
     estimator = cka.MinibatchCKA(mesh, gram_blocks=analysis.gram_blocks)
-    cka_state = estimator.init({n: None for n in head_names},
-                               {n: None for n in resnet_extractor.names})
+    states["cka"] = estimator.init({n: None for n in head_names},
+                                   {n: None for n in resnet_extractor.names})
     logging.info("Per-head CKA: %d heads x %d %s layers.", len(head_names),
                  len(resnet_extractor.names), config.resnet.name)
   token_mode = analysis.head_token_mode
 
-  def step(state, params, images):
+  def distance_and_heads(state, params, images):
     _, sown = model.apply({"params": params}, images, mutable=["intermediates"])
     flat = flatten_intermediates(sown)
     state = distance.fold(state, {n: flat[n] for n in names})
@@ -140,24 +142,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              for n, (src, h) in head_sources.items()}
     return state, heads
 
-  step = jax.jit(step, donate_argnums=0,
+  step = jax.jit(distance_and_heads, donate_argnums=0,
                  out_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
-  batches = data.eval_batches(cfg_data.name, cfg_data.split, image_size=image_size,
-                              global_batch_size=global_batch, mesh=mesh,
-                              num_examples=cfg_data.num_examples, data_dir=cfg_data.data_dir,
-                              crop_fraction=cfg_data.crop_fraction)
-  state, start = distance.init(), time.perf_counter()
-  for index, batch in enumerate(batches, start=1):
-    state, heads = step(state, params, batch["image"])
+
+  def update(states: dict[str, Any], batch: dict) -> dict[str, Any]:
+    new = dict(states)
+    new["distance"], heads = step(states["distance"], params, batch["image"])
     if with_resnet:
-      cka_state = estimator.update(cka_state, heads, resnet_extractor(resnet_params,
-                                                                      batch["image"]))
-    if index % config.log_every == 0 or index == len(batches):
-      jax.block_until_ready(state.num_examples)
-      logging.info("Attention distance batch %d/%d: %.1f examples/s.", index, len(batches),
-                   index * global_batch / (time.perf_counter() - start))
-  result = distance.result(state)
-  seconds = time.perf_counter() - start
+      new["cka"] = estimator.update(states["cka"], heads,
+                                    resnet_extractor(resnet_params, batch["image"]))
+    return new
+
+  batches = resume.study_batches(cfg_data, global_batch_size=global_batch, mesh=mesh)
+  states, progress = resume.accumulate(
+      states, update, lambda _: batches, config=config,
+      state_path=os.path.join(workdir, STATE_FILE), what="Attention distance")
+  if not progress.complete:
+    return progress.summary()
+  result = distance.result(states["distance"])
 
   arrays = {"distance": result.distance, "distance_std": result.distance_std,
             "distance_stderr": result.stderr, "cls_attention": result.cls_attention,
@@ -170,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                      round(float(result.distance[0].max()), 2)],
       "last_layer_distance_range": [round(float(result.distance[-1].min()), 2),
                                     round(float(result.distance[-1].max()), 2)],
-      "seconds": round(seconds, 1),
+      "examples_per_second": progress.examples_per_second,
   }
   figures = os.path.join(workdir, "figures")
   plotting.plot_attention_distance(
@@ -191,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                             "patch-to-patch weights not renormalised"),
   }
   if with_resnet:
-    similarity = estimator.result(cka_state)
+    similarity = estimator.result(states["cka"])
     row_of = {n: i for i, n in enumerate(names)}
     head_distance = np.asarray([
         result.distance[row_of[src.replace(_HEAD_TAG, _ATTENTION_TAG)], h]

@@ -21,9 +21,9 @@ Outputs in the workdir: `data_scale.{npz,json}` with 'models' (trained names, by
 'fractions', 'layers', 'cka_to_reference' `[models, layers]` (NaN for the reference itself:
 1 by definition), 'cka_stderr', the reference's layer names, and the probe curves
 'probe/<section>/<mode>/<model>' `[layers]` (section 'fewshot' at the largest shot count, mean
-over seeds, or 'linear'); `figures/data_scale.{png,pdf}` (left: Fig 12, CKA per layer to the
-full-data model, one curve per fraction; right: Fig 13, probe accuracy per layer, one curve
-per model).
+over seeds, or 'linear') with each model's layer names 'probe/layers/<model>';
+`figures/data_scale.{png,pdf}` (left: Fig 12, CKA per layer to the full-data model, one curve
+per fraction; right: Fig 13, probe accuracy per layer, one curve per model).
 """
 
 import copy
@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import plotting, results, training
-from vit_repr.studies import linear_probes, loading, representation
+from vit_repr.studies import linear_probes, loading, representation, resume
 
 
 def _label(name: str, fraction: float) -> str:
@@ -85,7 +85,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     study = copy.deepcopy(config.cka)
     study.model_a, study.model_b = specs[name], specs[config.reference]
     cka_dir = os.path.join(workdir, "cka", name)
-    representation.run(study, cka_dir)
+    if resume.interrupted(progress := representation.run(study, cka_dir)):
+      return progress
     arrays, _ = results.read_results(cka_dir, "cka_heatmap")
     cka_rows.append(np.diag(arrays["cka_ab"]))
     stderr_rows.append(np.diag(arrays["stderr_ab"]))
@@ -110,6 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "layers": np.asarray(layer_names or [], dtype=str)}
   sections = ["fewshot"] + (["linear"] if config.probes.linear.enabled else [])
   for key, meta in probe_meta["models"].items():
+    arrays[f"probe/layers/{key}"] = probe_arrays[f"{key}/layers"]
     for mode in meta["kinds"]:
       if mode == linear_probes.TOKEN:
         continue
@@ -151,16 +153,16 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], orde
   cka_rows[config.reference] = np.ones(len(layer_names))
   panels = [plotting.CurvePanel(
       curves={labels[n]: cka_rows[n] for n in order},
-      title=f"CKA to {config.reference} (same layer)", ylabel="CKA",
-      layer_names=layer_names)]
+      layer_names={labels[n]: layer_names for n in order},
+      title=f"CKA to {config.reference} (same layer)", ylabel="CKA")]
   chance = probe_meta["chance_accuracy"]
   shots = config.probes.probes.shots[-1]
   probed = order + [k for k in probe_meta["models"] if k not in order]
   for mode in config.probes.probes.modes:
-    curves = {labels.get(k, k): arrays[f"probe/fewshot/{mode}/{k}"]
-              for k in probed if f"probe/fewshot/{mode}/{k}" in arrays}
-    if curves:
-      panels.append(plotting.CurvePanel(curves=curves, title=f"{shots}-shot probe, {mode}",
-                                        ylabel="test accuracy", chance=chance,
-                                        layer_names=layer_names))
+    drawn = [k for k in probed if f"probe/fewshot/{mode}/{k}" in arrays]
+    if drawn:
+      panels.append(plotting.CurvePanel(
+          curves={labels.get(k, k): arrays[f"probe/fewshot/{mode}/{k}"] for k in drawn},
+          layer_names={labels.get(k, k): list(arrays[f"probe/layers/{k}"]) for k in drawn},
+          title=f"{shots}-shot probe, {mode}", ylabel="test accuracy", chance=chance))
   plotting.plot_layer_curves(panels, os.path.join(workdir, "figures", "data_scale"))

@@ -23,6 +23,10 @@ Probes (`vit_repr.probes`): few-shot closed-form probes for each shot count and 
 feature 100, features standardised) and, if `linear.enabled`, full softmax-regression probes
 trained with Adam on the whole pool with early stopping on a held-out fraction of it.
 
+The features extracted so far are saved every `checkpoint_every` batches to
+`<workdir>/features_<model>_{pool,test}.npz`, so a killed run resumes its extraction where it
+stopped (and a finished one reuses them).
+
 Outputs in the workdir: `linear_probes.{npz,json}` with, per model m,
   '<m>/layers' names; '<m>/fewshot/<kind>' `[layers, shots, seeds]` (`[..., T]` for 'token');
   '<m>/linear/<kind>' test accuracy `[layers]` (`[layers, T]`), '<m>/linear_holdout/<kind>',
@@ -36,7 +40,7 @@ accuracy of the spatial tokens' probes, per layer: the paper's Fig 11 comparison
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,7 +51,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from vit_repr import data, features, parallel, plotting, probes, results
-from vit_repr.studies import loading
+from vit_repr.studies import loading, resume
 
 TOKEN = "token"  # The per-token feature kind.
 
@@ -69,12 +73,13 @@ def _kinds(model: nn.Module, modes: Sequence[str], per_token: bool, name: str) -
 
 def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], has_cls: bool,
                 mesh: Mesh):
-  """Jitted `(params, images, labels) -> ({'<kind>:<layer>': array}, labels)`, replicated."""
+  """Jitted `(params, images, labels) -> {'<kind>:<layer>': array, 'label': labels}`,
+  replicated."""
   shapes = extractor.shapes
 
   def fn(params, images, labels):
     flat = extractor(params, images)
-    out = {}
+    out = {"label": labels}
     for name in extractor.names:
       x = flat[name].reshape(images.shape[0], *shapes[name])
       for kind in kinds:
@@ -82,15 +87,55 @@ def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], has_
           out[f"{kind}:{name}"] = x.reshape(x.shape[0], *probes.token_layout(shapes[name], name))
         else:
           out[f"{kind}:{name}"] = features.reduce_tokens(x, kind, has_cls=has_cls, name=name)
-    return out, labels
+    return out
 
   return jax.jit(fn, out_shardings=parallel.replicated(mesh))
 
 
+class _HostFeatures:
+  """Feature matrices on the host, filled batch by batch (the resumable state of `extract`).
+
+  Attributes:
+    arrays: `{'<kind>:<layer>': [n, ...], 'label': [n]}`, preallocated.
+    filled: rows written so far.
+    pending: the last batch's device outputs, copied to the host while the next computes.
+  """
+
+  def __init__(self, shapes: dict[str, jax.ShapeDtypeStruct], num_examples: int):
+    self.arrays = {k: np.zeros((num_examples, *s.shape[1:]), np.float32 if k != "label"
+                               else np.int32) for k, s in shapes.items()}
+    self.filled = 0
+    self.pending = None
+
+  def flush(self) -> None:
+    """Copies the pending batch into the next rows."""
+    if self.pending is not None:
+      batch = jax.device_get(self.pending)
+      size = len(batch["label"])
+      for key, value in batch.items():
+        self.arrays[key][self.filled:self.filled + size] = value
+      self.filled += size
+      self.pending = None
+
+  def to_numpy(self) -> dict[str, np.ndarray]:
+    self.flush()
+    return {key: value[:self.filled] for key, value in self.arrays.items()}
+
+  def restore(self, saved: Mapping[str, np.ndarray]) -> "_HostFeatures":
+    self.filled = len(saved["label"])
+    for key, value in self.arrays.items():
+      value[:self.filled] = saved[key]
+    return self
+
+
 def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequence[str],
-            batches: data.EvalBatches, *, image_size: int, mesh: Mesh,
-            what: str = "") -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+            batches: data.EvalBatches, *, image_size: int, mesh: Mesh, config,
+            state_path: str, what: str = ""
+            ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray] | resume.Progress:
   """Streams `batches` through `model` and materialises the probe features on the host.
+
+  The features extracted so far are saved to `state_path` every `config.checkpoint_every`
+  batches; a rerun resumes there (`vit_repr.studies.resume.accumulate`).
 
   Args:
     model: the Flax module.
@@ -100,10 +145,13 @@ def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequenc
     batches: the eval batches to stream.
     image_size: model resolution.
     mesh: the mesh the batches are sharded over.
+    config: the study config (`checkpoint_every`, `log_every`, `stop_after_batches`).
+    state_path: the `.npz` holding the features extracted so far.
     what: a label for the log lines.
 
   Returns:
-    (layer names, `{'<kind>:<layer>': float32 [n, F] or [n, T, D]}`, int `[n]` labels).
+    (layer names, `{'<kind>:<layer>': float32 [n, F] or [n, T, D]}`, int `[n]` labels), or
+    the `Progress` of a pass stopped early (`stop_after_batches`).
 
   Raises:
     ValueError: unknown layers, or a kind that does not apply to a layer (e.g. 'token' on a
@@ -116,31 +164,29 @@ def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequenc
     for name in extractor.names:
       probes.token_layout(extractor.shapes[name], name)
   fn = _feature_fn(extractor, kinds, has_cls, mesh)
-  sizes = jax.eval_shape(fn, params,
-                         jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32),
-                         jax.ShapeDtypeStruct((1,), np.int32))[0]
-  per_example = sum(int(np.prod(s.shape[1:])) for s in sizes.values())
+  shapes = jax.eval_shape(fn, params,
+                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32),
+                          jax.ShapeDtypeStruct((1,), np.int32))
+  per_example = sum(int(np.prod(s.shape[1:])) for k, s in shapes.items() if k != "label")
   logging.info("%s: %d examples x %d features (%d layers, kinds %s): %.1f MB on the host.",
                what, batches.plan.num_examples, per_example, len(extractor.names),
                list(kinds), 4e-6 * batches.plan.num_examples * per_example)
-  chunks, labels, pending = {k: [] for k in sizes}, [], None
-  start = time.perf_counter()
 
-  def keep(outputs):
-    feats, batch_labels = jax.device_get(outputs)
-    for key, value in feats.items():
-      chunks[key].append(np.asarray(value, np.float32))
-    labels.append(np.asarray(batch_labels))
-
-  for batch in batches:
+  def update(state: _HostFeatures, batch: dict) -> _HostFeatures:
     outputs = fn(params, batch["image"], batch["label"])
-    if pending is not None:
-      keep(pending)  # Copies batch i - 1 while batch i computes.
-    pending = outputs
-  keep(pending)
-  logging.info("%s: extracted in %.1f s.", what, time.perf_counter() - start)
-  return (extractor.names, {k: np.concatenate(v) for k, v in chunks.items()},
-          np.concatenate(labels))
+    state.flush()  # Copies batch i - 1 while batch i computes.
+    state.pending = outputs
+    return state
+
+  state, progress = resume.accumulate(
+      _HostFeatures(shapes, batches.plan.num_examples), update, lambda _: batches,
+      config=config, state_path=state_path, what=what, save=_HostFeatures.to_numpy,
+      restore=_HostFeatures.restore)
+  if not progress.complete:
+    return progress
+  feats = state.to_numpy()
+  labels = feats.pop("label")
+  return extractor.names, feats, labels
 
 
 def _stack(values: Sequence[np.ndarray]) -> np.ndarray:
@@ -153,8 +199,10 @@ def _stack(values: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                 mesh: Mesh, info: data.DatasetInfo, key: str) -> tuple[dict, dict]:
-  """Arrays '<key>/...' and metadata of every probe of one model."""
+                 mesh: Mesh, info: data.DatasetInfo, key: str,
+                 workdir: str) -> tuple[dict, dict] | resume.Progress:
+  """Arrays '<key>/...' and metadata of every probe of one model (or the `Progress` of a
+  feature extraction stopped early)."""
   cfg_data, cfg_probes, cfg_linear = config.data, config.probes, config.linear
   model, params = loading.load_model(spec, image_size=cfg_data.image_size,
                                      num_classes=info.num_classes)
@@ -166,13 +214,16 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
                              num_examples=num_examples, data_dir=cfg_data.data_dir,
                              crop_fraction=cfg_data.crop_fraction)
 
-  names, train, train_labels = extract(
-      model, params, spec.layers, kinds, batches(cfg_data.train_split,
-                                                 cfg_data.train_num_examples),
-      image_size=cfg_data.image_size, mesh=mesh, what=f"{key} {cfg_data.train_split}")
-  _, test, test_labels = extract(
-      model, params, spec.layers, kinds, batches(cfg_data.test_split, cfg_data.test_num_examples),
-      image_size=cfg_data.image_size, mesh=mesh, what=f"{key} {cfg_data.test_split}")
+  extracted = {}
+  for role, split, num_examples in (("pool", cfg_data.train_split, cfg_data.train_num_examples),
+                                    ("test", cfg_data.test_split, cfg_data.test_num_examples)):
+    extracted[role] = extract(
+        model, params, spec.layers, kinds, batches(split, num_examples),
+        image_size=cfg_data.image_size, mesh=mesh, config=config,
+        state_path=os.path.join(workdir, f"features_{key}_{role}.npz"), what=f"{key} {split}")
+    if isinstance(extracted[role], resume.Progress):
+      return extracted[role]
+  (names, train, train_labels), (_, test, test_labels) = extracted["pool"], extracted["test"]
   arrays = {f"{key}/layers": np.asarray(names, dtype=str)}
   for kind in kinds:
     fewshot, linear = [], []
@@ -227,7 +278,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   arrays, models, summary = {}, {}, {}
   for key, spec in config.specs.items():
     start = time.perf_counter()
-    model_arrays, models[key] = _probe_model(spec, config, mesh, info, key)
+    probed = _probe_model(spec, config, mesh, info, key, workdir)
+    if isinstance(probed, resume.Progress):
+      return probed.summary()
+    model_arrays, models[key] = probed
     arrays.update(model_arrays)
     summary[key] = {
         f"fewshot_{config.probes.shots[-1]}shot_last_layer": {
@@ -264,7 +318,6 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], mode
           num_classes: int, workdir: str) -> None:
   """The per-layer accuracy figure and, with per-token probes, the CLS-vs-spatial figure."""
   shots = config.probes.shots[-1]
-  layer_names = list(arrays[f"{next(iter(models))}/layers"])
   modes = [m for m in config.probes.modes if any(m in meta["kinds"] for meta in models.values())]
   panels = []
   sections = [("fewshot", f"{shots}-shot")] + ([("linear", "linear")]
@@ -274,9 +327,9 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], mode
       curves = {key: (arrays[f"{key}/{section}/{mode}"][:, -1].mean(-1) if section == "fewshot"
                       else arrays[f"{key}/{section}/{mode}"])
                 for key, meta in models.items() if mode in meta["kinds"]}
-      panels.append(plotting.CurvePanel(curves=curves, title=f"{label} probe, {mode}",
-                                        ylabel="test accuracy", chance=1.0 / num_classes,
-                                        layer_names=layer_names))
+      panels.append(plotting.CurvePanel(
+          curves=curves, layer_names={key: list(arrays[f"{key}/layers"]) for key in curves},
+          title=f"{label} probe, {mode}", ylabel="test accuracy", chance=1.0 / num_classes))
   plotting.plot_layer_curves(panels, os.path.join(workdir, "figures", "linear_probes"),
                              columns=len(modes))
   if not config.probes.per_token:
@@ -289,7 +342,8 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], mode
     if meta["has_cls_token"]:
       curves = {"CLS token": per_token[:, 0], **curves}
     token_panels.append(plotting.CurvePanel(
-        curves=curves, title=f"{key}: {shots}-shot probe per token", ylabel="test accuracy",
-        chance=1.0 / num_classes, layer_names=list(arrays[f"{key}/layers"])))
+        curves=curves, layer_names=dict.fromkeys(curves, list(arrays[f"{key}/layers"])),
+        title=f"{key}: {shots}-shot probe per token", ylabel="test accuracy",
+        chance=1.0 / num_classes))
   plotting.plot_layer_curves(token_panels,
                              os.path.join(workdir, "figures", "linear_probes_tokens"))

@@ -12,7 +12,8 @@ Preemption: all accumulators are saved atomically every `checkpoint_every` batch
 `<workdir>/localization_state.npz` with a fingerprint of the config; a rerun with the same
 config resumes there and ends with the same numbers. A state from another config is refused.
 
-Outputs in the workdir: `localization.{npz,json}` (`maps/<model>/<layer>` `[g, g, g, g]` CKA of
+Outputs in the workdir: `localization.{npz,json}` (`layers/<model>` the model's layers in
+computation order, `maps/<model>/<layer>` `[g, g, g, g]` CKA of
 the token at (q_row, q_col) with the patch at (p_row, p_col), `stderr/<model>/<layer>`,
 `own_patch/<model>/<layer>` `[g, g]` each token's CKA with its own patch; metadata with the
 config, models, grids, example counts and per-layer summaries) and
@@ -81,46 +82,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pass_batches = resume.pass_reader(cfg_data, global_batch_size=global_batch, mesh=mesh,
                                     shuffle_seed=analysis.shuffle_seed)
 
-  fingerprint = resume.fingerprint(config)
-  state_path = os.path.join(workdir, STATE_FILE)
-  saved = resume.load_state(state_path, fingerprint)
-  if saved is None:
-    states, done = {n: accumulators[n].init() for n in names}, 0
-  else:
-    arrays, done = saved
-    states = {n: accumulators[n].from_numpy(
-        {k[len(n) + 1:]: v for k, v in arrays.items() if k.startswith(f"{n}/")}) for n in names}
-    logging.info("Resuming after %d batches from %s.", done, state_path)
+  def update(states: dict[str, Any], batch: dict) -> dict[str, Any]:
+    return {n: accumulators[n].update(states[n], extractors[n](params[n], batch["image"]),
+                                      batch["image"]) for n in names}
 
-  def save(done: int) -> None:
-    arrays = {f"{n}/{k}": v for n in names
-              for k, v in localization.LocalizationCKA.to_numpy(states[n]).items()}
-    resume.save_state(state_path, arrays, done, fingerprint)
-
-  batches_per_pass = len(pass_batches(0))
-  total = analysis.num_passes * batches_per_pass
-  stop_at = min(total, config.get("stop_after_batches") or total)
-  timer = resume.Throughput(global_batch)
-  for step, pass_index, batch in resume.remaining_batches(
-      pass_batches, num_passes=analysis.num_passes, batches_per_pass=batches_per_pass,
-      done=done, stop_at=stop_at):
-    for n in names:
-      feats = extractors[n](params[n], batch["image"])
-      states[n] = accumulators[n].update(states[n], feats, batch["image"])
-    done = step + 1
-    timer.batch_done(states)
-    if done % config.checkpoint_every == 0 or done == stop_at:
-      save(done)
-    if done % config.log_every == 0 or done == stop_at:
-      logging.info("Localization batch %d/%d (pass %d/%d): %s.", done, total, pass_index + 1,
-                   analysis.num_passes, timer.report(total - done))
-  if done < total:
-    logging.info("Stopped after %d of %d batches (stop_after_batches); rerun to resume.", done,
-                 total)
-    return {"batches_done": done, "batches_total": total}
-  examples_per_second = timer.examples_per_second()
+  states, progress = resume.accumulate(
+      {n: accumulators[n].init() for n in names}, update, pass_batches, config=config,
+      state_path=os.path.join(workdir, STATE_FILE), what="Localization",
+      num_passes=analysis.num_passes)
+  if not progress.complete:
+    return progress.summary()
   found = {n: accumulators[n].result(states[n]) for n in names}
-  return _write(config, workdir, found, examples_per_second)
+  return _write(config, workdir, found, progress.examples_per_second)
 
 
 def _layer_summary(maps: np.ndarray) -> dict[str, float]:
@@ -142,6 +115,7 @@ def _write(config: ml_collections.ConfigDict, workdir: str,
   positions = config.analysis.positions
   for name, res in found.items():
     summaries[name] = {}
+    arrays[f"layers/{name}"] = np.asarray(list(res.maps), dtype=str)
     for layer, maps in res.maps.items():
       arrays[f"maps/{name}/{layer}"] = maps
       arrays[f"stderr/{name}/{layer}"] = res.stderr[layer]

@@ -8,23 +8,24 @@ ViT, the representations after the residual additions of every block ('mid' afte
 'out' after the MLP); ResNet, the stem and every unit output. The centre location and the
 estimator are `analysis.center` and `analysis.estimator` (see `vit_repr.receptive_field`).
 
+Each model's pass saves its running sums every `checkpoint_every` batches to
+`<workdir>/receptive_field_state_<a|b>.npz` and resumes there after a kill.
+
 Outputs in the workdir: `receptive_field.{npz,json}` (per model: normalised maps
 `maps_<k>` `[layers, H, W]`, raw maps, ERF radii in pixels, centres, layer names; metadata with
 every choice) and `figures/receptive_field.{png,pdf}` (one ERF image per layer, per model).
 """
 
 import os
-import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from vit_repr import data, features, parallel, plotting, receptive_field, results
 from vit_repr.models import flatten_intermediates
-from vit_repr.studies import loading
+from vit_repr.studies import loading, resume
 
 
 def _model_specs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
@@ -77,17 +78,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     estimator = _estimator(model, spec, config, mesh)
     logging.info("Model %s (%s): receptive fields of %d layers.", key.upper(), spec.name,
                  len(estimator.names))
-    batches = data.eval_batches(cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
-                                global_batch_size=global_batch, mesh=mesh,
-                                num_examples=cfg_data.num_examples, data_dir=cfg_data.data_dir,
-                                crop_fraction=cfg_data.crop_fraction)
-    state, start = estimator.init(), time.perf_counter()
-    for index, batch in enumerate(batches, start=1):
-      state = estimator.update(state, params, batch["image"])
-      if index % config.log_every == 0 or index == len(batches):
-        jax.block_until_ready(state.sums)
-        logging.info("ERF %s batch %d/%d: %.1f images/s.", spec.name, index, len(batches),
-                     index * global_batch / (time.perf_counter() - start))
+    batches = resume.study_batches(cfg_data, global_batch_size=global_batch, mesh=mesh)
+    state, progress = resume.accumulate(
+        estimator.init(), lambda state, batch: estimator.update(state, params, batch["image"]),
+        lambda _: batches, config=config,
+        state_path=os.path.join(workdir, f"receptive_field_state_{key}.npz"),
+        what=f"Receptive fields of {spec.name}")
+    if not progress.complete:
+      return progress.summary()
     result = estimator.result(state)
     arrays.update({f"maps_{key}": result.maps, f"raw_maps_{key}": result.raw_maps,
                    f"radius_{key}": result.radius, f"centres_{key}": result.centres,
@@ -97,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "num_examples": result.num_examples,
         "radius_px": {plotting.short_layer_name(n): round(float(r), 2)
                       for n, r in zip(result.names, result.radius)},
-        "seconds": round(time.perf_counter() - start, 1)}
+        "examples_per_second": progress.examples_per_second}
     models_meta[key] = {**loading.describe(spec), "num_examples": result.num_examples,
                         "layers": list(result.names)}
   metadata = {

@@ -71,39 +71,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pass_batches = resume.pass_reader(cfg_data, global_batch_size=global_batch, mesh=mesh,
                                     shuffle_seed=analysis.shuffle_seed)
   estimator = cka.MinibatchCKA(mesh, gram_blocks=analysis.gram_blocks)
-  fingerprint = resume.fingerprint(config)
-  state_path = os.path.join(workdir, STATE_FILE)
-  saved = resume.load_state(state_path, fingerprint)
-  if saved is None:
-    state, done = estimator.init({n: None for n in layer_names}), 0
-  else:
-    arrays, done = saved
-    state = cka.MinibatchCKAState.from_numpy(arrays)
-    logging.info("Resuming after %d batches from %s.", done, state_path)
-  batches_per_pass = len(pass_batches(0))
-  total = analysis.num_passes * batches_per_pass
-  stop_at = min(total, config.get("stop_after_batches") or total)
-  timer = resume.Throughput(global_batch)
-  for step, pass_index, batch in resume.remaining_batches(
-      pass_batches, num_passes=analysis.num_passes, batches_per_pass=batches_per_pass,
-      done=done, stop_at=stop_at):
+
+  def update(state: cka.MinibatchCKAState, batch: dict) -> cka.MinibatchCKAState:
     feats = {f"{k}:{n}": v for k, e in extractors.items()
              for n, v in e(params[k], batch["image"]).items()}
-    state = estimator.update(state, feats)
-    done = step + 1
-    timer.batch_done(state.sums)
-    if done % config.checkpoint_every == 0 or done == stop_at:
-      resume.save_state(state_path, state.to_numpy(), done, fingerprint)
-    if done % config.log_every == 0 or done == stop_at:
-      logging.info("CKA batch %d/%d (pass %d/%d): %s.", done, total, pass_index + 1,
-                   analysis.num_passes, timer.report(total - done))
-  if done < total:
-    logging.info("Stopped after %d of %d batches (stop_after_batches); rerun to resume.", done,
-                 total)
-    return {"batches_done": done, "batches_total": total}
+    return estimator.update(state, feats)
+
+  state, progress = resume.accumulate(
+      estimator.init({n: None for n in layer_names}), update, pass_batches, config=config,
+      state_path=os.path.join(workdir, STATE_FILE), what="CKA", num_passes=analysis.num_passes)
+  if not progress.complete:
+    return progress.summary()
 
   result = estimator.result(state)
-  return _write(config, workdir, result, extractors, timer.examples_per_second())
+  return _write(config, workdir, result, extractors, progress.examples_per_second)
 
 
 def _write(config: ml_collections.ConfigDict, workdir: str, result: cka.CKAResult,

@@ -1,25 +1,32 @@
-"""Preemption-safe accumulation for the studies that stream passes over a dataset.
+"""Preemption-safe passes over a dataset: the loop every streaming study runs.
 
-A study saves its accumulator state (NumPy arrays) atomically every few batches, with a
-fingerprint of its config; a rerun with the same config resumes after the saved batch (reading
-but not computing the batches before it, so every minibatch holds the same examples) and ends
-with the numbers of an uninterrupted run. A state saved under another config is refused.
+Each analysis keeps its running state as a small pytree of arrays with pure `update`s (as
+optax does). `accumulate` streams one or more passes over the data into that state and saves
+it atomically every `checkpoint_every` batches with a fingerprint of the study's config and of
+the device layout; a rerun resumes after the saved batch (reading but not computing the batches
+before it, so every minibatch holds the same examples) and ends with the numbers of an
+uninterrupted run. A state saved under another config or another device/process layout is
+refused with a message that says why, never mixed in.
 """
 
+import dataclasses
+import datetime
 import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
-from vit_repr import data
+from vit_repr import data, parallel
 
+State = TypeVar("State")
 # Config entries that do not change the numbers (left out of the fingerprint).
 RUN_ONLY_KEYS = ("checkpoint_every", "log_every", "stop_after_batches")
 
@@ -30,6 +37,11 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def device_layout() -> str:
+  """The device and process counts, which decide what a saved batch count means."""
+  return f"{jax.device_count()} devices in {jax.process_count()} processes"
+
+
 def save_state(path: str, arrays: Mapping[str, np.ndarray], batches_done: int,
                config_fingerprint: str) -> None:
   """Writes the state arrays atomically (a temporary file, then a rename); process 0 only."""
@@ -37,7 +49,7 @@ def save_state(path: str, arrays: Mapping[str, np.ndarray], batches_done: int,
     return
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays, batches_done=np.asarray(batches_done),
-           fingerprint=np.asarray(config_fingerprint))
+           fingerprint=np.asarray(config_fingerprint), layout=np.asarray(device_layout()))
   os.replace(tmp, path)
 
 
@@ -46,7 +58,7 @@ def load_state(path: str, config_fingerprint: str
   """(state arrays, batches done) saved at `path`, or None when there is nothing to resume.
 
   Raises:
-    ValueError: the state was accumulated under another config.
+    ValueError: the state was accumulated under another config or device layout.
   """
   if not os.path.exists(path):
     return None
@@ -56,7 +68,62 @@ def load_state(path: str, config_fingerprint: str
     raise ValueError(f"{path} holds a state accumulated with a different config; resuming "
                      "would mix two analyses. Use a new --workdir, or rerun with the original "
                      "config to resume.")
+  saved_layout = str(arrays.pop("layout"))
+  if saved_layout != device_layout():
+    raise ValueError(f"{path} was accumulated with {saved_layout}, this run has "
+                     f"{device_layout()}: its batch count would not mean the same examples. "
+                     "Resume with the original layout, or use a new --workdir.")
   return arrays, int(arrays.pop("batches_done"))
+
+
+def tree_to_numpy(tree: Any) -> dict[str, np.ndarray]:
+  """The leaves of a state pytree as NumPy, keyed by their tree paths (e.g. '.sums')."""
+  return {jax.tree_util.keystr(path): parallel.to_host(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_from_numpy(template: Any, arrays: Mapping[str, np.ndarray]) -> Any:
+  """Inverse of `tree_to_numpy`: `template`'s structure with the saved leaves, each placed
+  like the template's leaf (a `jax.Array`'s sharding; NumPy stays on the host).
+
+  Raises:
+    ValueError: a leaf is missing or has another shape (the state of another analysis).
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+  leaves = []
+  for path, leaf in flat:
+    key = jax.tree_util.keystr(path)
+    if key not in arrays or np.shape(arrays[key]) != np.shape(leaf):
+      raise ValueError(f"The saved state has no leaf {key!r} of shape {np.shape(leaf)}; it "
+                       "belongs to another analysis. Use a new --workdir.")
+    value = np.asarray(arrays[key], dtype=leaf.dtype)
+    if isinstance(leaf, jax.Array):
+      value = jax.make_array_from_callback(value.shape, leaf.sharding,
+                                           lambda index, value=value: value[index])
+    leaves.append(value)
+  return treedef.unflatten(leaves)
+
+
+def study_batches(cfg_data: ml_collections.ConfigDict, *, global_batch_size: int, mesh: Mesh,
+                  shuffle_seed: int | None = None) -> data.EvalBatches:
+  """The eval batches of a study's data section (configs/common.py `eval_data`: name, split,
+  data_dir, image_size, num_examples, crop_fraction, sample_seed)."""
+  return data.eval_batches(
+      cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
+      global_batch_size=global_batch_size, mesh=mesh, num_examples=cfg_data.num_examples,
+      data_dir=cfg_data.data_dir, crop_fraction=cfg_data.crop_fraction,
+      sample_seed=cfg_data.sample_seed, shuffle_seed=shuffle_seed)
+
+
+def pass_reader(cfg_data: ml_collections.ConfigDict, *, global_batch_size: int, mesh: Mesh,
+                shuffle_seed: int) -> Callable[[int], data.EvalBatches]:
+  """`pass_index -> batches` over a study's data section: pass 0 in canonical order, pass
+  p > 0 reshuffled by `shuffle_seed + p` (same examples, new minibatches), as the reference
+  minibatch-CKA code does."""
+  def batches(pass_index: int) -> data.EvalBatches:
+    return study_batches(cfg_data, global_batch_size=global_batch_size, mesh=mesh,
+                         shuffle_seed=None if pass_index == 0 else shuffle_seed + pass_index)
+  return batches
 
 
 def remaining_batches(pass_batches: Callable[[int], Iterable[Any]], *, num_passes: int,
@@ -76,20 +143,6 @@ def remaining_batches(pass_batches: Callable[[int], Iterable[Any]], *, num_passe
         return
       if step >= done:
         yield step, pass_index, batch
-
-
-def pass_reader(cfg_data: ml_collections.ConfigDict, *, global_batch_size: int, mesh: Mesh,
-                shuffle_seed: int) -> Callable[[int], data.EvalBatches]:
-  """`pass_index -> batches` over `cfg_data` (name, split, data_dir, image_size, num_examples,
-  crop_fraction): pass 0 in canonical order, pass p > 0 reshuffled by `shuffle_seed + p` (same
-  examples, new minibatches), as the reference minibatch-CKA code does."""
-  def batches(pass_index: int) -> data.EvalBatches:
-    return data.eval_batches(
-        cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
-        global_batch_size=global_batch_size, mesh=mesh, num_examples=cfg_data.num_examples,
-        data_dir=cfg_data.data_dir, crop_fraction=cfg_data.crop_fraction,
-        shuffle_seed=None if pass_index == 0 else shuffle_seed + pass_index)
-  return batches
 
 
 class Throughput:
@@ -116,10 +169,96 @@ class Throughput:
     if not self._batches:
       return None
     jax.block_until_ready(self._leaf)
-    return round(self._batches * self._global_batch / (time.perf_counter() - self._start), 1)
+    return self._batches * self._global_batch / (time.perf_counter() - self._start)
 
   def report(self, batches_left: int) -> str:
+    """'12.3 examples/s, ETA 0:01:05' (three significant digits, so slow rates do not read
+    0.0), or 'compiled' before a second batch has been timed."""
     rate = self.examples_per_second()
     if rate is None:
       return "compiled"
-    return f"{rate:.1f} examples/s, ETA {batches_left * self._global_batch / rate:.0f} s"
+    eta = datetime.timedelta(seconds=round(batches_left * self._global_batch / rate))
+    return f"{rate:.3g} examples/s, ETA {eta}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """Where a resumable pass stands.
+
+  Attributes:
+    batches_done: global batches accumulated (over all passes).
+    batches_total: global batches of all the passes.
+    examples_per_second: measured rate of this run's batches (None if fewer than two ran).
+  """
+  batches_done: int
+  batches_total: int
+  examples_per_second: float | None
+
+  @property
+  def complete(self) -> bool:
+    return self.batches_done >= self.batches_total
+
+  def summary(self) -> dict[str, int]:
+    """The headline numbers of an interrupted study (see `interrupted`)."""
+    return {"batches_done": self.batches_done, "batches_total": self.batches_total}
+
+
+def interrupted(summary: Mapping[str, Any]) -> bool:
+  """Whether a study's headline numbers are those of a run stopped before the end."""
+  return summary.get("batches_done", 0) < summary.get("batches_total", 0)
+
+
+def accumulate(state: State, update: Callable[[State, dict[str, jax.Array]], State],
+               pass_batches: Callable[[int], data.EvalBatches], *,
+               config: ml_collections.ConfigDict, state_path: str, what: str,
+               num_passes: int = 1,
+               save: Callable[[State], Mapping[str, np.ndarray]] = tree_to_numpy,
+               restore: Callable[[State, Mapping[str, np.ndarray]], State] = tree_from_numpy,
+               ) -> tuple[State, Progress]:
+  """Streams `num_passes` passes of `pass_batches` into `state`, resumably.
+
+  Args:
+    state: the initial state (also the template a saved state is restored into).
+    update: `(state, batch) -> state`, one global batch `{'image', 'label'}`.
+    pass_batches: `pass_index -> batches` (e.g. `pass_reader`); every pass has as many.
+    config: the study's config: its fingerprint, `checkpoint_every`, `log_every` and
+      `stop_after_batches` (a simulated preemption: stop there, a rerun resumes).
+    state_path: the `.npz` file holding the saved state.
+    what: a label for the log lines.
+    num_passes: passes over the data.
+    save: `state -> {name: array}` to write (default: every leaf, `tree_to_numpy`).
+    restore: `(initial state, saved arrays) -> state` (default `tree_from_numpy`).
+
+  Returns:
+    (the state, its `Progress`); the state is complete when `progress.complete`.
+
+  Raises:
+    ValueError: a saved state from another config or device layout.
+  """
+  config_fingerprint = fingerprint(config)
+  saved = load_state(state_path, config_fingerprint)
+  done = 0
+  if saved is not None:
+    arrays, done = saved
+    state = restore(state, arrays)
+    logging.info("%s: resuming after %d batches from %s.", what, done, state_path)
+  first = pass_batches(0)
+  batches_per_pass, global_batch = len(first), first.plan.global_batch_size
+  total = num_passes * batches_per_pass
+  stop_at = min(total, config.get("stop_after_batches") or total)
+  timer = Throughput(global_batch)
+  for step, pass_index, batch in remaining_batches(
+      lambda p: first if p == 0 else pass_batches(p), num_passes=num_passes,
+      batches_per_pass=batches_per_pass, done=done, stop_at=stop_at):
+    state = update(state, batch)
+    done = step + 1
+    timer.batch_done(state)
+    if done % config.checkpoint_every == 0 or done == stop_at:
+      save_state(state_path, save(state), done, config_fingerprint)
+    if done % config.log_every == 0 or done == stop_at:
+      logging.info("%s: batch %d/%d (pass %d/%d), %s.", what, done, total, pass_index + 1,
+                   num_passes, timer.report(total - done))
+  if done < total:
+    logging.info("%s: stopped after %d of %d batches (stop_after_batches); rerun to resume.",
+                 what, done, total)
+  return state, Progress(done, total, timer.examples_per_second())

@@ -24,12 +24,11 @@ uniform CKA structure of the model around that block and costs accuracy (Fig 8).
     and the figures `skip_ablation_self` (the paper's row of heatmaps, one per ablated block,
     accuracy in the titles) and `skip_ablation_vs_reference`.
 
-Training runs and Study 1's CKA runs resume after a preemption; a norm-ratio pass (one forward
-pass per model) is recomputed.
+Training runs, the norm-ratio passes (`<workdir>/norm_ratio_state_<key>.npz`) and Study 1's CKA
+runs resume after a preemption.
 """
 
 import os
-import time
 from typing import Any
 
 import jax
@@ -40,7 +39,7 @@ from absl import logging
 
 from vit_repr import (data, features, models, parallel, plotting, residual, results,
                       training)
-from vit_repr.studies import loading, representation
+from vit_repr.studies import loading, representation, resume
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -85,17 +84,20 @@ def _norm_ratio_specs(config: ml_collections.ConfigDict, models_dir: str
 
 
 def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                mesh: jax.sharding.Mesh) -> tuple[residual.NormRatioResult,
-                                                  tuple[residual.SubLayer, ...]]:
-  """Norm ratios of every residual sub-layer of one model over `config.data`.
+                mesh: jax.sharding.Mesh, state_path: str
+                ) -> tuple[residual.NormRatioResult | resume.Progress,
+                           tuple[residual.SubLayer, ...]]:
+  """Norm ratios of every residual sub-layer of one model over `config.data`, resumably.
 
   Args:
     spec: the model spec (`vit_repr.studies.loading`).
-    config: the study config (`data`, `norm_ratio`).
+    config: the study config (`data`, `norm_ratio`, `checkpoint_every`, ...).
     mesh: the data-parallel mesh.
+    state_path: where the running sums are saved (and resumed from).
 
   Returns:
-    (the accumulated `NormRatioResult`, the model's sub-layers in the same order).
+    (the accumulated `NormRatioResult`, or the `Progress` of an interrupted pass; the model's
+    sub-layers in computation order, the order of the result's rows).
   """
   cfg = config.data
   info = data.dataset_info(cfg.name, cfg.data_dir)
@@ -116,23 +118,17 @@ def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDi
 
   step = jax.jit(accumulate, donate_argnums=0)
   params = jax.device_put(params, parallel.replicated(mesh))
-  batches = data.eval_batches(cfg.name, cfg.split, image_size=cfg.image_size,
-                              global_batch_size=config.norm_ratio.global_batch_size, mesh=mesh,
-                              num_examples=cfg.num_examples, data_dir=cfg.data_dir,
-                              crop_fraction=cfg.crop_fraction)
-  images = jax.ShapeDtypeStruct(
-      (config.norm_ratio.global_batch_size, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  batch_size = config.norm_ratio.global_batch_size
+  images = jax.ShapeDtypeStruct((batch_size, cfg.image_size, cfg.image_size, 3), jnp.float32)
   streams, _ = jax.eval_shape(streams_and_branches, params, images)
-  state = estimator.init(streams, has_cls=features.has_cls_token(model))
-  start = time.perf_counter()
-  for index, batch in enumerate(batches):
-    state = step(state, params, batch["image"])
-    if (index + 1) % config.norm_ratio.log_every == 0 or index + 1 == len(batches):
-      jax.block_until_ready(state.sums)
-      rate = (index + 1) * config.norm_ratio.global_batch_size / (time.perf_counter() - start)
-      logging.info("%s norm ratios: batch %d/%d, %.1f examples/s.", spec.name, index + 1,
-                   len(batches), rate)
-  return estimator.result(state), layers
+  # eval_shape returns the dict with sorted keys: the state's rows follow the model's order.
+  state = estimator.init({layer.name: streams[layer.name] for layer in layers},
+                         has_cls=features.has_cls_token(model))
+  batches = resume.study_batches(cfg, global_batch_size=batch_size, mesh=mesh)
+  state, progress = resume.accumulate(
+      state, lambda state, batch: step(state, params, batch["image"]), lambda _: batches,
+      config=config, state_path=state_path, what=f"{spec.name} norm ratios")
+  return (estimator.result(state) if progress.complete else progress), layers
 
 
 def _run_norm_ratios(config: ml_collections.ConfigDict, workdir: str, models_dir: str,
@@ -141,7 +137,10 @@ def _run_norm_ratios(config: ml_collections.ConfigDict, workdir: str, models_dir
   statistic = config.norm_ratio.statistic
   arrays, panels, summary, described = {}, [], {}, {}
   for key, spec in specs.items():
-    result, layers = norm_ratios(spec, config, mesh)
+    result, layers = norm_ratios(spec, config, mesh,
+                                 os.path.join(workdir, f"norm_ratio_state_{key}.npz"))
+    if isinstance(result, resume.Progress):
+      return result.summary()
     for field in ("ratio_of_means", "mean_of_ratios", "norm_stream", "norm_branch",
                   "num_tokens"):
       arrays[f"{key}/{field}"] = getattr(result, field)
@@ -200,7 +199,9 @@ def _run_ablation(config: ml_collections.ConfigDict, workdir: str,
     cka_config.model_a = loading.trained_spec(config.models[name], run_dir, ablation.layers)
     cka_config.model_b = reference_spec
     cka_dir = os.path.join(workdir, "ablation", name)
-    representation.run(cka_config, cka_dir)
+    progress = representation.run(cka_config, cka_dir)
+    if resume.interrupted(progress):
+      return progress
     heatmaps, _ = results.read_results(cka_dir, "cka_heatmap")
     arrays[f"{name}/cka_self"] = heatmaps["cka_aa"]
     arrays[f"{name}/cka_vs_reference"] = heatmaps["cka_ab"]
@@ -258,6 +259,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {}
   if config.norm_ratio.models or config.norm_ratio.trained:
     summary["norm_ratios"] = _run_norm_ratios(config, workdir, models_dir, mesh)
+    if resume.interrupted(summary["norm_ratios"]):
+      return summary["norm_ratios"]
   if config.ablation.reference:
     summary["ablation"] = _run_ablation(config, workdir, models_dir)
+    if resume.interrupted(summary["ablation"]):
+      return summary["ablation"]
   return summary

@@ -1,7 +1,9 @@
-"""The shared start of every experiment main: multi-host init, argv check, logging, config."""
+"""The shared shape of every experiment main: multi-host init, argv check, logging, config,
+and a kind exit on the user errors the library reports."""
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -10,27 +12,57 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import vit_repr
+
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False,
     "Call jax.distributed.initialize() first (multi-host TPU pod slices, multi-node GPU): "
     "run the same command on every host.")
+_LIBRARY_DIR = os.path.dirname(os.path.abspath(vit_repr.__file__)) + os.sep
 
 
 def setup(argv: list[str], config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Initialises multi-host JAX if asked, rejects extra argv, logs the process layout and the
-  config, and writes the config snapshot `config.json` into the workdir (process 0)."""
+  """Initialises multi-host JAX if asked, rejects extra argv, logs the process layout, writes
+  the config snapshot `config.json` into the workdir (process 0) and logs the config at
+  verbosity 1 (`--verbosity=1`)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  logging.set_verbosity(logging.INFO)
   logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  logging.info("Config:\n%s", config)
   os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(path, "w") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  logging.info("Config written to %s.", path)
+  logging.vlog(1, "Config:\n%s", config)
+
+
+def raised_by_library(error: BaseException) -> bool:
+  """Whether `error` was raised by vit_repr's own code: a user error (bad config, missing
+  checkpoint, dataset not prepared) whose message says what is wrong and how to fix it."""
+  frame = error.__traceback__
+  while frame is not None and frame.tb_next is not None:
+    frame = frame.tb_next
+  return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_LIBRARY_DIR)
+
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)`, where a ValueError or FileNotFoundError raised by the library prints its
+  message alone and exits with status 1 (`--verbosity=1` shows the traceback). What the run
+  saved before the error (checkpoints, accumulator states) stays in the workdir."""
+  def guarded(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except (ValueError, FileNotFoundError) as error:
+      if not raised_by_library(error) or logging.get_verbosity() >= 1:
+        raise
+      print(f"Error: {error}\n(Rerun with --verbosity=1 for the traceback.)", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(guarded)
 
 
 def run_study(run: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
@@ -47,4 +79,4 @@ def run_study(run: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
     setup(argv, config_flag.value, workdir_flag.value)
     logging.info("Done: %s", json.dumps(run(config_flag.value, workdir_flag.value)))
 
-  app.run(main)
+  run_main(main)

@@ -61,10 +61,17 @@ def read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     `{key: array}` in file order.
 
   Raises:
-    FileNotFoundError: nothing at `path`.
+    FileNotFoundError: nothing at `path`, or its storage cannot be reached (e.g. gs:// without
+      network access or credentials).
   """
   path = epath.Path(path)
-  if not path.exists():
+  try:
+    found = path.exists()
+  except Exception as error:  # pylint: disable=broad-except; storage backends raise their own.
+    raise FileNotFoundError(
+        f"Cannot reach the checkpoint {path} ({type(error).__name__}: {error}). Download it "
+        "where this machine can read it and pass the local path.") from None
+  if not found:
     raise FileNotFoundError(f"No checkpoint at {path}. Check the path (local or gs://) and, "
                             "for gs://, that you are authenticated to read the bucket.")
   with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:

@@ -13,6 +13,14 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One persistent XLA compilation cache for the test session, its xdist workers and the
+# subprocesses they start (set before any test imports JAX): a program many tests run (a
+# ViT-B/16 forward pass, a training step) is compiled once per session, not once per test.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(REPO_ROOT, ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 
 def run_python(code: str, *, num_devices: int = 1, timeout: float = 600,
                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -15,7 +15,9 @@ initialised ViT and BiT on the embedded 'digits' data.
 Compute: the paper's estimator ('mean_abs', |gradient| per channel, averaged) needs one backward
 pass per channel of every layer (ViT-B/32: 24 layers x 768 channels; R50: 17 layers of 64-2048
 channels) per image, batched over channels (`channel_chunk` cotangents at a time);
-benchmarks/receptive_field_bench.py measures its cost. `analysis.estimator='abs_of_sum'` is
+`layer_groups` groups of consecutive layers each compile one forward and one backward graph
+(fewer groups: faster compile, more wasted backward work; see `vit_repr.receptive_field`);
+benchmarks/receptive_field_bench.py measures the cost. `analysis.estimator='abs_of_sum'` is
 ~C times cheaper but not the paper's quantity, and `analysis.max_channels=K` averages a fixed
 random subset of K channels per layer (an unbiased estimate of the channel mean; `runlocal`
 uses 32 so that it runs in seconds on a CPU).
@@ -44,7 +46,8 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
   config.analysis = ml_collections.ConfigDict(dict(
       estimator="mean_abs",  # 'mean_abs' (paper: |grad| per channel, averaged) or 'abs_of_sum'.
       center="single",       # 'single' or 'mean' (of the central cells of an even grid).
-      channel_chunk=64,      # Channels whose backward passes run together (memory).
+      channel_chunk=64,      # Backward passes (probes) vmapped together (memory).
+      layer_groups=8,        # Consecutive-layer groups, each one graph: compile vs run time.
       max_channels=config_dict.placeholder(int),  # None: every channel (exact); K: K per layer.
       channel_seed=0,        # Seed of that channel subset.
       minibatch_size=8,      # Images per device per step.

@@ -56,16 +56,19 @@ def two_layer_net(params, x):
   return {"hidden": hidden, "out": conv(hidden, params["w2"], stride=2)}
 
 
-def test_nonlinear_net_matches_full_jacobian():
+@pytest.mark.parametrize("layer_groups", [1, 2], ids=["one_group", "group_per_layer"])
+def test_nonlinear_net_matches_full_jacobian(layer_groups):
   """Two 3x3 convs with tanh: per-image Jacobians by jax.jacrev, reduced in float64 NumPy;
-  supports 3x3 and 5x5. channel_chunk=3 of 5 channels exercises the padded chunk."""
+  supports 3x3 and 5x5. channel_chunk=3 of 4 + 5 channels: in one group a chunk straddles the
+  two layers (the hidden layer's probes run the backward pass from 'out' through a zero
+  cotangent); with a group per layer the last chunk of each is padded."""
   keys = jax.random.split(jax.random.key(0), 2)
   params = {"w1": jax.random.normal(keys[0], (3, 3, 3, 4)),
             "w2": jax.random.normal(keys[1], (3, 3, 4, 5))}
   batch = images(3)
   result = accumulate(two_layer_net, params, {"hidden": (SIZE, SIZE, 4),
                                               "out": (SIZE // 2, SIZE // 2, 5)}, [batch],
-                      channel_chunk=3)
+                      channel_chunk=3, layer_groups=layer_groups)
   for row, (name, (y, x)) in enumerate([("hidden", (8, 8)), ("out", (4, 4))]):
     jac = jax.jacrev(lambda im: two_layer_net(params, im[None])[name][0, y, x])
     per_image = [np.abs(np.asarray(jac(im), np.float64)).sum(-1).mean(0) for im in batch]
@@ -94,6 +97,95 @@ def test_patch_tokens_with_cls(center, cells):
     expected[4 * r:4 * r + 4, 4 * c:4 * c + 4] = patch / len(cells)
   np.testing.assert_allclose(result.raw_maps[0], expected, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(result.centres[0], [8.0, 8.0] if center == "mean" else [10.0, 10.0])
+
+
+def scaled_copies(num_layers):
+  """Layer i = (i + 1) * the image tiled to 3 * (i % 3 + 1) channels: every channel's gradient
+  at the centre pixel is i + 1 on one colour, zero elsewhere, so ERF_i = (i + 1) * delta."""
+  return lambda w, x: {f"layer{i}": (i + 1) * jnp.tile(x, (1, 1, 1, i % 3 + 1))
+                       for i in range(num_layers)}
+
+
+@pytest.mark.parametrize("layer_groups", [1, 4, 13], ids=["1", "4", "13"])
+@pytest.mark.parametrize("max_channels", [None, 4], ids=["all_channels", "k4"])
+def test_many_layers_keep_their_order(layer_groups, max_channels):
+  """13 layers of 3-9 channels (a sorted-key bug shows at 10+): each map lands on its layer's
+  row, divided by that layer's own channel count, whatever the grouping and chunking."""
+  shapes = {f"layer{i}": (SIZE, SIZE, 3 * (i % 3 + 1)) for i in range(13)}
+  result = accumulate(scaled_copies(13), None, shapes, [images(2)], channel_chunk=5,
+                      layer_groups=layer_groups, max_channels=max_channels)
+  assert result.names == tuple(shapes)
+  expected = np.zeros((13, SIZE, SIZE))
+  expected[:, 8, 8] = np.arange(1, 14)
+  np.testing.assert_allclose(result.raw_maps, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_layers,num_groups,expected", [
+    (24, 8, [3] * 8), (17, 8, [2, 2, 2, 2, 2, 2, 2, 3]), (2, 4, [1, 1]), (5, 1, [5]),
+], ids=["vit_b", "r50", "fewer_layers", "one_group"])
+def test_group_layers_covers_every_layer_once_in_order(num_layers, num_groups, expected):
+  groups = receptive_field.group_layers(num_layers, num_groups)
+  assert [len(g) for g in groups] == expected
+  assert [i for g in groups for i in g] == list(range(num_layers))
+
+
+def ones_kernel(k, channels, seed):
+  """`[k, k, 3, channels]` of random signs: |w| = 1, so a single conv's 'mean_abs' ERF is
+  uniform on its support."""
+  return jnp.sign(jax.random.normal(jax.random.key(seed), (k, k, 3, channels)))
+
+
+# Per layer: fn, kernel size, per-example shape for an image side s, options, the input rows
+# that output cell i reads (the same for columns) and the pixel stride of a cell.
+_RADIUS_LAYERS = {
+    "patch4": (lambda w, x: {"r": jnp.concatenate(
+        [jnp.ones((x.shape[0], 1, 5)),
+         conv(x, w, stride=4, padding="VALID").reshape(x.shape[0], 16, 5)], axis=1)},
+               4, lambda s: (17, 5), dict(token_grid=(4, 4), num_prefix_tokens=1),
+               lambda i: range(4 * i, 4 * i + 4), 4),
+    "dilated3": (lambda w, x: {"r": jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))},
+                 3, lambda s: (s, s, 5), {}, lambda i: (i - 2, i, i + 2), 1),
+    "same2": (lambda w, x: {"r": conv(x, w)}, 2, lambda s: (s, s, 5), {},
+              lambda i: (i, i + 1), 1),  # 'SAME' pads an even kernel's extra row after.
+}
+
+
+@pytest.mark.parametrize("layer,center,size,centre,radius2", [
+    ("patch4", "single", SIZE, 10.0, 2 * 15 / 12),  # Uniform on rows 8..11.
+    ("patch4", "mean", SIZE, 8.0, 2 * 63 / 12),     # Uniform on rows 4..11.
+    ("dilated3", "single", SIZE, 8.5, 2 * 8 / 3),   # Rows 6, 8, 10.
+    ("dilated3", "mean", SIZE, 8.0, 2 * 35 / 12),   # Uniform on rows 5..10.
+    ("dilated3", "single", 15, 7.5, 2 * 8 / 3),     # Odd grid: rows 5, 7, 9.
+    ("same2", "single", SIZE, 8.5, 2 * 1 / 2),      # Rows 8, 9 (centroid 9).
+    ("same2", "mean", SIZE, 8.0, 2 * 3 / 4),        # Rows 7, 8, 9 weighted 1, 2, 1.
+], ids=["patch_even_single", "patch_even_mean", "dilated_even_single", "dilated_even_mean",
+        "dilated_odd", "asymmetric_single", "asymmetric_mean"])
+def test_radius_is_measured_from_the_centre_locations_centre(layer, center, size, centre,
+                                                             radius2):
+  """ERFs known in closed form (one linear layer with |w| = 1: uniform on the central cells'
+  input windows). The radius is the root mean squared distance of the pixel centres
+  (y + 0.5, x + 0.5) from the centre location's centre (`centre`, the same in y and x:
+  (cell + 0.5) * stride, averaged over the central cells for 'mean'): checked against a float64
+  NumPy formula and the closed form `radius2`. The symmetric cases have that centre as their
+  centroid, so a radius taken from any other point is larger; the asymmetric ones tell it from
+  the ERF's centroid."""
+  fn, k, shape, options, window, stride = _RADIUS_LAYERS[layer]
+  result = accumulate(fn, ones_kernel(k, 5, seed=k), {"r": shape(size)},
+                      [images(2, size=size)], center=center, **options)
+  cells = receptive_field.center_cells((size // stride,) * 2, center)
+  expected = np.zeros((size, size))
+  for row, col in cells:
+    rows, cols = np.zeros(size), np.zeros(size)
+    rows[list(window(row))] = cols[list(window(col))] = 1.0
+    expected += np.outer(rows, cols) / len(cells)
+  np.testing.assert_allclose(result.maps[0], expected / expected.max(), rtol=1e-6)
+  np.testing.assert_allclose(result.centres[0], [centre, centre])
+  y, x = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
+  squared = (y - centre) ** 2 + (x - centre) ** 2
+  np.testing.assert_allclose(result.radius[0], np.sqrt((expected * squared).sum() /
+                                                       expected.sum()), rtol=1e-6)
+  np.testing.assert_allclose(result.radius[0], np.sqrt(radius2), rtol=1e-6)
 
 
 def test_channel_subset_averages_the_chosen_channels():

@@ -8,22 +8,37 @@ channels]` at its centre location l is the map over input pixels
 normalised to a maximum of 1 per layer, as the paper describes it: the absolute value of the
 gradient, averaged over channels (and images). The absolute value is taken PER CHANNEL before
 averaging (estimator 'mean_abs'); since |.| does not commute with the channel sum there is no
-single-backward-pass shortcut, so the gradients of all C channels are computed exactly as C
-vector-Jacobian products sharing one forward pass (`jax.vjp`, vmapped over one-hot
-cotangents in chunks of `channel_chunk` channels, `lax.map` over the chunks). The cheaper
-estimator 'abs_of_sum' (one backward pass: the absolute gradient of the channel mean) is
-offered for large models and recorded as such; it is not the paper's quantity. For cheap runs
-`max_channels` = K averages over a fixed random subset of K channels of each wider layer (drawn
-once from `channel_seed`; an unbiased Monte-Carlo estimate of the channel mean, exact for layers
-with at most K channels; the cost of 'mean_abs' is one backward pass per channel used). The colour
-channels of a pixel are summed (any fixed reduction is the same after normalisation).
+single-backward-pass shortcut: the gradients of all C channels are computed exactly, as C
+vector-Jacobian products (one backward pass each) sharing one forward pass. The cheaper
+estimator 'abs_of_sum' (one backward pass per layer: the absolute gradient of the channel mean)
+is offered for large models and recorded as such; it is not the paper's quantity. For cheap
+runs `max_channels` = K averages over a fixed random subset of K channels of each wider layer
+(drawn once from `channel_seed`; an unbiased Monte-Carlo estimate of the channel mean, exact for
+layers with at most K channels; the cost of 'mean_abs' is one backward pass per channel used).
+The colour channels of a pixel are summed (any fixed reduction is the same after normalisation).
 
 Representations are ViT token sequences `[b, T, D]` (the first `num_prefix_tokens`, e.g. CLS,
 skipped; patches row-major on `token_grid`) or feature maps `[b, h, w, C]`. The centre
 location: for an odd grid the middle cell; for an even grid `center='single'` (default) takes
 cell (rows // 2, cols // 2), the one containing the image-centre pixel (H / 2, W / 2) (0-based,
 i.e. the lower-right of the four central cells), and `center='mean'` averages the ERF maps of
-the two or four central cells.
+the two or four central cells. The ERF radius is measured from the centre location's centre in
+pixel coordinates (pixel (y, x) has its centre at (y + 0.5, x + 0.5)).
+
+Computation. Every backward pass is a probe: a cotangent that is one-hot at (layer, centre
+cell, channel) ('mean_abs'), or 1/C on every channel of one centre cell ('abs_of_sum'). The
+layers are split into `layer_groups` groups of consecutive layers; per group, one forward pass
+(`jax.vjp` of the group's centre representations; XLA merges the groups' forward passes into
+one) is shared by all its probes, which run in chunks of `channel_chunk` vmapped cotangents
+under one `lax.scan`, so the compiled program holds one forward and one (vmapped) backward graph
+per group whatever the number of layers, channels or chunks. A probe of a lower layer in a
+group still runs the backward pass from the group's top layer (through zero cotangents), so the
+executed work is about (groups + 1) / groups times the minimum (C backward passes from each
+layer) for evenly spaced layers, and the compiled graph about (groups + 1) / 2 backward passes:
+`layer_groups` trades compile time for run time. `fn` is traced once (it is jitted and shared
+by the groups). Memory and, on CPUs, speed depend on the `channel_chunk` x batch cotangents in
+flight: their backward activations outgrow the caches. `benchmarks/receptive_field_bench.py`
+measures the cost per model.
 
 Each image's representation depends on that image only (no batch statistics in these models),
 so one VJP of the batch sum gives every image's gradient. `ReceptiveField` accumulates the
@@ -66,6 +81,72 @@ def center_cells(grid: tuple[int, int], center: str = "single") -> list[tuple[in
     return [n // 2] if center == "single" or n % 2 else [n // 2 - 1, n // 2]
 
   return [(r, c) for r in middle(rows) for c in middle(cols)]
+
+
+def group_layers(num_layers: int, num_groups: int) -> list[range]:
+  """Splits layers `0..num_layers-1` into at most `num_groups` runs of consecutive layers.
+
+  Returns:
+    Ranges of near-equal length (the longer ones last) covering every layer once, in order.
+  """
+  num_groups = min(num_groups, num_layers)
+  bounds = [num_layers * g // num_groups for g in range(num_groups + 1)]
+  return [range(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
+class Probes(NamedTuple):
+  """The backward passes of one layer group, padded to whole chunks (static NumPy arrays).
+
+  Attributes:
+    layer: `[chunks, chunk]` int32 index of the probe's layer within its group.
+    cell: `[chunks, chunk]` int32 centre cell; -1 pads (a zero cotangent).
+    channel: `[chunks, chunk]` int32 channel ('mean_abs'; unused by 'abs_of_sum').
+  """
+  layer: np.ndarray
+  cell: np.ndarray
+  channel: np.ndarray
+
+
+def make_probes(cells_and_channels: Sequence[tuple[int, np.ndarray]], chunk: int) -> Probes:
+  """Every (layer, cell, channel) of a group, in layer order, in chunks of `chunk`.
+
+  Args:
+    cells_and_channels: per layer of the group, its number of centre cells and the channels
+      `[k]` whose gradients are taken (one dummy channel for 'abs_of_sum').
+    chunk: probes per chunk (at most the number of probes is used).
+
+  Returns:
+    The probes, the last chunk padded with zero cotangents (cell -1).
+  """
+  layer, cell, channel = (np.concatenate(a) for a in zip(*[
+      (np.full(num_cells * len(used), index), np.repeat(np.arange(num_cells), len(used)),
+       np.tile(used, num_cells))
+      for index, (num_cells, used) in enumerate(cells_and_channels)]))
+  chunk = min(chunk, len(layer))
+  pad = -len(layer) % chunk
+  return Probes(*(np.pad(a, (0, pad), constant_values=v).astype(np.int32).reshape(-1, chunk)
+                  for a, v in ((layer, 0), (cell, -1), (channel, 0))))
+
+
+def probe_cotangent(centre: jax.Array, selected: jax.Array, cell: jax.Array,
+                    channel: jax.Array, estimator: str) -> jax.Array:
+  """The cotangent of one layer's centre representation for one probe.
+
+  Args:
+    centre: `[b, cells, C]` the layer's representation at its centre cell(s).
+    selected: `[]` bool, whether the probe belongs to this layer (else the cotangent is zero).
+    cell: `[]` int32 centre cell (-1: zero cotangent).
+    channel: `[]` int32 channel ('mean_abs').
+    estimator: 'mean_abs' (one-hot channel) or 'abs_of_sum' (1/C on every channel).
+
+  Returns:
+    `[b, cells, C]` in `centre`'s dtype, the same for every image.
+  """
+  _, num_cells, channels = centre.shape
+  per_channel = (jax.nn.one_hot(channel, channels) if estimator == "mean_abs"
+                 else jnp.full((channels,), 1.0 / channels))
+  cotangent = jnp.where(selected, jax.nn.one_hot(cell, num_cells)[:, None] * per_channel, 0.0)
+  return jnp.broadcast_to(cotangent, centre.shape).astype(centre.dtype)
 
 
 class ReceptiveFieldState(NamedTuple):
@@ -120,7 +201,7 @@ class ReceptiveField:
                num_prefix_tokens: int = 0, center: str = "single",
                estimator: str = "mean_abs", channel_chunk: int = 64,
                max_channels: int | None = None, channel_seed: int = 0,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, layer_groups: int = 8):
     """Builds the accumulator.
 
     Args:
@@ -132,12 +213,14 @@ class ReceptiveField:
       num_prefix_tokens: tokens before the patches (1 for a CLS-token ViT).
       center: 'single' or 'mean' (see the module docstring).
       estimator: 'mean_abs' (the paper's, exact per-channel gradients) or 'abs_of_sum'.
-      channel_chunk: channels whose gradients are computed together ('mean_abs'; memory
-        grows with it).
+      channel_chunk: backward passes (probes) vmapped together; memory grows with it times the
+        batch.
       max_channels: None for every channel (exact); K for a fixed random subset of K channels
         of each layer wider than K ('mean_abs' only; see the module docstring).
       channel_seed: seed of that subset (`jax.random.key`).
       mesh: one-axis mesh over `parallel.DATA_AXIS` (default: one local device).
+      layer_groups: groups of consecutive layers that each get their own forward and backward
+        graph (see the module docstring); 1 compiles fastest, len(shapes) wastes no work.
 
     Raises:
       ValueError: an unknown option, a representation that is neither tokens nor a map, or a
@@ -151,15 +234,18 @@ class ReceptiveField:
       raise ValueError(f"channel_chunk must be >= 1; got {channel_chunk}.")
     if max_channels is not None and max_channels < 1:
       raise ValueError(f"max_channels must be None (all channels) or >= 1; got {max_channels}.")
+    if layer_groups < 1:
+      raise ValueError(f"layer_groups must be >= 1; got {layer_groups}.")
     self.names = tuple(shapes)
     self.image_size = image_size
     self.center = center
     self.estimator = estimator
     self.max_channels = max_channels
     self.channel_chunk = channel_chunk
+    self.layer_groups = layer_groups
     self.mesh = parallel.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
     self._selectors, self._channels = {}, {}
-    centres = []
+    centres, cells_and_channels = [], []
     key = jax.random.key(channel_seed)
     for name, shape in shapes.items():
       shape = tuple(shape)
@@ -188,8 +274,16 @@ class ReceptiveField:
       stride = (image_size / grid[0], image_size / grid[1])
       centres.append(np.mean([((r + 0.5) * stride[0], (c + 0.5) * stride[1])
                               for r, c in cells], axis=0))
+      used = (np.zeros(1, np.int32) if estimator == "abs_of_sum"
+              else self._channels.get(name, np.arange(shape[-1])))
+      cells_and_channels.append((len(cells), used))
     self.centres = np.asarray(centres)
-    self._fn = fn
+    # Backward passes per layer: the divisor of its probe sum (cells x channels used).
+    self._num_probes = np.asarray([n * len(used) for n, used in cells_and_channels], np.float32)
+    self._groups = [(tuple(self.names[i] for i in group),
+                     make_probes([cells_and_channels[i] for i in group], channel_chunk))
+                    for group in group_layers(len(self.names), layer_groups)]
+    self._fn = jax.jit(fn)  # Traced once, however many groups call it.
     self._update = jax.jit(self._fold, donate_argnums=0,
                            out_shardings=parallel.replicated(self.mesh))
 
@@ -200,46 +294,36 @@ class ReceptiveField:
     return ReceptiveFieldState(jax.device_put(np.zeros(shape, np.float32), replicated),
                                jax.device_put(np.zeros((), np.int32), replicated))
 
-  def _layer_maps(self, params: Any, images: jax.Array, name: str) -> jax.Array:
-    """Per-image ERF `[b, H, W]` of one layer (un-normalised)."""
-    select = self._selectors[name]
-    at_centre, pullback = jax.vjp(lambda x: select(self._fn(params, x)[name]), images)
-    _, num_cells, channels = at_centre.shape
-    dtype = at_centre.dtype
+  def _group_sums(self, params: Any, images: jax.Array, names: tuple[str, ...],
+                  probes: Probes) -> jax.Array:
+    """`[len(names), H, W]` sums over images and probes of sum_rgb |gradient| (one group)."""
+    def centre_representations(x):  # One forward pass for the group.
+      reps = self._fn(params, x)
+      return [self._selectors[n](reps[n]) for n in names]
 
-    def abs_grad(cotangent):  # cotangent [b, cells, C] -> sum_rgb |grad| [b, H, W].
-      (grad,) = pullback(cotangent.astype(dtype))
-      return jnp.abs(grad.astype(jnp.float32)).sum(-1)
+    centres, pullback = jax.vjp(centre_representations, images)
 
-    if self.estimator == "abs_of_sum":
-      ones = jnp.ones_like(at_centre, jnp.float32) / channels
-      return jnp.mean(jnp.stack([abs_grad(ones * (jnp.arange(num_cells) == i)[:, None])
-                                 for i in range(num_cells)]), axis=0)
-    used = self._channels.get(name, np.arange(channels))
-    chunk = min(self.channel_chunk, len(used))
-    num_chunks = -(-len(used) // chunk)
-    # Channel -1 pads the last chunk: its one-hot cotangent is zero.
-    ids = jnp.pad(jnp.asarray(used), (0, num_chunks * chunk - len(used)), constant_values=-1)
-    batch = images.shape[0]
+    def probe_map(layer, cell, channel):  # Scalars -> [H, W], summed over images and rgb.
+      (grad,) = pullback([probe_cotangent(centre, layer == j, cell, channel, self.estimator)
+                          for j, centre in enumerate(centres)])
+      return jnp.abs(grad.astype(jnp.float32)).sum((0, 3))
 
-    def chunk_sum(channel_ids):  # [chunk] -> sum over the chunk's channels and cells [b, H, W].
-      def one_channel(c):
-        onehot = jax.nn.one_hot(c, channels, dtype=jnp.float32)  # [C]
-        total = 0.0
-        for i in range(num_cells):
-          cell = (jnp.arange(num_cells) == i).astype(jnp.float32)
-          total = total + abs_grad(jnp.broadcast_to(cell[:, None] * onehot[None],
-                                                    (batch, num_cells, channels)))
-        return total
-      return jax.vmap(one_channel)(channel_ids).sum(0)
+    def add_chunk(sums, chunk):  # chunk: Probes of [chunk] arrays.
+      maps = jax.vmap(probe_map)(*chunk)
+      return sums + jax.ops.segment_sum(maps, chunk.layer, num_segments=len(names)), None
 
-    sums = jax.lax.map(chunk_sum, ids.reshape(num_chunks, chunk))
-    return sums.sum(0) / (len(used) * num_cells)
+    zeros = jnp.zeros((len(names),) + images.shape[1:3], jnp.float32)
+    if len(probes.layer) == 1:  # No loop: XLA:CPU ran BiT's convolutions ~2x slower in one.
+      return add_chunk(zeros, Probes(*(jnp.asarray(a[0]) for a in probes)))[0]
+    sums, _ = jax.lax.scan(add_chunk, zeros, Probes(*map(jnp.asarray, probes)))
+    return sums
 
   def _fold(self, state: ReceptiveFieldState, params: Any,
             images: jax.Array) -> ReceptiveFieldState:
-    maps = jnp.stack([self._layer_maps(params, images, n).sum(0) for n in self.names])
-    return ReceptiveFieldState(state.sums + maps, state.num_examples + images.shape[0])
+    sums = jnp.concatenate([self._group_sums(params, images, names, probes)
+                            for names, probes in self._groups])
+    return ReceptiveFieldState(state.sums + sums / self._num_probes[:, None, None],
+                               state.num_examples + images.shape[0])
 
   def update(self, state: ReceptiveFieldState, params: Any,
              images: jax.typing.ArrayLike) -> ReceptiveFieldState:

@@ -53,7 +53,8 @@ def _estimator(model, spec: ml_collections.ConfigDict, config: ml_collections.Co
       token_grid=None if patch is None else (image_size // patch,) * 2,
       num_prefix_tokens=int(features.has_cls_token(model)), center=analysis.center,
       estimator=analysis.estimator, channel_chunk=analysis.channel_chunk,
-      max_channels=analysis.max_channels, channel_seed=analysis.channel_seed, mesh=mesh)
+      max_channels=analysis.max_channels, channel_seed=analysis.channel_seed,
+      layer_groups=analysis.layer_groups, mesh=mesh)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

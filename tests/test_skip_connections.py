@@ -10,7 +10,7 @@ import pytest
 from configs import common
 from configs import skip_connections as skip_configs
 from vit_repr import checkpoints, data, features, models, parallel, residual, results
-from vit_repr.studies import loading, skip_connections
+from vit_repr.studies import skip_connections
 
 LN_EPS = 1e-6
 

@@ -243,13 +243,24 @@ np.save({str(tmp_path)!r} + f'/{{jax.device_count()}}.npy', erf.result(state).ra
 
 
 @pytest.mark.slow
-def test_runlocal_end_to_end(tmp_path):
+def test_runlocal_end_to_end_resumes(tmp_path):
   """ViT receptive fields are global from the first block; the ResNet stem's are local and
-  grow with depth (paper Fig 6), on random-init runlocal models."""
+  grow with depth (paper Fig 6), on random-init runlocal models; a run killed after one batch
+  and rerun equals an uninterrupted one."""
   config = erf_config.get_config("runlocal")
   config.model_a.overrides.depth = 2
+  uninterrupted = tmp_path / "uninterrupted"
+  erf_study.run(config, str(uninterrupted))
+  config.stop_after_batches = 1  # Killed after model A's first of two batches.
+  assert erf_study.run(config, str(tmp_path)) == {"batches_done": 1, "batches_total": 2}
+  assert (tmp_path / "receptive_field_state_a.npz").exists()
+  assert not (tmp_path / "receptive_field.npz").exists()
+  config.stop_after_batches = None
   summary = erf_study.run(config, str(tmp_path))
   arrays, metadata = results.read_results(str(tmp_path), "receptive_field")
+  expected, _ = results.read_results(str(uninterrupted), "receptive_field")
+  for key in ("raw_maps_a", "raw_maps_b", "radius_a", "radius_b"):
+    np.testing.assert_allclose(arrays[key], expected[key], rtol=1e-5, atol=1e-9)
   assert arrays["maps_a"].shape == (4, 32, 32) and arrays["maps_b"].shape == (5, 32, 32)
   for key in ("a", "b"):
     np.testing.assert_allclose(arrays[f"maps_{key}"].max(axis=(1, 2)), 1.0)

@@ -22,6 +22,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Longest first (marker `seconds`), the rest in their usual order: xdist hands tests out in
+  this order, so a 10-minute test no longer starts when the other worker is nearly done."""
+  def seconds(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("seconds")
+    return marker.args[0] if marker else 0.0
+  items.sort(key=lambda item: -seconds(item))
+
+
 def run_python(code: str, *, num_devices: int = 1, timeout: float = 600,
                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
   """Runs `code` in a fresh Python process with `num_devices` fake CPU devices.

@@ -68,6 +68,7 @@ def _run_notebook_and_check_its_figures(path: str, workdir: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(260)
 def test_notebooks_then_the_demo_command(tmp_path):
   workdir = str(tmp_path)
   for path in NOTEBOOKS:

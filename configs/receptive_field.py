@@ -46,11 +46,13 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
   config.analysis = ml_collections.ConfigDict(dict(
       estimator="mean_abs",  # 'mean_abs' (paper: |grad| per channel, averaged) or 'abs_of_sum'.
       center="single",       # 'single' or 'mean' (of the central cells of an even grid).
-      channel_chunk=64,      # Backward passes (probes) vmapped together (memory).
+      channel_chunk=32,      # Backward passes (probes) vmapped together, per image (memory).
       layer_groups=8,        # Consecutive-layer groups, each one graph: compile vs run time.
       max_channels=config_dict.placeholder(int),  # None: every channel (exact); K: K per layer.
       channel_seed=0,        # Seed of that channel subset.
-      minibatch_size=8,      # Images per device per step.
+      # Images per device per step. Images share only the forward pass, and memory grows with
+      # channel_chunk x minibatch_size backward passes in flight (R50 at 224 px: ~0.1 GB each).
+      minibatch_size=1,
   ))
   config.checkpoint_every = 1    # Batches between saves of the accumulated maps.
   config.log_every = 1

@@ -38,8 +38,8 @@ _STUDIES = flags.DEFINE_list(
                 "linear_probes", "skip_connections", "data_scale", "train"], "Mains to run.")
 _EXAMPLES = flags.DEFINE_integer("examples", 16, "Examples per pass (eval data).")
 _MINIBATCH = flags.DEFINE_integer(
-    "minibatch", 8, "Minibatch (per device; receptive fields keep their config's, whose "
-    "memory grows with it) and training batch.")
+    "minibatch", 8, "Minibatch (per device; every receptive-field section, alone or in "
+    "reproduce, keeps its config's, whose memory grows with it) and training batch.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 2, "Steps of every training run.")
 _CHANNELS = flags.DEFINE_integer("channels", 8, "Receptive fields: channels per layer.")
 
@@ -89,7 +89,7 @@ def _flags(main: str, arg: str, directory: str) -> list[str]:
         if not os.path.exists(local):
           _write_checkpoint(directory, os.path.basename(value), node["name"])
         result.append(f"--config.{child}={local}")
-      elif key in counts and not (main == "receptive_field" and key == "minibatch_size"):
+      elif key in counts and not (key == "minibatch_size" and "channel_chunk" in node):
         result.append(f"--config.{child}={counts[key]}")
       elif key == "global_batch_size":  # Training, probes' and norm ratios' batches.
         result.append(f"--config.{child}={minibatch if 'train' in path else examples}")

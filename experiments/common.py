@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import vit_repr
+from vit_repr import files
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False,
@@ -31,11 +32,8 @@ def setup(argv: list[str], config: ml_collections.ConfigDict, workdir: str) -> N
     jax.distributed.initialize()
   logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  path = files.write_json(files.join(workdir, "config.json"), config.to_dict(), indent=2,
+                          sort_keys=True)
   logging.info("Config written to %s.", path)
   logging.vlog(1, "Config:\n%s", config)
 

@@ -6,7 +6,6 @@ r"""The main job: reproduces the paper's studies into one work directory.
 `make demo` runs the first line on the embedded dataset.
 """
 
-import glob
 import json
 import os
 import shlex
@@ -16,7 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import common
-from vit_repr import reproduction
+from vit_repr import files, reproduction
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "reproduce.py"),
@@ -30,10 +29,10 @@ def main(argv):
   command = "python -m experiments.reproduce " + shlex.join(sys.argv[1:])
   summary = reproduction.run(_CONFIG.value, _WORKDIR.value, command=command)
   logging.info("Summary: %s", json.dumps(summary))
-  workdir = os.path.abspath(_WORKDIR.value)
-  figures = sorted(glob.glob(os.path.join(workdir, "**", "*.png"), recursive=True))
+  workdir = files.absolute(_WORKDIR.value)
+  figures = [path for path in files.walk_files(workdir) if path.endswith(".png")]
   print(f"Results are in {workdir}; figures:\n  " + "\n  ".join(figures))
-  print(f"Report: {os.path.join(workdir, reproduction.REPORT_FILE)}")
+  print(f"Report: {files.join(workdir, reproduction.REPORT_FILE)}")
 
 
 if __name__ == "__main__":

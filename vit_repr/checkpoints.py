@@ -42,6 +42,8 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
+from vit_repr import files
+
 POS_EMBEDDING = "Transformer/posembed_input/pos_embedding"
 # big_vision's block sub-module names -> vision_transformer's (and ours).
 _BIG_VISION_BLOCK_NAMES = {"LayerNorm_0": "LayerNorm_0",
@@ -64,9 +66,9 @@ def read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     FileNotFoundError: nothing at `path`, or its storage cannot be reached (e.g. gs:// without
       network access or credentials).
   """
-  path = epath.Path(path)
+  path = str(path)
   try:
-    found = path.exists()
+    found = files.exists(path)
   except Exception as error:  # pylint: disable=broad-except; storage backends raise their own.
     raise FileNotFoundError(
         f"Cannot reach the checkpoint {path} ({type(error).__name__}: {error}). Download it "
@@ -74,8 +76,7 @@ def read_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
   if not found:
     raise FileNotFoundError(f"No checkpoint at {path}. Check the path (local or gs://) and, "
                             "for gs://, that you are authenticated to read the bucket.")
-  with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
-    return {key: npz[key] for key in npz.files}
+  return files.read_npz(path)
 
 
 def _decode_bfloat16(array: np.ndarray, key: str) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -130,6 +131,18 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
 
   return jax.tree.map(place, tree)
+
+
+def host_values(values: np.ndarray) -> np.ndarray:
+  """Every process's int32 `values` `[k]`, stacked in process order: `[process_count, k]`.
+
+  A collective: every process calls it at the same point (one process returns its own row).
+  """
+  values = np.asarray(values, np.int32)
+  if jax.process_count() == 1:
+    return values[None]
+  return np.asarray(multihost_utils.process_allgather(values)).reshape(
+      jax.process_count(), *values.shape)
 
 
 def to_host(leaf: Any) -> np.ndarray:

@@ -5,7 +5,7 @@ both `<stem>.png` and `<stem>.pdf`, returning the two paths.
 """
 
 import dataclasses
-import os
+import io
 import re
 from collections.abc import Mapping, Sequence
 
@@ -15,13 +15,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from vit_repr import files
+
 
 def save_figure(fig: plt.Figure, stem: str) -> tuple[str, str]:
-  """Saves `fig` as `<stem>.png` (150 dpi) and `<stem>.pdf`, closes it, returns the paths."""
-  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+  """Saves `fig` as `<stem>.png` (150 dpi) and `<stem>.pdf` (local or URI, process 0 only,
+  atomically; `vit_repr.files`), closes it, returns the paths."""
   paths = (f"{stem}.png", f"{stem}.pdf")
   for path in paths:
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.rsplit(".", 1)[1], dpi=150, bbox_inches="tight")
+    files.write_bytes(path, buffer.getvalue())
   plt.close(fig)
   return paths
 

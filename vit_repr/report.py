@@ -10,9 +10,11 @@ import base64
 import dataclasses
 import html
 import json
-import os
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from vit_repr import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +51,8 @@ td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: left; }
 
 
 def _image_tag(png_path: str) -> str:
-  with open(png_path, "rb") as f:
-    encoded = base64.b64encode(f.read()).decode("ascii")
-  name = html.escape(os.path.basename(png_path))
+  encoded = base64.b64encode(files.read_bytes(png_path)).decode("ascii")
+  name = html.escape(posixpath.basename(png_path))
   return (f'<figure><img alt="{name}" src="data:image/png;base64,{encoded}">'
           f"<figcaption>{name} (PDF beside the PNG)</figcaption></figure>")
 
@@ -63,7 +64,7 @@ def _numbers_table(numbers: Mapping[str, Any]) -> str:
 
 
 def _section_html(index: int, section: Section) -> str:
-  missing = [p for p in section.figures if not os.path.exists(p)]
+  missing = [p for p in section.figures if not files.exists(p)]
   if missing:
     raise FileNotFoundError(f"Section {section.title!r} lists figures that were not written: "
                             f"{missing}. Rerun its step (delete its entry under steps/).")
@@ -104,7 +105,4 @@ def write_html_report(path: str, *, title: str, intro: str, sections: Sequence[S
       f"<pre>{html.escape(json.dumps(environment, indent=1, sort_keys=True))}</pre>",
       "</body></html>",
   ])
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(contents)
-  return path
+  return files.write_text(path, contents)

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import multiprocessing
-import os
 import time
 from concurrent import futures
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import data, parallel, plotting, report, results, training
+from vit_repr import data, files, parallel, plotting, report, results, training
 from vit_repr.studies import (attention_distance, data_scale, linear_probes, loading,
                               localization, receptive_field, representation, skip_connections)
 
@@ -94,7 +93,7 @@ def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           "examples_per_second": batches.plan.num_examples / seconds}
   results.write_results(workdir, "dataset_summary", arrays, metadata)
   rows = montage.shape[0] // cfg.image_size
-  plotting.plot_montage(montage, os.path.join(workdir, "figures", "dataset_examples"),
+  plotting.plot_montage(montage, files.join(workdir, "figures", "dataset_examples"),
                         row_labels=class_names[:rows],
                         title=f"{cfg.name}/{cfg.eval_split} at {cfg.image_size}px")
   return {
@@ -106,7 +105,7 @@ def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def model_dir(workdir: str, name: str) -> str:
   """Where the main job trains model `name` of `config.models`."""
-  return os.path.join(workdir, "models", name)
+  return files.join(workdir, "models", name)
 
 
 def trained_model(config: ml_collections.ConfigDict, workdir: str,
@@ -156,8 +155,8 @@ def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def representation_structure(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 1 (paper Figs 1-2): CKA heatmaps within and across the trained ViT and ResNet."""
   study = study_config(config, workdir, "representation")
-  summary = representation.run(study, os.path.join(workdir, "representation"))
-  arrays, _ = results.read_results(os.path.join(workdir, "representation"), "cka_heatmap")
+  summary = representation.run(study, files.join(workdir, "representation"))
+  arrays, _ = results.read_results(files.join(workdir, "representation"), "cka_heatmap")
   cross = arrays["cka_ab"]  # [ViT layers, ResNet layers]
   lower_resnet = cross[:, :max(1, cross.shape[1] // 2)]
   top_vit = cross[-max(1, cross.shape[0] // 4):]
@@ -175,7 +174,7 @@ def representation_structure(config: ml_collections.ConfigDict, workdir: str) ->
 def spatial_localization(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 4a (paper Figs 9-10): token-vs-patch CKA maps of the ViT-CLS, ViT-GAP and ResNet."""
   summary = localization.run(study_config(config, workdir, "localization"),
-                             os.path.join(workdir, "localization"))
+                             files.join(workdir, "localization"))
   layers = summary.pop("layers")
   return {**summary, "own_patch": {f"{model}:{layer}": numbers
                                    for model, by_layer in layers.items()
@@ -186,13 +185,13 @@ def attention_distances(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Study 2a (paper Figs 3-5): mean attention distance of every head of the trained ViT, and
   the CKA of each lower-block head with the lower layers of the trained ResNet."""
   return attention_distance.run(study_config(config, workdir, "attention"),
-                                os.path.join(workdir, "attention"))
+                                files.join(workdir, "attention"))
 
 
 def receptive_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 2b (paper Fig 6): effective receptive fields of the trained ViT and ResNet."""
   summary = receptive_field.run(study_config(config, workdir, "receptive_fields"),
-                                os.path.join(workdir, "receptive_fields"))
+                                files.join(workdir, "receptive_fields"))
   return {"models": summary}
 
 
@@ -201,15 +200,15 @@ def skip_connection_study(config: ml_collections.ConfigDict, workdir: str) -> di
   skip connections of one block against the unablated ViT."""
   study = study_config(config, workdir, "skip_connections")
   study.models = config.models
-  study.models_dir = os.path.join(workdir, "models")
-  return skip_connections.run(study, os.path.join(workdir, "skip_connections"))
+  study.models_dir = files.join(workdir, "models")
+  return skip_connections.run(study, files.join(workdir, "skip_connections"))
 
 
 def probes(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 4b (paper Fig 11): few-shot and full linear probes per layer and per token of the
   trained CLS-token and GAP ViTs."""
   return {"models": linear_probes.run(study_config(config, workdir, "probes"),
-                                      os.path.join(workdir, "probes"))}
+                                      files.join(workdir, "probes"))}
 
 
 def data_scaling(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -217,8 +216,8 @@ def data_scaling(config: ml_collections.ConfigDict, workdir: str) -> dict:
   the full-data ViT, layer by layer (CKA) and by probe accuracy."""
   study = study_config(config, workdir, "data_scale")
   study.models = {name: config.models[name] for name in study.models}
-  study.models_dir = os.path.join(workdir, "models")
-  return data_scale.run(study, os.path.join(workdir, "data_scale"))
+  study.models_dir = files.join(workdir, "models")
+  return data_scale.run(study, files.join(workdir, "data_scale"))
 
 
 def trained_models_of(config: ml_collections.ConfigDict, key: str) -> dict[tuple[str, ...], str]:
@@ -373,20 +372,15 @@ def _fingerprint(config: ml_collections.ConfigDict, step: Step) -> str:
 
 def _finished(path: str, fingerprint: str) -> dict[str, Any] | None:
   """The recorded numbers of a finished step, or None when it must (re)run."""
-  if not os.path.exists(path):
+  contents = files.read_shared(path)
+  if contents is None:
     return None
-  with open(path) as f:
-    record = json.load(f)
+  record = json.loads(contents)
   return record["numbers"] if record["fingerprint"] == fingerprint else None
 
 
 def _record(path: str, fingerprint: str, numbers: dict[str, Any]) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"fingerprint": fingerprint, "numbers": numbers}, f, indent=2)
-  os.replace(path + ".tmp", path)
+  files.write_json(path, {"fingerprint": fingerprint, "numbers": numbers}, indent=2)
 
 
 def default_command(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -402,7 +396,7 @@ def observations(summary: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 def figures(workdir: str, key: str) -> list[str]:
   """The PNG figures step `key` wrote into `workdir`."""
-  return [os.path.join(workdir, f) for step in STEPS if step.key == key for f in step.figures]
+  return [files.join(workdir, f) for step in STEPS if step.key == key for f in step.figures]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[str] | None = None,
@@ -424,11 +418,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[str]
   if unknown:
     raise ValueError(f"Unknown steps {unknown}; the main job's steps are {known}.")
   selected = [step for step in STEPS if steps is None or step.key in steps]
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   command = command or default_command(config, workdir)
   summary, sections = {}, []
   for index, step in enumerate(selected, start=1):
-    record_path = os.path.join(workdir, "steps", f"{step.key}.json")
+    record_path = files.join(workdir, "steps", f"{step.key}.json")
     fingerprint = _fingerprint(config, step)
     numbers = _finished(record_path, fingerprint)
     if numbers is not None:
@@ -444,14 +438,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[str]
     summary[step.key] = numbers
     sections.append(report.Section(
         title=step.title, paper_finding=step.paper_finding, observed=step.observed(numbers),
-        figures=[os.path.join(workdir, f) for f in step.figures], command=command,
+        figures=[files.join(workdir, f) for f in step.figures], command=command,
         config={k: config[k].to_dict() for k in step.config_keys if k in config},
         numbers=numbers))
-  if steps is None and jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+  if steps is None:
+    files.write_json(files.join(workdir, "summary.json"), summary, indent=2)
+  if steps is None and jax.process_index() == 0:  # The report reads every figure back.
     path = report.write_html_report(
-        os.path.join(workdir, REPORT_FILE),
+        files.join(workdir, REPORT_FILE),
         title="Do Vision Transformers See Like Convolutional Neural Networks? — reproduction",
         intro=(f"Raghu et al., NeurIPS 2021, reproduced by vit_repr on {config.data.name!r} "
                f"with `{command}`."),

@@ -7,13 +7,14 @@ figure can be redrawn without recomputing anything.
 
 import importlib.metadata
 import json
-import os
 import platform
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+
+from vit_repr import files
 
 _VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
                        "tensorflow-cpu", "tensorflow-datasets", "scikit-learn")
@@ -49,10 +50,10 @@ def _to_jsonable(value: Any) -> Any:
 
 def write_results(workdir: str, name: str, arrays: Mapping[str, np.ndarray],
                   metadata: Mapping[str, Any]) -> tuple[str, str]:
-  """Writes `<workdir>/<name>.npz` and `<workdir>/<name>.json` (only on process 0).
+  """Writes `<workdir>/<name>.npz` and `<workdir>/<name>.json` (process 0, atomically).
 
   Args:
-    workdir: output directory (created if missing).
+    workdir: output directory, local or a URI such as gs://bucket/dir (created if missing).
     name: file stem, e.g. 'cka_heatmap'.
     arrays: numeric arrays to store.
     metadata: JSON-serialisable description (numpy scalars and arrays are converted); the
@@ -61,21 +62,24 @@ def write_results(workdir: str, name: str, arrays: Mapping[str, np.ndarray],
   Returns:
     The paths of the `.npz` and `.json` files.
   """
-  os.makedirs(workdir, exist_ok=True)
-  npz_path = os.path.join(workdir, f"{name}.npz")
-  json_path = os.path.join(workdir, f"{name}.json")
-  if jax.process_index() == 0:
-    np.savez(npz_path, **{k: np.asarray(v) for k, v in arrays.items()})
-    with open(json_path, "w") as f:
-      json.dump(_to_jsonable({**metadata, "environment": environment_metadata()}), f,
-                indent=2)  # Insertion order: layer-keyed entries stay in model order.
+  npz_path = files.write_npz(files.join(workdir, f"{name}.npz"), arrays)
+  json_path = files.write_json(  # Insertion order: layer-keyed entries stay in model order.
+      files.join(workdir, f"{name}.json"),
+      _to_jsonable({**metadata, "environment": environment_metadata()}), indent=2)
   return npz_path, json_path
 
 
 def read_results(workdir: str, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Reads back what `write_results` wrote: (arrays, metadata)."""
-  with np.load(os.path.join(workdir, f"{name}.npz"), allow_pickle=False) as npz:
-    arrays = {k: npz[k] for k in npz.files}
-  with open(os.path.join(workdir, f"{name}.json")) as f:
-    metadata = json.load(f)
-  return arrays, metadata
+  """Reads back what `write_results` wrote: (arrays, metadata), the same on every host.
+
+  Raises:
+    FileNotFoundError: no such results in `workdir`.
+    ValueError: the hosts of a multi-process job do not see the same files.
+  """
+  found = {}
+  for suffix in ("npz", "json"):
+    path = files.join(workdir, f"{name}.{suffix}")
+    found[suffix] = files.read_shared(path)
+    if found[suffix] is None:
+      raise FileNotFoundError(f"No results {path}; run the study that writes them first.")
+  return files.npz_arrays(found["npz"]), json.loads(found["json"])

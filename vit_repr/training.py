@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -67,7 +66,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vit_repr import checkpoints, data, models, parallel
+from vit_repr import checkpoints, data, files, models, parallel
 
 LOSSES = ("softmax_xent", "sigmoid_xent")
 OPTIMIZERS = ("adam", "sgd")
@@ -396,10 +395,10 @@ def _check_fingerprint(config: ml_collections.ConfigDict, ckpt_dir: str, has_che
                        ) -> None:
   """Refuses a workdir trained with another config; records the fingerprint otherwise."""
   digest, flat = config_fingerprint(config)
-  path = os.path.join(ckpt_dir, FINGERPRINT_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
+  path = files.join(ckpt_dir, FINGERPRINT_FILE)
+  contents = files.read_shared(path)
+  if contents is not None:
+    stored = json.loads(contents)
     if stored["fingerprint"] != digest:
       old = stored["config"]
       diff = [f"{k}: {old.get(k, '<absent>')!r} -> {flat.get(k, '<absent>')!r}"
@@ -411,10 +410,8 @@ def _check_fingerprint(config: ml_collections.ConfigDict, ckpt_dir: str, has_che
   elif has_checkpoint:
     raise ValueError(f"{ckpt_dir} holds checkpoints but no {FINGERPRINT_FILE}, so it cannot be "
                      "checked against this config; use a new --workdir.")
-  elif jax.process_index() == 0:
-    os.makedirs(ckpt_dir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump({"fingerprint": digest, "config": flat}, f, indent=2, sort_keys=True)
+  else:
+    files.write_json(path, {"fingerprint": digest, "config": flat}, indent=2, sort_keys=True)
 
 
 def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -441,26 +438,26 @@ def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 class _MetricsWriter:
-  """Appends records to `<workdir>/metrics.jsonl` and TensorBoard (process 0 only)."""
+  """Records in `<workdir>/metrics.jsonl` (rewritten atomically on every write: object stores
+  have no append) and TensorBoard; process 0 only."""
 
   def __init__(self, workdir: str, start_step: int):
     self._active = jax.process_index() == 0
     if not self._active:
       return
-    self._path = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(self._path):  # Drop records a killed run wrote after its checkpoint.
-      with open(self._path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= start_step]
-      with open(self._path, "w") as f:
-        f.writelines(kept)
-    self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
+    self._path = files.join(workdir, METRICS_FILE)
+    self._lines = []
+    if files.exists(self._path):  # Drop records a killed run wrote after its checkpoint.
+      self._lines = [line for line in files.read_text(self._path).splitlines(keepends=True)
+                     if json.loads(line)["step"] <= start_step]
+    self._tensorboard = tensorboardX.SummaryWriter(files.join(workdir, "tensorboard"),
                                                    purge_step=start_step + 1)
 
   def write(self, split: str, step: int, values: Mapping[str, float]) -> None:
     if not self._active:
       return
-    with open(self._path, "a") as f:
-      f.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+    self._lines.append(json.dumps({"split": split, "step": step, **values}) + "\n")
+    files.write_text(self._path, "".join(self._lines))
     for name, value in values.items():
       self._tensorboard.add_scalar(f"{split}/{name}", value, step)
     self._tensorboard.flush()
@@ -472,8 +469,8 @@ class _MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of `<workdir>/metrics.jsonl` ('split': 'train' | 'eval', 'step', values)."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f]
+  return [json.loads(line)
+          for line in files.read_text(files.join(workdir, METRICS_FILE)).splitlines()]
 
 
 def _evaluate(eval_step: Callable[..., dict[str, jax.Array]], params: Any,
@@ -519,8 +516,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   info = data.dataset_info(config.data.name, config.data.data_dir)
   model = build_model(config, info.num_classes)
   tx, schedule = make_optimizer(train)
-  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  params_dir = os.path.join(os.path.abspath(workdir), "params")
+  ckpt_dir = files.join(files.absolute(workdir), "checkpoints")
+  params_dir = files.join(files.absolute(workdir), "params")
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=train.keep_checkpoints, enable_async_checkpointing=False, create=True))
   latest = manager.latest_step()
@@ -552,7 +549,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   finally:
     manager.close()
   step = int(state.step)
-  if step == train.total_steps and not os.path.exists(params_dir):
+  if step == train.total_steps and not files.exists(params_dir):
     checkpoints.save(params_dir, state.params)
   evals = [r for r in read_metrics(workdir) if r["split"] == "eval"] if jax.process_index() == 0 \
       else []

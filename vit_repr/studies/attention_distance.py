@@ -24,7 +24,6 @@ sorted by distance per layer, Fig 3) and, with a ResNet, `figures/head_cka_vs_di
 """
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import attention, cka, data, features, parallel, plotting, results
+from vit_repr import attention, cka, data, features, files, parallel, plotting, results
 from vit_repr.models import flatten_intermediates
 from vit_repr.studies import loading, resume
 
@@ -87,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     distance of the first and last layer, and with a ResNet the Pearson correlation between a
     head's distance and its CKA to each ResNet layer.
   """
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   mesh = parallel.make_mesh()
   cfg_data, analysis = config.data, config.analysis
   if analysis.head_token_mode not in HEAD_TOKEN_MODES:
@@ -156,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batches = resume.study_batches(cfg_data, global_batch_size=global_batch, mesh=mesh)
   states, progress = resume.accumulate(
       states, update, lambda _: batches, config=config,
-      state_path=os.path.join(workdir, STATE_FILE), what="Attention distance")
+      state_path=files.join(workdir, STATE_FILE), what="Attention distance")
   if not progress.complete:
     return progress.summary()
   result = distance.result(states["distance"])
@@ -174,10 +173,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                     round(float(result.distance[-1].max()), 2)],
       "examples_per_second": progress.examples_per_second,
   }
-  figures = os.path.join(workdir, "figures")
+  figures = files.join(workdir, "figures")
   plotting.plot_attention_distance(
       result.distance, [plotting.short_layer_name(n) for n in names],
-      os.path.join(figures, "attention_distance"),
+      files.join(figures, "attention_distance"),
       title=f"{config.model.name}: mean attention distance", image_size=image_size)
   metadata = {
       "config": config.to_dict(),
@@ -213,7 +212,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         num_minibatches=similarity.num_batches)
     plotting.plot_head_cka_vs_distance(
         head_distance, similarity.cka, head_block, list(similarity.names_y),
-        os.path.join(figures, "head_cka_vs_distance"),
+        files.join(figures, "head_cka_vs_distance"),
         title=f"{config.model.name} heads vs {config.resnet.name}")
     valid = np.isfinite(head_distance)
     summary["distance_cka_correlation"] = {

@@ -27,14 +27,13 @@ per fraction; right: Fig 13, probe accuracy per layer, one curve per model).
 """
 
 import copy
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import plotting, results, training
+from vit_repr import files, plotting, results, training
 from vit_repr.studies import linear_probes, loading, representation, resume
 
 
@@ -57,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Raises:
     ValueError: the reference is not one of the models, or is not trained on all the data.
   """
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   if config.reference not in config.models:
     raise ValueError(f"config.reference={config.reference!r} is not among config.models "
                      f"({list(config.models)}); name the full-data model.")
@@ -66,16 +65,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"The reference {config.reference!r} is trained on subset_fraction="
                      f"{reference_config.data.subset_fraction}; the reference must use all the "
                      "data (1.0).")
-  models_dir = config.models_dir or os.path.join(workdir, "models")
+  models_dir = config.models_dir or files.join(workdir, "models")
   fractions = {name: float(tc.data.subset_fraction) for name, tc in config.models.items()}
   order = sorted(config.models, key=lambda n: (fractions[n], n))
   specs, accuracies = {}, {}
   for name in order:
     train_config = config.models[name]
     logging.info("Model %s (fraction %g): training or reusing.", name, fractions[name])
-    result = training.run(train_config, os.path.join(models_dir, name))
+    result = training.run(train_config, files.join(models_dir, name))
     accuracies[name] = float(result.final_eval.get("accuracy", float("nan")))
-    specs[name] = loading.trained_spec(train_config, os.path.join(models_dir, name),
+    specs[name] = loading.trained_spec(train_config, files.join(models_dir, name),
                                        tuple(config.layers))
 
   cka_rows, stderr_rows, layer_names = [], [], None
@@ -84,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       continue
     study = copy.deepcopy(config.cka)
     study.model_a, study.model_b = specs[name], specs[config.reference]
-    cka_dir = os.path.join(workdir, "cka", name)
+    cka_dir = files.join(workdir, "cka", name)
     if resume.interrupted(progress := representation.run(study, cka_dir)):
       return progress
     arrays, _ = results.read_results(cka_dir, "cka_heatmap")
@@ -98,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   public = probe_config.specs.to_dict()
   probe_config.specs = ml_collections.ConfigDict(
       {**{n: specs[n] for n in order}, **public})
-  probe_dir = os.path.join(workdir, "probes")
+  probe_dir = files.join(workdir, "probes")
   probe_summary = linear_probes.run(probe_config, probe_dir)
   probe_arrays, probe_meta = results.read_results(probe_dir, "linear_probes")
 
@@ -129,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "cka": "Study 1 (minibatch linear CKA, unbiased HSIC) between each subset model and the "
              "reference; per-layer values are the diagonal of the cross heatmap",
       "probes": probe_meta["fewshot"],
-      "models_dir": os.path.abspath(models_dir),
+      "models_dir": files.absolute(models_dir),
   }
   results.write_results(workdir, "data_scale", arrays, metadata)
   _plot(config, arrays, order, fractions, probe_meta, workdir)
@@ -165,4 +164,4 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], orde
           curves={labels.get(k, k): arrays[f"probe/fewshot/{mode}/{k}"] for k in drawn},
           layer_names={labels.get(k, k): list(arrays[f"probe/layers/{k}"]) for k in drawn},
           title=f"{shots}-shot probe, {mode}", ylabel="test accuracy", chance=chance))
-  plotting.plot_layer_curves(panels, os.path.join(workdir, "figures", "data_scale"))
+  plotting.plot_layer_curves(panels, files.join(workdir, "figures", "data_scale"))

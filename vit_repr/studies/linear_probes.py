@@ -38,7 +38,6 @@ mode; few-shot at the largest shot count, then full probes) and, with per-token 
 accuracy of the spatial tokens' probes, per layer: the paper's Fig 11 comparison).
 """
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,7 +49,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vit_repr import data, features, parallel, plotting, probes, results
+from vit_repr import data, features, files, parallel, plotting, probes, results
 from vit_repr.studies import loading, resume
 
 TOKEN = "token"  # The per-token feature kind.
@@ -220,7 +219,7 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
     extracted[role] = extract(
         model, params, spec.layers, kinds, batches(split, num_examples),
         image_size=cfg_data.image_size, mesh=mesh, config=config,
-        state_path=os.path.join(workdir, f"features_{key}_{role}.npz"), what=f"{key} {split}")
+        state_path=files.join(workdir, f"features_{key}_{role}.npz"), what=f"{key} {split}")
     if isinstance(extracted[role], resume.Progress):
       return extracted[role]
   (names, train, train_labels), (_, test, test_labels) = extracted["pool"], extracted["test"]
@@ -270,7 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Headline numbers per model: the last layer's accuracy per kind at the largest shot count
     (and of the full probe), example counts, seconds.
   """
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   if not config.specs:
     raise ValueError("config.specs is empty: add at least one model spec to probe.")
   mesh = parallel.make_mesh()
@@ -330,7 +329,7 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], mode
       panels.append(plotting.CurvePanel(
           curves=curves, layer_names={key: list(arrays[f"{key}/layers"]) for key in curves},
           title=f"{label} probe, {mode}", ylabel="test accuracy", chance=1.0 / num_classes))
-  plotting.plot_layer_curves(panels, os.path.join(workdir, "figures", "linear_probes"),
+  plotting.plot_layer_curves(panels, files.join(workdir, "figures", "linear_probes"),
                              columns=len(modes))
   if not config.probes.per_token:
     return
@@ -346,4 +345,4 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], mode
         title=f"{key}: {shots}-shot probe per token", ylabel="test accuracy",
         chance=1.0 / num_classes))
   plotting.plot_layer_curves(token_panels,
-                             os.path.join(workdir, "figures", "linear_probes_tokens"))
+                             files.join(workdir, "figures", "linear_probes_tokens"))

@@ -10,7 +10,6 @@ A model spec (`config.model_a`, `config.model_b`, ...) is a ConfigDict with
   seed: initialisation seed when `checkpoint` is ''.
 """
 
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from vit_repr import checkpoints, models
+from vit_repr import checkpoints, files, models
 
 
 def describe(spec: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -64,5 +63,5 @@ def trained_spec(train_config: ml_collections.ConfigDict, run_dir: str,
   """
   return ml_collections.ConfigDict(dict(
       name=train_config.model.name, overrides=train_config.model.overrides.to_dict(),
-      checkpoint=os.path.join(os.path.abspath(run_dir), "params"), layers=tuple(layers),
+      checkpoint=files.join(files.absolute(run_dir), "params"), layers=tuple(layers),
       seed=train_config.seed))

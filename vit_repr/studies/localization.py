@@ -20,14 +20,13 @@ config, models, grids, example counts and per-layer summaries) and
 `figures/localization.{png,pdf}` (one row per model and layer, one column per position).
 """
 
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import data, features, localization, parallel, plotting, results
+from vit_repr import data, features, files, localization, parallel, plotting, results
 from vit_repr.studies import loading, resume
 
 STATE_FILE = "localization_state.npz"
@@ -52,7 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError: no models, a model without layers, a layer without spatial positions, an
       unknown position, or a saved state from another config.
   """
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   if not config.models:
     raise ValueError("config.models is empty; add at least one model spec (see "
                      "configs/localization.py).")
@@ -88,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   states, progress = resume.accumulate(
       {n: accumulators[n].init() for n in names}, update, pass_batches, config=config,
-      state_path=os.path.join(workdir, STATE_FILE), what="Localization",
+      state_path=files.join(workdir, STATE_FILE), what="Localization",
       num_passes=analysis.num_passes)
   if not progress.complete:
     return progress.summary()
@@ -142,7 +141,7 @@ def _write(config: ml_collections.ConfigDict, workdir: str,
       "examples_per_second": examples_per_second,
   }
   results.write_results(workdir, "localization", arrays, metadata)
-  plotting.plot_localization(rows, os.path.join(workdir, "figures", "localization"),
+  plotting.plot_localization(rows, files.join(workdir, "figures", "localization"),
                              column_titles=[str(p) for p in positions])
   return {"num_examples": first.num_examples, "num_minibatches": first.num_batches,
           "layers": {n: {plotting.short_layer_name(l): {k: v for k, v in s.items()

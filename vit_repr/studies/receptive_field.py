@@ -16,14 +16,13 @@ Outputs in the workdir: `receptive_field.{npz,json}` (per model: normalised maps
 every choice) and `figures/receptive_field.{png,pdf}` (one ERF image per layer, per model).
 """
 
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import data, features, parallel, plotting, receptive_field, results
+from vit_repr import data, features, files, parallel, plotting, receptive_field, results
 from vit_repr.models import flatten_intermediates
 from vit_repr.studies import loading, resume
 
@@ -67,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     Headline numbers: images, and per model the ERF radius (pixels) of each layer.
   """
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   mesh = parallel.make_mesh()
   cfg_data = config.data
   info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
@@ -83,7 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, progress = resume.accumulate(
         estimator.init(), lambda state, batch: estimator.update(state, params, batch["image"]),
         lambda _: batches, config=config,
-        state_path=os.path.join(workdir, f"receptive_field_state_{key}.npz"),
+        state_path=files.join(workdir, f"receptive_field_state_{key}.npz"),
         what=f"Receptive fields of {spec.name}")
     if not progress.complete:
       return progress.summary()
@@ -111,5 +110,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 "location's centre",
   }
   results.write_results(workdir, "receptive_field", arrays, metadata)
-  plotting.plot_receptive_fields(panels, os.path.join(workdir, "figures", "receptive_field"))
+  plotting.plot_receptive_fields(panels, files.join(workdir, "figures", "receptive_field"))
   return summary

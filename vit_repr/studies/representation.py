@@ -21,14 +21,13 @@ standard errors `stderr_*`, layer names, example counts, config, models, version
 `figures/cka_heatmap.{png,pdf}`.
 """
 
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import cka, data, features, parallel, plotting, results
+from vit_repr import cka, data, features, files, parallel, plotting, results
 from vit_repr.studies import loading, resume
 
 STATE_FILE = "cka_state.npz"
@@ -51,7 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     Headline numbers: example count, batches, layer counts, examples/s.
   """
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   mesh = parallel.make_mesh()
   cfg_data, analysis = config.data, config.analysis
   info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
@@ -79,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   state, progress = resume.accumulate(
       estimator.init({n: None for n in layer_names}), update, pass_batches, config=config,
-      state_path=os.path.join(workdir, STATE_FILE), what="CKA", num_passes=analysis.num_passes)
+      state_path=files.join(workdir, STATE_FILE), what="CKA", num_passes=analysis.num_passes)
   if not progress.complete:
     return progress.summary()
 
@@ -120,6 +119,6 @@ def _write(config: ml_collections.ConfigDict, workdir: str, result: cka.CKAResul
       "examples_per_second": examples_per_second,
   }
   results.write_results(workdir, "cka_heatmap", arrays, metadata)
-  plotting.plot_heatmaps(panels, os.path.join(workdir, "figures", "cka_heatmap"))
+  plotting.plot_heatmaps(panels, files.join(workdir, "figures", "cka_heatmap"))
   return {"num_examples": result.num_examples, "num_minibatches": result.num_batches,
           "layers": sizes, "examples_per_second": examples_per_second}

@@ -13,7 +13,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -24,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vit_repr import data, parallel
+from vit_repr import data, files, parallel
 
 State = TypeVar("State")
 # Config entries that do not change the numbers (left out of the fingerprint).
@@ -44,26 +43,26 @@ def device_layout() -> str:
 
 def save_state(path: str, arrays: Mapping[str, np.ndarray], batches_done: int,
                config_fingerprint: str) -> None:
-  """Writes the state arrays atomically (a temporary file, then a rename); process 0 only."""
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays, batches_done=np.asarray(batches_done),
-           fingerprint=np.asarray(config_fingerprint), layout=np.asarray(device_layout()))
-  os.replace(tmp, path)
+  """Writes the state arrays atomically (`files.write_npz`: process 0, temporary + rename)."""
+  files.write_npz(path, {**arrays, "batches_done": np.asarray(batches_done),
+                         "fingerprint": np.asarray(config_fingerprint),
+                         "layout": np.asarray(device_layout())})
 
 
 def load_state(path: str, config_fingerprint: str
                ) -> tuple[dict[str, np.ndarray], int] | None:
   """(state arrays, batches done) saved at `path`, or None when there is nothing to resume.
 
+  Every process reads the file and checks that all read the same (`files.read_shared`).
+
   Raises:
-    ValueError: the state was accumulated under another config or device layout.
+    ValueError: the state was accumulated under another config or device layout, or the
+      processes do not see the same state (a work directory that is not shared).
   """
-  if not os.path.exists(path):
+  contents = files.read_shared(path)
+  if contents is None:
     return None
-  with np.load(path, allow_pickle=False) as saved:
-    arrays = {k: saved[k] for k in saved.files}
+  arrays = files.npz_arrays(contents)
   if str(arrays.pop("fingerprint")) != config_fingerprint:
     raise ValueError(f"{path} holds a state accumulated with a different config; resuming "
                      "would mix two analyses. Use a new --workdir, or rerun with the original "

@@ -28,7 +28,6 @@ Training runs, the norm-ratio passes (`<workdir>/norm_ratio_state_<key>.npz`) an
 runs resume after a preemption.
 """
 
-import os
 from typing import Any
 
 import jax
@@ -37,7 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import (data, features, models, parallel, plotting, residual, results,
+from vit_repr import (data, features, files, models, parallel, plotting, residual, results,
                       training)
 from vit_repr.studies import loading, representation, resume
 
@@ -69,7 +68,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 
 def _trained(config: ml_collections.ConfigDict, name: str, models_dir: str
              ) -> tuple[training.TrainResult, str]:
-  run_dir = os.path.join(models_dir, name)
+  run_dir = files.join(models_dir, name)
   logging.info("Training %s into %s, or reusing it.", name, run_dir)
   return training.run(config.models[name], run_dir), run_dir
 
@@ -138,7 +137,7 @@ def _run_norm_ratios(config: ml_collections.ConfigDict, workdir: str, models_dir
   arrays, panels, summary, described = {}, [], {}, {}
   for key, spec in specs.items():
     result, layers = norm_ratios(spec, config, mesh,
-                                 os.path.join(workdir, f"norm_ratio_state_{key}.npz"))
+                                 files.join(workdir, f"norm_ratio_state_{key}.npz"))
     if isinstance(result, resume.Progress):
       return result.summary()
     for field in ("ratio_of_means", "mean_of_ratios", "norm_stream", "norm_branch",
@@ -177,7 +176,7 @@ def _run_norm_ratios(config: ml_collections.ConfigDict, workdir: str, models_dir
                    "(remove_skips) left out",
   }
   results.write_results(workdir, "norm_ratios", arrays, metadata)
-  plotting.plot_norm_ratios(panels, os.path.join(workdir, "figures", "norm_ratios"),
+  plotting.plot_norm_ratios(panels, files.join(workdir, "figures", "norm_ratios"),
                             ylabel=f"||z|| / ||f(z)|| ({statistic})")
   return {f"mean_{statistic}": summary}
 
@@ -198,7 +197,7 @@ def _run_ablation(config: ml_collections.ConfigDict, workdir: str,
     cka_config = ml_collections.ConfigDict(ablation.cka.to_dict())
     cka_config.model_a = loading.trained_spec(config.models[name], run_dir, ablation.layers)
     cka_config.model_b = reference_spec
-    cka_dir = os.path.join(workdir, "ablation", name)
+    cka_dir = files.join(workdir, "ablation", name)
     progress = representation.run(cka_config, cka_dir)
     if resume.interrupted(progress):
       return progress
@@ -232,9 +231,9 @@ def _run_ablation(config: ml_collections.ConfigDict, workdir: str,
              "model B = the reference; per-model outputs in ablation/<name>/cka_heatmap.*",
   }
   results.write_results(workdir, "skip_ablation", arrays, metadata)
-  figures = os.path.join(workdir, "figures")
-  plotting.plot_heatmaps(self_panels, os.path.join(figures, "skip_ablation_self"))
-  plotting.plot_heatmaps(cross_panels, os.path.join(figures, "skip_ablation_vs_reference"))
+  figures = files.join(workdir, "figures")
+  plotting.plot_heatmaps(self_panels, files.join(figures, "skip_ablation_self"))
+  plotting.plot_heatmaps(cross_panels, files.join(figures, "skip_ablation_vs_reference"))
   mean_diagonal = {n: round(float(np.mean(np.diag(arrays[f"{n}/cka_vs_reference"]))), 3)
                    for n in ablation.models}
   return {"test_accuracy": {k: round(v, 4) for k, v in accuracies.items()},
@@ -253,8 +252,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     diagonal CKA of each ablated model against the reference.
   """
   _check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  models_dir = config.models_dir or os.path.join(workdir, "models")
+  files.makedirs(workdir)
+  models_dir = config.models_dir or files.join(workdir, "models")
   mesh = parallel.make_mesh()
   summary = {}
   if config.norm_ratio.models or config.norm_ratio.trained:

@@ -39,6 +39,7 @@ setuptools.setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "importlib_resources>=6",  # tensorflow-datasets writes test datasets with it.
         ],
     },
 )

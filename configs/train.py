@@ -74,7 +74,9 @@ def _base() -> ml_collections.ConfigDict:
       image_size=32,
       subset_fraction=1.0,               # Nested subset of train_split (data-scale study).
       subset_seed=0,
-      shuffle_buffer=50_000,             # Examples per host.
+      shuffle_buffer=50_000,             # Encoded examples held, summed over all hosts.
+      # Reader shards (data.train_batches): None = gcd(batch, 64); a multiple of the hosts.
+      num_shards=config_dict.placeholder(int),
       area_range=(0.5, 1.0),             # Random-crop area range (Inception crop).
       # None: the whole eval split (last partial batch dropped).
       eval_num_examples=config_dict.placeholder(int),

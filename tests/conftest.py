@@ -51,23 +51,27 @@ def run_python(code: str, *, num_devices: int = 1, timeout: float = 600,
 
 
 @contextlib.contextmanager
-def mock_tfds_cifar10(data_dir: str, num_examples: int):
-  """Offline cifar10 in `data_dir`: real metadata (train and test splits of `num_examples`)
-  written by the test, records from `tfds.testing.mock_data`. Nothing is downloaded."""
+def fake_tfds_cifar10(data_dir: str, num_examples: int):
+  """An offline cifar10 in `data_dir`, prepared in TFDS's genuine format (tfrecord shards,
+  dataset_info.json) from random images: 'train' and 'test' splits of `num_examples` each,
+  read by `tfds.builder('cifar10', data_dir=data_dir)` like a real one (split slicing
+  included). Nothing is downloaded."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  builder = tfds.builder("cifar10", data_dir=data_dir)
-  template = tfds.core.naming.ShardedFileTemplate(
-      data_dir=builder.data_dir, dataset_name="cifar10", filetype_suffix="tfrecord")
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=s, shard_lengths=[num_examples], num_bytes=0,
-                          filename_template=template.replace(split=s))
-      for s in ("train", "test")]))
-  os.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir,
-                              policy=tfds.testing.MockPolicy.USE_FILES):
-    yield data_dir
+  features = tfds.builder("cifar10", data_dir=data_dir).info.features
+  rng = np.random.default_rng(num_examples)
+
+  def split(offset):
+    return [(str(offset + i), {"id": f"{offset + i}", "label": int(rng.integers(10)),
+                               "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)})
+            for i in range(num_examples)]
+
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name="cifar10", version=str(tfds.builder_cls("cifar10").VERSION), features=features,
+      split_datasets={"train": split(0), "test": split(num_examples)}, data_dir=data_dir,
+      disable_shuffling=True)
+  yield data_dir
 
 
 _IMAGE_CHECK_SCRIPT = """<script>

@@ -1,5 +1,6 @@
-"""Tests for vit_repr.data: embedded digits, TFDS (mocked, offline), subsets, hosts, sharding."""
+"""Tests for vit_repr.data: digits, TFDS (genuine files written offline), hosts, sharding."""
 
+import dataclasses
 import textwrap
 
 import jax
@@ -9,7 +10,7 @@ import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
-from tests.conftest import mock_tfds_cifar10, run_python
+from tests.conftest import fake_tfds_cifar10, run_python
 from vit_repr import data
 
 
@@ -261,6 +262,65 @@ def test_train_hosts_cover_the_split():
                                   np.bincount(ref_labels[180 * h:180 * (h + 1)], minlength=10))
 
 
+def host_rows_joined(make_batches, hosts, steps):
+  """The global batches assembled from the host batches of `hosts` hosts (rows in host order)."""
+  per_host = [take(make_batches(process_index=h, process_count=hosts), steps)
+              for h in range(hosts)]
+  return [{k: np.concatenate([per_host[h][s][k] for h in range(hosts)]) for k in ("image", "label")}
+          for s in range(steps)]
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_train_global_batches_do_not_depend_on_host_count(hosts):
+  make = lambda **h: data.train_numpy_batches("digits", "test", start_step=7, **TRAIN, **h)
+  one_host = take(make(), 4)  # Steps 7..10 cross the epoch boundary (9 steps of 40).
+  for single, joined in zip(one_host, host_rows_joined(make, hosts, 4)):
+    np.testing.assert_array_equal(single["label"], joined["label"])
+    np.testing.assert_array_equal(single["image"], joined["image"])
+
+
+def test_eval_reshuffled_pass_is_one_global_permutation():
+  make = lambda **h: data.eval_numpy_batches("digits", "test", image_size=8, global_batch_size=64,
+                                             num_examples=300, shuffle_seed=3, **h)
+  one_host = list(make())
+  joined = host_rows_joined(make, 2, len(one_host))
+  for single, two in zip(one_host, joined):
+    np.testing.assert_array_equal(single["image"], two["image"])
+  # The pass is the 256 used examples permuted by jax.random.permutation(key(3), 256).
+  ref_images, ref_labels = digits_reference("test")
+  order = np.asarray(jax.random.permutation(jax.random.key(3), 256))
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in one_host]),
+                                ref_labels[:256][order])
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 4])
+def test_each_training_host_reads_only_its_records(monkeypatch, hosts):
+  source = data._source("digits", "test", None)
+  ranges = []
+
+  def read(start, stop):
+    ranges.append((start, stop))
+    return source.read(start, stop)
+
+  monkeypatch.setattr(data, "_source", lambda *_: dataclasses.replace(source, read=read))
+  for h in range(hosts):
+    ranges.clear()
+    take(data.train_numpy_batches("digits", "test", process_index=h, process_count=hosts,
+                                  **TRAIN), 12)
+    covered = np.concatenate([np.arange(a, b) for a, b in ranges])
+    # Host h asks for records of its own reader shards only: 360 / hosts, each read once.
+    np.testing.assert_array_equal(np.sort(covered), np.arange(360 // hosts * h,
+                                                               360 // hosts * (h + 1)))
+
+
+def test_train_shards_must_divide_batch_and_hosts():
+  with pytest.raises(ValueError, match=r"num_shards=3 must divide the global batch 40"):
+    take(data.train_numpy_batches("digits", "test", num_shards=3, **TRAIN), 1)
+  with pytest.raises(ValueError, match=r"multiple of the 4 hosts.*data.num_shards"):
+    take(data.train_numpy_batches("digits", "test", num_shards=2, process_index=0,
+                                  process_count=4, **TRAIN), 1)
+
+
 def test_train_subset_uses_only_subset_examples():
   _, ref_labels = digits_reference("train")
   idx = data.subset_indices(1437, 0.25, subset_seed=1)
@@ -343,33 +403,33 @@ def test_too_many_examples():
 
 
 # ------------------------------------------------------------------------------------------
-# TFDS datasets, offline through tfds.testing.mock_data.
+# TFDS datasets, offline: genuine TFDS files written by the test.
 
 MOCK_EXAMPLES = 20
 
 
 @pytest.fixture
-def mock_cifar10(tmp_path):
-  """cifar10 with splits of MOCK_EXAMPLES, offline (see conftest.mock_tfds_cifar10)."""
-  with mock_tfds_cifar10(str(tmp_path), MOCK_EXAMPLES) as data_dir:
+def fake_cifar10(tmp_path):
+  """cifar10 with splits of MOCK_EXAMPLES, offline (see conftest.fake_tfds_cifar10)."""
+  with fake_tfds_cifar10(str(tmp_path), MOCK_EXAMPLES) as data_dir:
     yield data_dir
 
 
-def test_tfds_eval_matches_direct_read(mock_cifar10):
-  info = data.dataset_info("cifar10", data_dir=mock_cifar10)
+def test_tfds_eval_matches_direct_read(fake_cifar10):
+  info = data.dataset_info("cifar10", data_dir=fake_cifar10)
   assert info.num_classes == 10 and info.splits["test"] == MOCK_EXAMPLES
-  builder = tfds.builder("cifar10", data_dir=mock_cifar10)
+  builder = tfds.builder("cifar10", data_dir=fake_cifar10)
   raw = list(builder.as_dataset(split="test", shuffle_files=False).as_numpy_iterator())
   images, labels = collect(data.eval_numpy_batches(
-      "cifar10", "test", image_size=16, global_batch_size=8, data_dir=mock_cifar10))
+      "cifar10", "test", image_size=16, global_batch_size=8, data_dir=fake_cifar10))
   assert images.shape == (16, 16, 16, 3)
   np.testing.assert_array_equal(labels, [ex["label"] for ex in raw[:16]])
   expected = np.stack([np_resize_bilinear(ex["image"], 16, 16) for ex in raw[:16]]) / 127.5 - 1
   np.testing.assert_allclose(images, expected, atol=2e-5)
 
 
-def test_tfds_train_resume(mock_cifar10):
-  kwargs = dict(image_size=16, global_batch_size=8, seed=0, data_dir=mock_cifar10)
+def test_tfds_train_resume(fake_cifar10):
+  kwargs = dict(image_size=16, global_batch_size=8, seed=0, data_dir=fake_cifar10)
   full = take(data.train_numpy_batches("cifar10", "train", **kwargs), 5)
   resumed = take(data.train_numpy_batches("cifar10", "train", start_step=3, **kwargs), 2)
   assert full[0]["image"].shape == (8, 16, 16, 3)

@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from configs import train as train_configs
-from tests.conftest import mock_tfds_cifar10, run_python
+from tests.conftest import fake_tfds_cifar10, run_python
 from vit_repr import checkpoints, parallel, training
 
 
@@ -269,16 +269,16 @@ MOCK_EXAMPLES = 24
 
 
 @pytest.fixture
-def mock_cifar10(tmp_path):
-  """cifar10 with splits of MOCK_EXAMPLES, offline (see conftest.mock_tfds_cifar10)."""
-  with mock_tfds_cifar10(str(tmp_path), MOCK_EXAMPLES) as data_dir:
+def fake_cifar10(tmp_path):
+  """cifar10 with splits of MOCK_EXAMPLES, offline (see conftest.fake_tfds_cifar10)."""
+  with fake_tfds_cifar10(str(tmp_path), MOCK_EXAMPLES) as data_dir:
     yield data_dir
 
 
-def test_one_step_on_mock_tfds(mock_cifar10, tmp_path):
+def test_one_step_on_mock_tfds(fake_cifar10, tmp_path):
   config = tiny_config(total_steps=2, global_batch_size=8, log_every=1)
   config.train.schedule.warmup_steps = 1
-  config.data.update(dict(name="cifar10", data_dir=mock_cifar10, eval_num_examples=16,
+  config.data.update(dict(name="cifar10", data_dir=fake_cifar10, eval_num_examples=16,
                           eval_global_batch_size=8))
   result = training.run(config, str(tmp_path / "work"))
   train = [r for r in training.read_metrics(str(tmp_path / "work")) if r["split"] == "train"]

@@ -723,9 +723,11 @@ class MinibatchCKA:
           f"A global batch of {batch} examples over {devices} device(s) must split into "
           f"minibatches of at least 4 examples each (HSIC1 divides by b - 3); use a multiple "
           f"of {devices} that is >= {4 * devices}.")
-    if jax.process_count() > 1 and not all(isinstance(a, jax.Array) for _, _, a in named):
-      raise ValueError("With several processes pass global arrays built with "
-                       "parallel.global_batch, not host-local NumPy arrays.")
+    spans_hosts = any(d.process_index != jax.process_index() for d in self.mesh.devices.flat)
+    if spans_hosts and not all(isinstance(a, jax.Array) for _, _, a in named):
+      raise ValueError("The mesh spans several processes: pass global arrays built with "
+                       "parallel.global_batch, not host-local NumPy arrays (or use a mesh of "
+                       "this process's devices, e.g. the default one).")
     arrays = {f: getattr(self._place(state), f) for f in _STATE_ARRAYS}
     arrays = _update(arrays, arrays_x, None if within else arrays_y, stacked=stacked,
                      mesh=self.mesh, gram_blocks=self.gram_blocks,

@@ -40,12 +40,12 @@ permutation; read in canonical order, e.g. the paper's 10,240 random validation 
 last partial batch is dropped (a padded batch would add fake examples to CKA Gram matrices):
 `EvalBatches.num_batches` / `.num_examples` say how many are used.
 
-Multi-host. Eval global batch i holds examples `[i * B, (i + 1) * B)` of the sequence; host
-h loads rows `parallel.host_shard(B)` of every batch, so the global batch, and every device's
-shard of it, is the same for any number of hosts. Training splits the subset into contiguous
-per-host ranges (`parallel.host_shard(len(subset))`); each host reshuffles its range every
-epoch from (seed, epoch), so a run is reproducible for a fixed host count. Hosts skip the
-records before their range without decoding them.
+Multi-host: the numbers do not depend on the host count. Eval global batch i holds entries
+`[i * B, (i + 1) * B)` of the pass's sequence (canonical, or one global permutation for a
+reshuffled pass); host h loads rows `parallel.host_shard(B)` of every batch, so the global
+batch, and every device's shard of it, is the same for any number of hosts. Training cuts
+the subset into reader shards; host h reads only its shards, which are its rows of every
+global batch (see `train_batches`).
 
 Only this module imports TensorFlow; it hides accelerators from TF before building a pipeline.
 """
@@ -53,6 +53,7 @@ Only this module imports TensorFlow; it hides accelerators from TF before buildi
 import collections
 import dataclasses
 import difflib
+import math
 import types
 from collections.abc import Callable, Iterator, Mapping
 
@@ -68,7 +69,7 @@ from vit_repr import parallel
 # Inception crop area range and aspect-ratio range of the original ViT training code.
 TRAIN_AREA_RANGE = (0.05, 1.0)
 TRAIN_ASPECT_RANGE = (3 / 4, 4 / 3)
-# Examples held in each host's shuffle buffer (encoded, before decoding).
+# Encoded examples held for the training shuffle, summed over hosts and reader shards.
 DEFAULT_SHUFFLE_BUFFER = 50_000
 # Batches of the next steps already transferred to the devices.
 DEVICE_PREFETCH = 2
@@ -104,13 +105,15 @@ class DatasetInfo:
 class _Source:
   """One split of one dataset, streamed in canonical order.
 
-  `read()` yields `{'image': raw, 'label': int64}` where raw is encoded bytes (TFDS) or a
-  uint8 array (embedded); `decode(raw)` returns uint8 `[h, w, 3]`.
+  `read(start, stop)` yields the records `[start, stop)` of the split as
+  `{'image': raw, 'label': int64}`, where raw is encoded bytes (TFDS) or a uint8 array
+  (embedded), reading no record outside that range where the format allows (TFDS split
+  slicing, array slicing); `decode(raw)` returns uint8 `[h, w, 3]`.
   """
   info: DatasetInfo
   split: str
   num_examples: int
-  read: Callable[[], tf.data.Dataset]
+  read: Callable[[int, int], tf.data.Dataset]
   decode: Callable[[tf.Tensor], tf.Tensor]
 
 
@@ -158,8 +161,8 @@ def _embedded_source(name: str, split: str) -> _Source:
   split_images, split_labels = images[splits[split]], labels[splits[split]]
   return _Source(
       info=info, split=split, num_examples=len(split_labels),
-      read=lambda: tf.data.Dataset.from_tensor_slices(
-          {"image": split_images, "label": split_labels}),
+      read=lambda start, stop: tf.data.Dataset.from_tensor_slices(
+          {"image": split_images[start:stop], "label": split_labels[start:stop]}),
       decode=lambda image: image)
 
 
@@ -225,9 +228,12 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> _Source:
                      "also works).") from None
   image_feature = builder.info.features["image"]
 
-  def read() -> tf.data.Dataset:
-    ds = builder.as_dataset(split=split, shuffle_files=False,
+  def read(start: int, stop: int) -> tf.data.Dataset:
+    sliced = _slice_split(builder, split, start, stop)
+    ds = builder.as_dataset(split=sliced or split, shuffle_files=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
+    if sliced is None:
+      ds = ds.skip(start).take(stop - start)
     return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
 
   def decode(raw: tf.Tensor) -> tf.Tensor:
@@ -236,6 +242,18 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> _Source:
 
   return _Source(info=_tfds_info(name, builder), split=split, num_examples=num_examples,
                  read=read, decode=decode)
+
+
+def _slice_split(builder: tfds.core.DatasetBuilder, split: str, start: int,
+                 stop: int) -> str | None:
+  """The TFDS split spec of records `[start, stop)` of `split` (a split or a slice of one,
+  e.g. 'train[:90%]'), so TFDS reads only the files and records of that range; None for a
+  composite spec ('train+test')."""
+  instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+  if len(instructions) != 1:
+    return None
+  offset = instructions[0].from_ or 0
+  return f"{instructions[0].splitname}[{offset + start}:{offset + stop}]"
 
 
 def _source(name: str, split: str, data_dir: str | None) -> _Source:
@@ -310,9 +328,9 @@ def subset_indices(num_examples: int, subset_fraction: float = 1.0,
 
 
 def _permutation(size: int, seed: int) -> np.ndarray:
-  """int64 `jax.random.permutation(jax.random.key(seed), size)`, computed on the host CPU."""
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    return np.asarray(jax.random.permutation(jax.random.key(seed), size), dtype=np.int64)
+  """int64 `jax.random.permutation(jax.random.key(seed), size)` (the same on every backend and
+  host: threefry bits and a stable sort), computed on this process's default device."""
+  return np.asarray(jax.random.permutation(jax.random.key(seed), size), dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +383,7 @@ def _check_image_size(image_size: int) -> None:
 def _read_indexed(source: _Source, start: int, stop: int, keep: np.ndarray) -> tf.data.Dataset:
   """Examples with canonical index in `[start, stop)` where `keep[index - start]`, in order."""
   keep = tf.constant(keep, tf.bool)
-  ds = source.read().enumerate().skip(start).take(stop - start)
+  ds = source.read(start, stop).enumerate(start)
   ds = ds.filter(lambda i, ex: tf.gather(keep, i - start))
   return ds.map(lambda i, ex: {"image": ex["image"], "label": ex["label"], "index": i})
 
@@ -388,7 +406,8 @@ class EvalPlan:
     num_batches: global batches per pass.
     num_examples: examples used (`num_batches * global_batch_size`).
     num_dropped: requested examples left out of the last partial batch.
-    host_indices: canonical indices this host loads, in load order `[num_batches * B / hosts]`.
+    host_indices: canonical indices this host loads, in load order `[num_batches * B / hosts]`
+      (this host's rows of every global batch, batch after batch).
   """
   num_batches: int
   num_examples: int
@@ -404,8 +423,15 @@ class EvalPlan:
 def eval_plan(num_split_examples: int, *, global_batch_size: int,
               num_examples: int | None = None, subset_fraction: float = 1.0,
               subset_seed: int = 0, sample_seed: int | None = None,
-              process_index: int | None = None, process_count: int | None = None) -> EvalPlan:
+              shuffle_seed: int | None = None, process_index: int | None = None,
+              process_count: int | None = None) -> EvalPlan:
   """The examples an eval pass reads: pure index arithmetic, no data access.
+
+  The pass's sequence is the used examples in canonical order, or with `shuffle_seed` that
+  sequence permuted by `jax.random.permutation(jax.random.key(shuffle_seed), used)`: one
+  global permutation, so every global batch (and every device's minibatch of it) is the same
+  for any number of hosts. Global batch i is entries `[i * B, (i + 1) * B)` of the sequence;
+  this host loads its rows `parallel.host_shard(B)` of each.
 
   Args:
     num_split_examples: size of the split.
@@ -416,6 +442,7 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
     sample_seed: None for the first `num_examples` of the subset; s for `num_examples` of it
       drawn at random without replacement (permutation from `jax.random.key(s)`), used in
       canonical order.
+    shuffle_seed: None for canonical order; s to permute the used examples globally.
     process_index: this host (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -446,21 +473,26 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
   lo, hi = parallel.host_shard(global_batch_size, process_index, process_count)
   rows = (np.arange(num_batches)[:, None] * global_batch_size + np.arange(lo, hi)).ravel()
   used = num_batches * global_batch_size
+  sequence = subset[:used]
+  if shuffle_seed is not None:
+    sequence = sequence[_permutation(used, shuffle_seed)]
   return EvalPlan(num_batches=num_batches, num_examples=used,
-                  num_dropped=num_examples - used, host_indices=subset[rows])
+                  num_dropped=num_examples - used, host_indices=sequence[rows])
 
 
 def _eval_dataset(source: _Source, plan: EvalPlan, image_size: int, host_batch: int,
-                  crop_fraction: float | None, shuffle_seed: int | None,
-                  shuffle_buffer: int | None) -> tf.data.Dataset:
+                  crop_fraction: float | None) -> tf.data.Dataset:
   idx = plan.host_indices
-  keep = np.zeros(idx[-1] + 1, bool)
+  keep = np.zeros(idx.max() + 1, bool)
   keep[idx] = True
   ds = _read_indexed(source, 0, len(keep), keep)
-  if shuffle_seed is not None:
-    # Encoded records are shuffled before decoding; a buffer of all of them is a full shuffle.
-    ds = ds.shuffle(shuffle_buffer or len(idx), seed=shuffle_seed,
-                    reshuffle_each_iteration=False)
+  canonical = np.sort(idx)
+  if not np.array_equal(idx, canonical):
+    # A globally permuted pass: this host's encoded records, read in canonical order, are
+    # held (not decoded) and emitted in the plan's order.
+    order = tf.constant(np.searchsorted(canonical, idx))
+    ds = ds.batch(len(idx)).map(lambda ex: {k: tf.gather(v, order) for k, v in ex.items()})
+    ds = ds.unbatch()
 
   def preprocess(ex):
     image = _eval_preprocess(source.decode(ex["image"]), image_size, crop_fraction)
@@ -508,8 +540,7 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
                        num_examples: int | None = None, data_dir: str | None = None,
                        subset_fraction: float = 1.0, subset_seed: int = 0,
                        sample_seed: int | None = None, crop_fraction: float | None = None,
-                       shuffle_seed: int | None = None, shuffle_buffer: int | None = None,
-                       process_index: int | None = None,
+                       shuffle_seed: int | None = None, process_index: int | None = None,
                        process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Host-local eval batches as NumPy (this host's rows of each global batch).
 
@@ -518,8 +549,7 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
 
   Args:
     name, split, image_size, global_batch_size, num_examples, data_dir, subset_fraction,
-      subset_seed, sample_seed, crop_fraction, shuffle_seed, shuffle_buffer: as in
-      `eval_batches`.
+      subset_seed, sample_seed, crop_fraction, shuffle_seed: as in `eval_batches`.
     process_index: host whose rows to load (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -531,26 +561,27 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
   plan = eval_plan(source.num_examples, global_batch_size=global_batch_size,
                    num_examples=num_examples, subset_fraction=subset_fraction,
                    subset_seed=subset_seed, sample_seed=sample_seed,
-                   process_index=process_index,
+                   shuffle_seed=shuffle_seed, process_index=process_index,
                    process_count=process_count)
   host_batch = len(plan.host_indices) // plan.num_batches
-  return _eval_dataset(source, plan, image_size, host_batch, crop_fraction, shuffle_seed,
-                       shuffle_buffer).as_numpy_iterator()
+  return _eval_dataset(source, plan, image_size, host_batch,
+                       crop_fraction).as_numpy_iterator()
 
 
 def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: int, mesh: Mesh,
                  num_examples: int | None = None, data_dir: str | None = None,
                  subset_fraction: float = 1.0, subset_seed: int = 0,
                  sample_seed: int | None = None, crop_fraction: float | None = None,
-                 shuffle_seed: int | None = None,
-                 shuffle_buffer: int | None = None) -> EvalBatches:
+                 shuffle_seed: int | None = None) -> EvalBatches:
   """Deterministic eval batches for analyses, sharded over `mesh`.
 
   Global batch i holds examples `[i * B, (i + 1) * B)` of the (subset) split in canonical
   order, the same for any number of hosts; the last partial batch is dropped (see
-  `EvalBatches.plan`). With `shuffle_seed`, each host reads the same examples in an order
-  shuffled by that seed (the reshuffled passes of minibatch CKA: the examples stay, their
-  grouping into minibatches changes); `plan.host_indices` then lists them in canonical order.
+  `EvalBatches.plan`). With `shuffle_seed`, the same examples are used in an order permuted
+  globally by that seed (the reshuffled passes of minibatch CKA: the examples stay, their
+  grouping into minibatches changes, identically for any number of hosts); each host then
+  holds its share of the encoded records in memory for the pass (ImageNet JPEGs average
+  ~110 kB each).
 
   Args:
     name: dataset name ('digits' or any prepared TFDS name).
@@ -566,10 +597,8 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
       without replacement with seed s (see `eval_plan`).
     crop_fraction: None for the ViT/BiT plain resize; c for resize-shorter-side to
       `round(image_size / c)` and central crop.
-    shuffle_seed: None for canonical order; else the seed of a deterministic shuffle of this
-      host's examples.
-    shuffle_buffer: encoded records held for the shuffle (default all of this host's
-      examples: a uniform shuffle; ImageNet JPEGs average ~110 kB each).
+    shuffle_seed: None for canonical order; else the seed of a global permutation of the
+      used examples (see `eval_plan`).
 
   Returns:
     `EvalBatches` yielding `{'image': [B, H, W, 3] float32, 'label': [B] int32}`.
@@ -583,14 +612,14 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
   source = _source(name, split, data_dir)
   plan = eval_plan(source.num_examples, global_batch_size=global_batch_size,
                    num_examples=num_examples, subset_fraction=subset_fraction,
-                   subset_seed=subset_seed, sample_seed=sample_seed)
+                   subset_seed=subset_seed, sample_seed=sample_seed,
+                   shuffle_seed=shuffle_seed)
   if plan.num_dropped:
     logging.warning("%s/%s: using %d examples in %d batches of %d; the last %d are dropped.",
                     name, split, plan.num_examples, plan.num_batches, global_batch_size,
                     plan.num_dropped)
   host_batch = parallel.host_batch_size(global_batch_size, mesh)
-  dataset = _eval_dataset(source, plan, image_size, host_batch, crop_fraction, shuffle_seed,
-                          shuffle_buffer)
+  dataset = _eval_dataset(source, plan, image_size, host_batch, crop_fraction)
   return EvalBatches(dataset, mesh, plan, source.info)
 
 
@@ -598,39 +627,66 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
 # Train pipeline.
 
 
-def _train_dataset(source: _Source, *, image_size: int, host_batch: int, seed: int,
+def default_num_shards(global_batch_size: int) -> int:
+  """Reader shards of a training pipeline: the largest power of two (at most 64) dividing
+  the global batch (a function of the batch alone, so results do not depend on the hosts)."""
+  return math.gcd(global_batch_size, 64)
+
+
+def _train_dataset(source: _Source, *, image_size: int, global_batch_size: int, seed: int,
                    subset_fraction: float, subset_seed: int, start_step: int,
-                   shuffle_buffer: int, area_range: tuple[float, float],
-                   process_index: int | None, process_count: int | None) -> tf.data.Dataset:
+                   shuffle_buffer: int, area_range: tuple[float, float], num_shards: int,
+                   process_index: int, process_count: int) -> tf.data.Dataset:
+  """This host's rows of every global training batch (see `train_batches`)."""
+  if num_shards < 1 or global_batch_size % num_shards or num_shards % process_count:
+    raise ValueError(
+        f"num_shards={num_shards} must divide the global batch {global_batch_size} and be a "
+        f"multiple of the {process_count} hosts; set data.num_shards accordingly (e.g. "
+        f"{math.lcm(process_count, default_num_shards(global_batch_size))} if it divides the "
+        "batch).")
   subset = subset_indices(source.num_examples, subset_fraction, subset_seed)
-  lo, hi = parallel.host_shard(len(subset), process_index, process_count)
-  host_indices = subset[lo:hi]
-  if len(host_indices) < host_batch:
-    raise ValueError(f"This host's share of {source.info.name}/{source.split} has "
-                     f"{len(host_indices)} examples, fewer than its batch of {host_batch}; use "
-                     "a smaller batch or more data.")
-  start, stop = int(host_indices[0]), int(host_indices[-1]) + 1
-  keep = np.zeros(stop - start, bool)
-  keep[host_indices - start] = True
-  base = _read_indexed(source, start, stop, keep)
-  buffer = min(len(host_indices), shuffle_buffer)
-  first_epoch, skip = divmod(start_step * host_batch, len(host_indices))
-  # One scalar per (seed, epoch) seeds the epoch's shuffle and its examples' augmentation.
+  shard_size, shard_batch = len(subset) // num_shards, global_batch_size // num_shards
+  if shard_size < shard_batch:
+    raise ValueError(f"{source.info.name}/{source.split} has {len(subset)} (subset) examples, "
+                     f"fewer than one global batch of {global_batch_size}; use a smaller batch "
+                     "or more data.")
+  steps_per_epoch = shard_size // shard_batch
+  first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
+  buffer = max(1, min(shard_size, shuffle_buffer // num_shards))
   seed_scale = tf.constant(2**31 - 1, tf.int64)
 
-  def epoch(e):
-    epoch_seed = tf.constant(seed, tf.int64) * seed_scale + e
-    ds = base.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    return ds.map(lambda ex: {**ex, "seed": tf.stack([epoch_seed, ex["index"]])})
+  def shard_stream(shard: int) -> tf.data.Dataset:
+    indices = subset[shard * shard_size:(shard + 1) * shard_size]
+    start, stop = int(indices[0]), int(indices[-1]) + 1
+    keep = np.zeros(stop - start, bool)
+    keep[indices - start] = True
+    base = _read_indexed(source, start, stop, keep)
+
+    def epoch(e):
+      # (seed, epoch) seeds the examples' augmentation; (seed, epoch, shard) the shard's order.
+      epoch_seed = tf.constant(seed, tf.int64) * seed_scale + e
+      ds = base.shuffle(buffer, seed=epoch_seed * num_shards + shard,
+                        reshuffle_each_iteration=False)
+      ds = ds.take(steps_per_epoch * shard_batch)
+      return ds.map(lambda ex: {**ex, "seed": tf.stack([epoch_seed, ex["index"]])})
+
+    return tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(
+        skip_steps * shard_batch)
+
+  host_shards = range(process_index * num_shards // process_count,
+                      (process_index + 1) * num_shards // process_count)
+  # Every step takes shard_batch consecutive examples of each shard, shard after shard.
+  choice = tf.data.Dataset.from_tensor_slices(
+      np.repeat(np.arange(len(host_shards), dtype=np.int64), shard_batch)).repeat()
+  ds = tf.data.Dataset.choose_from_datasets([shard_stream(r) for r in host_shards], choice)
 
   def preprocess(ex):
     image = _train_preprocess(source.decode(ex["image"]), image_size, ex["seed"], area_range)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(skip)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_options())
+  ds = ds.batch(shard_batch * len(host_shards), drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
 def train_numpy_batches(name: str, split: str, *, image_size: int, global_batch_size: int,
@@ -638,21 +694,23 @@ def train_numpy_batches(name: str, split: str, *, image_size: int, global_batch_
                         subset_seed: int = 0, start_step: int = 0,
                         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                         area_range: tuple[float, float] = TRAIN_AREA_RANGE,
-                        process_index: int | None = None,
+                        num_shards: int | None = None, process_index: int | None = None,
                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Host-local training batches as NumPy; same arguments as `train_batches`, no mesh.
 
   Args:
     name, split, image_size, global_batch_size, seed, data_dir, subset_fraction, subset_seed,
-      start_step, shuffle_buffer, area_range: as in `train_batches`.
-    process_index: host whose share to load (default `jax.process_index()`).
+      start_step, shuffle_buffer, area_range, num_shards: as in `train_batches`.
+    process_index: host whose rows to load (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
   Yields:
-    `{'image': [B / hosts, H, W, 3] float32, 'label': [B / hosts] int32}`, forever.
+    `{'image': [B / hosts, H, W, 3] float32, 'label': [B / hosts] int32}`, forever: rows
+    `parallel.host_shard(B)` of every global batch.
   """
   _check_image_size(image_size)
   process_count = jax.process_count() if process_count is None else process_count
+  process_index = jax.process_index() if process_index is None else process_index
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"Global batch size {global_batch_size} must be a positive multiple of "
                      f"the {process_count} hosts.")
@@ -660,10 +718,11 @@ def train_numpy_batches(name: str, split: str, *, image_size: int, global_batch_
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   source = _source(name, split, data_dir)
   return _train_dataset(
-      source, image_size=image_size, host_batch=global_batch_size // process_count, seed=seed,
+      source, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
       subset_fraction=subset_fraction, subset_seed=subset_seed, start_step=start_step,
-      shuffle_buffer=shuffle_buffer, area_range=area_range, process_index=process_index,
-      process_count=process_count).as_numpy_iterator()
+      shuffle_buffer=shuffle_buffer, area_range=area_range,
+      num_shards=num_shards or default_num_shards(global_batch_size),
+      process_index=process_index, process_count=process_count).as_numpy_iterator()
 
 
 def train_batches(name: str, split: str, *, image_size: int, global_batch_size: int, mesh: Mesh,
@@ -671,12 +730,18 @@ def train_batches(name: str, split: str, *, image_size: int, global_batch_size: 
                   subset_seed: int = 0, start_step: int = 0,
                   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                   area_range: tuple[float, float] = TRAIN_AREA_RANGE,
-                  ) -> Iterator[dict[str, jax.Array]]:
+                  num_shards: int | None = None) -> Iterator[dict[str, jax.Array]]:
   """Infinite augmented training batches, reshuffled every epoch from `seed`.
 
-  Step s's batch is determined by (config, seed, s, host count): an iterator started with
-  `start_step=s` yields exactly the batches an uninterrupted run yields from step s on
-  (it skips whole epochs without reading them and the rest of the epoch without decoding).
+  The (subset) split is cut into `num_shards` contiguous reader shards of equal size. Every
+  epoch each shard is shuffled (seed, epoch, shard) and global batch s takes B / num_shards
+  consecutive examples of each shard, shard after shard. Host h reads only its shards
+  (`num_shards / hosts` of them, TFDS split slicing), which are its rows of every global
+  batch, so step s's batch depends on (config, seed, s) and not on the host or device count.
+  The canonical order of a prepared TFDS split is already shuffled (and the digits split is
+  seeded), so the strata are like random draws. An iterator started with `start_step=s`
+  yields exactly the batches an uninterrupted run yields from step s on (it skips whole
+  epochs without reading them and the rest of the epoch without decoding).
 
   Args:
     name: dataset name ('digits' or any prepared TFDS name).
@@ -689,22 +754,27 @@ def train_batches(name: str, split: str, *, image_size: int, global_batch_size: 
     subset_fraction: nested subset fraction in (0, 1] (data-scale study).
     subset_seed: nested subset seed.
     start_step: first step to produce (resume).
-    shuffle_buffer: max examples per host in the shuffle buffer (a full shuffle when the
-      host's share fits).
+    shuffle_buffer: encoded examples held for shuffling, summed over all hosts and shards
+      (each shard holds `shuffle_buffer / num_shards`; a full shuffle of each shard when
+      that fits).
     area_range: random-crop area range as fractions of the image.
+    num_shards: reader shards; must divide B and be a multiple of the host count (default
+      `default_num_shards(B)`). Changing it changes the batches.
 
   Returns:
     Iterator of `{'image': [B, H, W, 3] float32 in [-1, 1], 'label': [B] int32}`.
 
   Raises:
-    ValueError: unknown dataset or split, bad sizes, batch not divisible by the devices.
+    ValueError: unknown dataset or split, bad sizes, batch not divisible by the devices or
+      the shards, shards not divisible by the hosts.
     FileNotFoundError: TFDS dataset not prepared in `data_dir`.
   """
   parallel.check_global_batch_size(global_batch_size, mesh)
   host_batches = train_numpy_batches(
       name, split, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
       data_dir=data_dir, subset_fraction=subset_fraction, subset_seed=subset_seed,
-      start_step=start_step, shuffle_buffer=shuffle_buffer, area_range=area_range)
+      start_step=start_step, shuffle_buffer=shuffle_buffer, area_range=area_range,
+      num_shards=num_shards)
   return _device_prefetch(host_batches, mesh)
 
 

@@ -117,16 +117,21 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places the host (NumPy) leaves of `tree` on every device of `mesh`, replicated.
+  """Places the leaves of `tree` on every device of `mesh`, replicated.
 
-  Works in multi-process jobs (each process passes the same values); leaves that already are
-  `jax.Array`s are kept as they are.
+  Works in multi-process jobs (each process passes the same values). Leaves already
+  replicated on `mesh` are kept; other single-process arrays (NumPy, or a `jax.Array` on
+  one device) are copied once.
   """
   sharding = replicated(mesh)
 
   def place(leaf):
     if isinstance(leaf, jax.Array):
-      return leaf
+      if leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+        return leaf
+      if not leaf.is_fully_addressable:
+        raise ValueError(f"Cannot replicate an array sharded as {leaf.sharding} over another "
+                         "mesh's processes; place it on this mesh first.")
     leaf = np.asarray(leaf)
     return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
 

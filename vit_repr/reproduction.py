@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -80,11 +81,14 @@ def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = data.eval_batches(cfg.name, cfg.eval_split, image_size=cfg.image_size,
                               global_batch_size=cfg.global_batch_size, mesh=mesh,
                               data_dir=cfg.data_dir)
-  label_histogram = np.zeros(batches.info.num_classes, np.int64)
+  count_labels = jax.jit(
+      lambda counts, labels: counts + jnp.bincount(labels, length=batches.info.num_classes),
+      out_shardings=parallel.replicated(mesh))
+  label_histogram = parallel.replicate(np.zeros(batches.info.num_classes, np.int32), mesh)
   start = time.perf_counter()
-  for batch in batches:
-    label_histogram += np.bincount(np.asarray(batch["label"]),
-                                   minlength=batches.info.num_classes)
+  for batch in batches:  # Global arrays: the histogram is computed where the labels are.
+    label_histogram = count_labels(label_histogram, batch["label"])
+  label_histogram = parallel.to_host(label_histogram).astype(np.int64)
   seconds = time.perf_counter() - start
   arrays["pipeline/label_histogram"] = label_histogram
   metadata["pipeline"] = {"num_examples": batches.plan.num_examples,

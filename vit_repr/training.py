@@ -361,13 +361,19 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
 
 
 def make_train_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """The data mesh over the first `config.mesh.num_devices` devices (None: all)."""
-  devices = jax.devices()
+  """The data mesh over `config.mesh.num_devices` devices (None: all), the same number from
+  every host (each host feeds its own devices): the first `num_devices / hosts` of each."""
+  devices, hosts = jax.devices(), jax.process_count()
   count = config.mesh.num_devices
-  if count is not None and not 0 < count <= len(devices):
-    raise ValueError(f"mesh.num_devices={count} but {len(devices)} devices are visible; use "
-                     f"1..{len(devices)} or None for all.")
-  return parallel.make_mesh(devices if count is None else devices[:count])
+  if count is None:
+    return parallel.make_mesh(devices)
+  if not 0 < count <= len(devices) or count % hosts:
+    raise ValueError(f"mesh.num_devices={count} but {len(devices)} devices are visible on "
+                     f"{hosts} host(s); use a multiple of {hosts} in 1..{len(devices)}, or "
+                     "None for all.")
+  per_host = count // hosts
+  return parallel.make_mesh([d for p in range(hosts)
+                             for d in [d for d in devices if d.process_index == p][:per_host]])
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -576,7 +582,7 @@ def _train_loop(config: ml_collections.ConfigDict, model: nn.Module,
       global_batch_size=train.global_batch_size, mesh=mesh, seed=config.seed,
       data_dir=cfg_data.data_dir, subset_fraction=cfg_data.subset_fraction,
       subset_seed=cfg_data.subset_seed, start_step=start, shuffle_buffer=cfg_data.shuffle_buffer,
-      area_range=tuple(cfg_data.area_range))
+      area_range=tuple(cfg_data.area_range), num_shards=cfg_data.num_shards)
   eval_batches = data.eval_batches(
       cfg_data.name, cfg_data.eval_split, image_size=cfg_data.image_size,
       global_batch_size=cfg_data.eval_global_batch_size, mesh=mesh,

@@ -97,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   image_size = cfg_data.image_size
 
   model, params = loading.load_model(config.model, image_size=image_size,
-                                     num_classes=info.num_classes)
+                                     num_classes=info.num_classes, mesh=mesh)
   shapes = features.intermediate_shapes(model, image_size)
   names = attention_layers(config.model.name, shapes, list(config.model.layers))
   _, num_heads, num_tokens, _ = shapes[names[0]]
@@ -123,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         head_names.append(f"block{block}/head{head}")
         head_sources[head_names[-1]] = (source, head)
     resnet, resnet_params = loading.load_model(config.resnet, image_size=image_size,
-                                               num_classes=info.num_classes)
+                                               num_classes=info.num_classes, mesh=mesh)
     resnet_extractor = features.FeatureExtractor(resnet, list(config.resnet.layers),
                                                  image_size=image_size, token_mode="all")
     estimator = cka.MinibatchCKA(mesh, gram_blocks=analysis.gram_blocks)

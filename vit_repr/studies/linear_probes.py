@@ -204,7 +204,7 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
   feature extraction stopped early)."""
   cfg_data, cfg_probes, cfg_linear = config.data, config.probes, config.linear
   model, params = loading.load_model(spec, image_size=cfg_data.image_size,
-                                     num_classes=info.num_classes)
+                                     num_classes=info.num_classes, mesh=mesh)
   kinds = _kinds(model, cfg_probes.modes, cfg_probes.per_token, key)
 
   def batches(split, num_examples):

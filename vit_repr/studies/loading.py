@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
+from jax.sharding import Mesh
 
-from vit_repr import checkpoints, files, models
+from vit_repr import checkpoints, files, models, parallel
 
 
 def describe(spec: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -28,27 +29,35 @@ def describe(spec: ml_collections.ConfigDict) -> dict[str, Any]:
           "checkpoint": spec.checkpoint or f"random init (seed {spec.seed})"}
 
 
-def load_model(spec: ml_collections.ConfigDict, *, image_size: int,
-               num_classes: int) -> tuple[nn.Module, Any]:
-  """The Flax module and its 'params' collection for a model spec.
+def load_model(spec: ml_collections.ConfigDict, *, image_size: int, num_classes: int,
+               mesh: Mesh | None = None) -> tuple[nn.Module, Any]:
+  """The Flax module and its 'params' collection for a model spec, placed on the mesh once.
 
   Args:
     spec: the model spec (see the module docstring).
     image_size: input resolution of the study's data.
     num_classes: the dataset's classes (used unless `spec.overrides.num_classes` is set).
+    mesh: the study's mesh (default all devices): the parameters are replicated on it here,
+      so the jitted passes never copy them again.
 
   Returns:
-    (model, params).
+    (model, params), every leaf a `jax.Array` replicated over `mesh`.
   """
+  mesh = parallel.make_mesh() if mesh is None else mesh
   model = models.create_from_config(spec.name, spec.overrides.to_dict(),
                                     num_classes=num_classes, image_size=image_size)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   if not spec.checkpoint:
     logging.info("%s: random initialisation (seed %d).", spec.name, spec.seed)
-    return model, jax.jit(model.init)(jax.random.key(spec.seed), images)["params"]
+    init = jax.jit(lambda key: model.init(key, images)["params"],
+                   out_shardings=parallel.replicated(mesh))
+    return model, init(jax.random.key(spec.seed))
   if str(spec.checkpoint).endswith(".npz"):
-    return model, checkpoints.load(spec.checkpoint, model)
+    return model, parallel.replicate(checkpoints.load(spec.checkpoint, model), mesh)
   abstract = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=parallel.replicated(mesh)),
+                          abstract)
   return model, checkpoints.restore(spec.checkpoint, abstract)
 
 

@@ -68,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise ValueError(f"Model {name!r} selects no layers; set models.{name}.layers to block "
                        "outputs, e.g. ('Transformer/encoderblock_11/out',) or ('block4/out',).")
     model, params[name] = loading.load_model(spec, image_size=cfg_data.image_size,
-                                             num_classes=info.num_classes)
+                                             num_classes=info.num_classes, mesh=mesh)
     extractors[name] = features.FeatureExtractor(model, list(spec.layers),
                                                  image_size=cfg_data.image_size)
     accumulators[name] = localization.LocalizationCKA(

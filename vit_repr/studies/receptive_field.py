@@ -74,7 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   arrays, panels, summary, models_meta = {}, [], {}, {}
   for key, spec in _model_specs(config):
     model, params = loading.load_model(spec, image_size=cfg_data.image_size,
-                                       num_classes=info.num_classes)
+                                       num_classes=info.num_classes, mesh=mesh)
     estimator = _estimator(model, spec, config, mesh)
     logging.info("Model %s (%s): receptive fields of %d layers.", key.upper(), spec.name,
                  len(estimator.names))

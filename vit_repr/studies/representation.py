@@ -59,7 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   extractors, params = {}, {}
   for key, spec in _model_specs(config):
     model, params[key] = loading.load_model(spec, image_size=cfg_data.image_size,
-                                            num_classes=info.num_classes)
+                                            num_classes=info.num_classes, mesh=mesh)
     extractors[key] = features.FeatureExtractor(model, list(spec.layers),
                                                 image_size=cfg_data.image_size,
                                                 token_mode=analysis.token_mode)

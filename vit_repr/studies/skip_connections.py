@@ -101,7 +101,7 @@ def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDi
   cfg = config.data
   info = data.dataset_info(cfg.name, cfg.data_dir)
   model, params = loading.load_model(spec, image_size=cfg.image_size,
-                                     num_classes=info.num_classes)
+                                     num_classes=info.num_classes, mesh=mesh)
   layers = residual.sublayers(features.intermediate_shapes(model, cfg.image_size),
                               getattr(model, "remove_skips", ()))
 

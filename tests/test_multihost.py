@@ -1,0 +1,125 @@
+"""Many hosts, one result: a study run on 1 x 1, 1 x 2, 2 x 1 and 2 x 2 (processes x fake CPU
+devices, gloo collectives) gives the numbers of one process; resume is exact on a non-local
+(`ram://`) work directory; hosts that do not share the work directory fail loudly."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+# Runs the CKA heatmap study (runlocal: 320 digits, minibatch 40, 2 passes, the second a
+# global reshuffle) in one process of a layout, with a simulated preemption after one batch
+# and a rerun; process 0 then writes the heatmap to out_path.
+_WORKER = """
+import json, sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+port, pid, processes, workdir, out_path, guard = sys.argv[1:7]
+pid, processes = int(pid), int(processes)
+if processes > 1:
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=processes,
+                             process_id=pid)
+import numpy as np
+from configs import cka_heatmap
+from vit_repr import files
+from vit_repr.studies import representation, resume
+
+def config(stop):
+  c = cka_heatmap.get_config('runlocal')
+  c.data.num_examples = 320
+  c.checkpoint_every = 1
+  c.stop_after_batches = stop
+  return c
+
+if guard == 'guard':  # The hot loop (every update) makes no implicit transfer: no per-batch
+  accumulate = resume.accumulate  # copies of the parameters or of anything else.
+  def guarded_accumulate(state, update, *args, **kwargs):
+    def guarded_update(state, batch):
+      with jax.transfer_guard('disallow'):
+        return update(state, batch)
+    return accumulate(state, guarded_update, *args, **kwargs)
+  resume.accumulate = guarded_accumulate
+try:
+  first = representation.run(config(1), workdir)
+  summary = representation.run(config(None), workdir)
+except ValueError as error:
+  print('ERROR:', error)
+  sys.exit(3)
+arrays = files.read_npz(files.join(workdir, 'cka_heatmap.npz'))
+if pid == 0:
+  np.savez(out_path, **arrays)
+  print(json.dumps({'first': first, 'summary': summary}))
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_layout(processes: int, devices: int, workdir: str, out_path: str,
+                guard: bool = False) -> list[subprocess.CompletedProcess]:
+  """Runs the worker as `processes` processes of `devices` fake CPU devices each."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  port = str(_free_port())
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _WORKER, port, str(pid), str(processes), workdir, out_path,
+       "guard" if guard else "-"],
+      env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for pid in range(processes)]
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=600)
+    results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+  return results
+
+
+@pytest.mark.slow
+@pytest.mark.seconds(150)
+def test_layouts_give_one_heatmap_and_resume_exactly(tmp_path):
+  layouts = {"1x1": (1, 1, False), "1x2": (1, 2, True), "2x1": (2, 1, False),
+             "2x2": (2, 2, False)}
+  heatmaps = {}
+  for name, (processes, devices, guard) in layouts.items():
+    # One process keeps its work directory in TensorFlow's in-memory file system (ram://):
+    # not a local folder, so every read and write goes through vit_repr.files.
+    workdir = "ram://study" if processes == 1 else str(tmp_path / name)
+    results = _run_layout(processes, devices, workdir, str(tmp_path / f"{name}.npz"), guard)
+    for result in results:
+      assert result.returncode == 0, f"{name}:\n{result.stderr[-4000:]}"
+    headline = json.loads(results[0].stdout.strip().splitlines()[-1])
+    assert headline["first"]["batches_done"] == 1  # Stopped after one batch, then resumed.
+    heatmaps[name] = dict(np.load(tmp_path / f"{name}.npz"))
+    assert not os.path.exists(os.path.join(REPO_ROOT, "ram:"))
+  # Within- and cross-model heatmaps and their errors: every layout equals one device.
+  reference = heatmaps.pop("1x1")
+  keys = [k for k in reference if reference[k].dtype.kind == "f"]
+  assert {"cka_aa", "cka_ab", "cka_bb", "stderr_ab"} <= set(keys), sorted(reference)
+  for name, arrays in heatmaps.items():
+    for key in keys:
+      # Standard errors (~1e-3 here) come from a variance of float32 sums: their rounding is
+      # ~1e-5 absolute (near 0 on the diagonal, where CKA = 1).
+      atol = 3e-5 if key.startswith("stderr") else 1e-6
+      np.testing.assert_allclose(arrays[key], reference[key], rtol=1e-5, atol=atol,
+                                 err_msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_hosts_without_a_shared_workdir_fail_loudly(tmp_path):
+  # ram:// is private to each process: like a local folder per host on a pod. The rerun finds
+  # process 0's saved state on process 0 only, and both processes stop with the reason.
+  results = _run_layout(2, 1, "ram://study", str(tmp_path / "out.npz"))
+  for pid, result in enumerate(results):
+    assert result.returncode == 3, f"process {pid}:\n{result.stderr[-4000:]}"
+    assert "do not read the same ram://study/" in result.stdout
+    assert "processes [0] find it, processes [1] do not" in result.stdout
+    assert "shared work directory" in result.stdout

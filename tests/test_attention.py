@@ -104,6 +104,20 @@ def test_streaming_accumulator_matches_reference(renormalize):
   assert result.num_examples == 15 and result.names == tuple(names)
 
 
+def test_padding_rows_are_left_out():
+  grid, patch, heads, prefix = (3, 3), 8, 2, 1
+  probs = random_probs(jax.random.key(7), 6, heads, prefix + 9)
+  mad = attention.MeanAttentionDistance(["l"], num_heads=heads, grid=grid, patch_size=patch,
+                                        num_prefix_tokens=prefix)
+  padded = probs.at[4:].set(jnp.nan)  # Padding rows may hold anything.
+  state = mad.update(mad.init(), {"l": padded}, jnp.arange(6) < 4)
+  result = mad.result(state)
+  expected = reference_mean_distance(probs[:4], reference_distances(*grid, patch), prefix, True)
+  np.testing.assert_allclose(result.distance[0], expected.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(result.distance_std[0], expected.std(0, ddof=1), rtol=1e-3)
+  assert result.num_examples == 4
+
+
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="T = 1 prefix tokens \\+ 9 patches"):
     attention.per_example_distance(jnp.ones((1, 2, 9, 9)), attention.patch_distances((3, 3), 8),

@@ -402,8 +402,8 @@ def test_bad_groups_raise():
 # Devices and processes.
 
 
-def test_eight_devices_equal_one_device(tmp_path):
-  xs, ys = layered(15, n=8 * 8 * 3 + 5)
+def test_eight_devices_equal_one_device_and_skip_padding_minibatches(tmp_path):
+  xs, ys = layered(15, n=8 * 8 * 3 + 3 * 8 + 5)
   np.savez(tmp_path / "data.npz", *xs, *ys)
   code = f"""
 import numpy as np, jax
@@ -417,9 +417,16 @@ xs, ys = arrays[:3], arrays[3:]
 state = est.init(xs, ys)
 for s in range(3):
   state = est.update(state, [x[64 * s:64 * (s + 1)] for x in xs], [y[64 * s:64 * (s + 1)] for y in ys])
-res = est.result(state)
-np.savez({str(tmp_path / 'out.npz')!r}, cka=res.cka, stderr=res.stderr, n=res.num_batches,
-         within=cka.minibatch_cka(xs, batch_size=8, mesh=mesh))
+full = est.result(state)
+# A last batch of 3 minibatches and 5 padding ones (NaN rows, valid False): they add nothing.
+pad = lambda a: np.concatenate([a[192:216], np.full((40,) + a.shape[1:], np.nan, a.dtype)])
+valid = np.arange(64) < 24
+state = est.update(state, [pad(x) for x in xs], [pad(y) for y in ys],
+                   valid=parallel.global_batch(valid, mesh))
+padded = est.result(state)
+np.savez({str(tmp_path / 'out.npz')!r}, cka=full.cka, stderr=full.stderr, n=full.num_batches,
+         within=cka.minibatch_cka(xs, batch_size=8, mesh=mesh), padded=padded.cka,
+         padded_n=(padded.num_batches, padded.num_examples))
 """
   run_python(code, num_devices=8)
   estimator = cka.MinibatchCKA()
@@ -433,6 +440,10 @@ np.savez({str(tmp_path / 'out.npz')!r}, cka=res.cka, stderr=res.stderr, n=res.nu
   np.testing.assert_allclose(out["cka"], single.cka, atol=1e-6)
   np.testing.assert_allclose(out["stderr"], single.stderr, rtol=1e-4)
   np.testing.assert_allclose(out["within"], cka.minibatch_cka(xs, batch_size=8), atol=1e-6)
+  # The padded run is the float64 minibatch CKA of the 27 real minibatches.
+  assert tuple(out["padded_n"]) == (27, 216)
+  np.testing.assert_allclose(out["padded"], ref_heatmap([x[:216] for x in xs],
+                                                        [y[:216] for y in ys], 8), atol=2e-6)
 
 
 _WORKER = """

@@ -189,6 +189,79 @@ def test_eval_host_split_assembles_to_single_host(hosts):
   np.testing.assert_array_equal(np.concatenate(joined), images)
 
 
+def minibatches_of(plans, minibatch):
+  """{first example: sorted examples} of every real minibatch of per-host `plans`."""
+  found = {}
+  for plan in plans:
+    for rows in plan.host_indices.reshape(-1, minibatch):
+      assert np.all(rows >= 0) or np.all(rows < 0)  # Padding is whole minibatches.
+      if rows[0] >= 0:
+        found[int(rows[0])] = tuple(np.sort(rows))
+  return found
+
+
+@pytest.mark.parametrize("shuffle_seed", [None, 4])
+def test_minibatch_plan_uses_the_same_minibatches_for_any_layout(shuffle_seed):
+  # 360 examples in minibatches of 40: 9 minibatches for 1 device, 2 or 8 devices (the last
+  # batch padded) and 1, 2 or 4 hosts. Without minibatch plans 2 devices dropped 40 examples.
+  reference = minibatches_of([data.eval_plan(360, global_batch_size=40, minibatch_size=40,
+                                             shuffle_seed=shuffle_seed, process_count=1)], 40)
+  assert len(reference) == 9
+  if shuffle_seed is None:
+    assert sorted(reference) == list(range(0, 360, 40))
+  for devices, hosts in [(2, 1), (2, 2), (8, 1), (8, 2), (8, 4)]:
+    plans = [data.eval_plan(360, global_batch_size=40 * devices, minibatch_size=40,
+                            shuffle_seed=shuffle_seed, process_index=h, process_count=hosts)
+             for h in range(hosts)]
+    assert {(p.num_examples, p.num_dropped) for p in plans} == {(360, 0)}
+    assert {p.num_batches for p in plans} == {-(-9 // devices)}
+    assert minibatches_of(plans, 40) == reference, (devices, hosts)
+
+
+def test_minibatch_plan_pads_with_invalid_zero_images_and_checks_sizes():
+  batches = list(data.eval_numpy_batches("digits", "test", image_size=8, global_batch_size=80,
+                                         minibatch_size=20, num_examples=130))
+  # 6 minibatches of 20 in 2 batches of 4 slots: slot 0 takes minibatches 0, 1; slot 1 2, 3;
+  # slot 2 4, 5; slot 3 is padding in both.
+  assert len(batches) == 2
+  ref_images, ref_labels = digits_reference("test")
+  for step, batch in enumerate(batches):
+    np.testing.assert_array_equal(batch["valid"], np.arange(80) < 60)
+    assert not batch["image"][60:].any() and not batch["label"][60:].any()
+    expected = np.concatenate([np.arange(20 * m, 20 * m + 20) for m in (step, 2 + step, 4 + step)])
+    np.testing.assert_array_equal(batch["label"][:60], ref_labels[expected])
+  with pytest.raises(ValueError, match="whole minibatches of 30 examples per host"):
+    data.eval_plan(360, global_batch_size=80, minibatch_size=30)
+  with pytest.raises(ValueError, match="whole minibatches of 40 examples per host"):
+    data.eval_plan(360, global_batch_size=120, minibatch_size=40, process_count=2,
+                   process_index=0)
+  with pytest.raises(ValueError, match="smaller than one minibatch of 40"):
+    data.eval_plan(360, global_batch_size=80, minibatch_size=40, num_examples=39)
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 4])
+def test_each_eval_host_reads_only_its_records(monkeypatch, hosts):
+  source = data._source("digits", "test", None)
+  ranges = []
+
+  def read(start, stop):
+    ranges.append((start, stop))
+    return source.read(start, stop)
+
+  monkeypatch.setattr(data, "_source", lambda *_: dataclasses.replace(source, read=read))
+  covered = []
+  for h in range(hosts):
+    ranges.clear()
+    list(data.eval_numpy_batches("digits", "test", image_size=8, global_batch_size=80,
+                                 minibatch_size=20, process_index=h, process_count=hosts))
+    covered.append(np.concatenate([np.arange(a, b) for a, b in ranges]))
+  # 18 minibatches over 4 slots (5 steps, 2 padding slots): every host reads one contiguous
+  # run of records, each record is read once in all, and no host reads another's.
+  for records in covered:
+    np.testing.assert_array_equal(records, np.arange(records[0], records[0] + len(records)))
+  np.testing.assert_array_equal(np.sort(np.concatenate(covered)), np.arange(360))
+
+
 # ------------------------------------------------------------------------------------------
 # Training pipeline.
 

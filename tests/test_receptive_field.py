@@ -51,6 +51,18 @@ def test_single_conv_has_exactly_k_by_k_support(k, estimator):
   np.testing.assert_allclose(result.centres[0], [8.5, 8.5])
 
 
+def test_padding_images_are_left_out():
+  kernel = jax.random.normal(jax.random.key(3), (3, 3, 3, 5))
+  fn = lambda w, x: {"conv": jnp.tanh(conv(x, w))}
+  erf = receptive_field.ReceptiveField(fn, {"conv": (SIZE, SIZE, 5)}, image_size=SIZE)
+  batch = images(5)
+  state = erf.update(erf.init(), kernel, batch, jnp.arange(5) < 3)
+  padded = erf.result(state)
+  reference = accumulate(fn, kernel, {"conv": (SIZE, SIZE, 5)}, [batch[:3]])
+  np.testing.assert_allclose(padded.raw_maps, reference.raw_maps, rtol=1e-6, atol=1e-9)
+  assert padded.num_examples == 3
+
+
 def two_layer_net(params, x):
   hidden = jnp.tanh(conv(x, params["w1"]) + 0.3)
   return {"hidden": hidden, "out": conv(hidden, params["w2"], stride=2)}

@@ -203,13 +203,14 @@ class MeanAttentionDistance:
     return AttentionDistanceState(zeros(shape, np.float32), zeros(shape, np.float32),
                                   zeros(shape, np.float32), zeros((), np.int32))
 
-  def fold(self, state: AttentionDistanceState,
-           attn_probs: Mapping[str, jax.Array]) -> AttentionDistanceState:
+  def fold(self, state: AttentionDistanceState, attn_probs: Mapping[str, jax.Array],
+           valid: jax.Array | None = None) -> AttentionDistanceState:
     """Adds one batch (pure, traceable; `update` is its jitted form).
 
     Args:
       state: the current state.
       attn_probs: `{name: [b, heads, T, T]}` for every name of `self.names`.
+      valid: `[b]` bool, False for padding rows (left out); default all True.
 
     Returns:
       The new state.
@@ -229,14 +230,22 @@ class MeanAttentionDistance:
       raise ValueError(f"Expected {self.num_heads} heads in every layer; got {sorted(heads)}.")
     distance = jnp.stack([d for d, _ in per_layer])  # [layers, b, heads]
     cls_mass = jnp.stack([c for _, c in per_layer])
+    if valid is None:
+      valid = jnp.ones(distance.shape[1], bool)
+    weight = valid.astype(jnp.float32)[None, :, None]
+    # where, not a product: a padding row's distance may be NaN (uniform attention of zeros).
+    distance, cls_mass = (jnp.where(weight > 0, a, 0) for a in (distance, cls_mass))
     return AttentionDistanceState(
         state.distance_sum + distance.sum(1), state.distance_sq_sum + (distance ** 2).sum(1),
-        state.cls_sum + cls_mass.sum(1), state.num_examples + distance.shape[1])
+        state.cls_sum + cls_mass.sum(1),
+        state.num_examples + valid.astype(jnp.int32).sum())
 
-  def update(self, state: AttentionDistanceState,
-             attn_probs: Mapping[str, jax.Array]) -> AttentionDistanceState:
-    """Jitted `fold` (donates `state`); `attn_probs` arrive sharded over the data axis."""
-    return self._update(state, {n: attn_probs[n] for n in self.names if n in attn_probs})
+  def update(self, state: AttentionDistanceState, attn_probs: Mapping[str, jax.Array],
+             valid: jax.Array | None = None) -> AttentionDistanceState:
+    """Jitted `fold` (donates `state`); `attn_probs` (and `valid`) arrive sharded over the
+    data axis."""
+    return self._update(state, {n: attn_probs[n] for n in self.names if n in attn_probs},
+                        valid)
 
   def result(self, state: AttentionDistanceState) -> AttentionDistanceResult:
     """Means over the accumulated examples (one host synchronisation).

@@ -471,10 +471,12 @@ def _layer_grams(layers: tuple[jax.Array, ...], stacked: bool, gram_blocks: int,
   return _u_centre(grams), ~jnp.isfinite(centred_sq), varied
 
 
-def _device_sums(shift: jax.Array, first: jax.Array, xs: tuple[jax.Array, ...],
-                 ys: tuple[jax.Array, ...] | None, stacked: bool, gram_blocks: int,
-                 feature_chunk: int) -> tuple[jax.Array, ...]:
-  """Per-device minibatch terms, summed over the mesh (runs inside shard_map)."""
+def _device_sums(shift: jax.Array, first: jax.Array, valid: jax.Array,
+                 xs: tuple[jax.Array, ...], ys: tuple[jax.Array, ...] | None, stacked: bool,
+                 gram_blocks: int, feature_chunk: int) -> tuple[jax.Array, ...]:
+  """Per-device minibatch terms, summed over the mesh (runs inside shard_map); a device
+  whose minibatch is not all `valid` (padding) adds nothing."""
+  counts = jnp.all(valid)
   ux, bad_x, varied_x = _layer_grams(xs, stacked, gram_blocks, feature_chunk)
   b = ux.shape[-1]
   ux = ux.reshape(ux.shape[0], b * b)
@@ -490,36 +492,39 @@ def _device_sums(shift: jax.Array, first: jax.Array, xs: tuple[jax.Array, ...],
     hyy = jnp.sum(uy * uy, axis=1) / (b * (b - 3))
   terms = jnp.stack(jnp.broadcast_arrays(hxy, hxx[:, None], hyy[None, :]))
   axis = parallel.DATA_AXIS
-  shift = jnp.where(first, jax.lax.psum(terms, axis) / jax.lax.psum(1, axis), shift)
+  num_minibatches = jax.lax.psum(counts.astype(jnp.int32), axis)
+  mean_terms = jax.lax.psum(jnp.where(counts, terms, 0), axis) / jnp.maximum(num_minibatches, 1)
+  shift = jnp.where(first, mean_terms, shift)
   d = terms - shift
   moments = jnp.concatenate([d, jnp.stack([d[i] * d[j] for i, j in _PRODUCTS])])
-  flags = [jax.lax.psum(f.astype(jnp.int32), axis) > 0
+  moments = jnp.where(counts, moments, 0)
+  flags = [jax.lax.psum((f & counts).astype(jnp.int32), axis) > 0
            for f in (bad_x, bad_y, varied_x, varied_y)]
-  return (shift, jax.lax.psum(moments, axis), *flags)
+  return (shift, jax.lax.psum(moments, axis), num_minibatches, *flags)
 
 
 @functools.partial(jax.jit,
                    static_argnames=("stacked", "mesh", "gram_blocks", "feature_chunk"),
                    donate_argnums=0)
-def _update(state: dict[str, jax.Array], xs: tuple[jax.Array, ...],
+def _update(state: dict[str, jax.Array], valid: jax.Array, xs: tuple[jax.Array, ...],
             ys: tuple[jax.Array, ...] | None, *, stacked: bool, mesh: Mesh, gram_blocks: int,
             feature_chunk: int) -> dict[str, jax.Array]:
   """One jitted update of the state's arrays (names stay outside, so they never recompile)."""
   data = PartitionSpec(parallel.DATA_AXIS)
-  in_specs = (PartitionSpec(), PartitionSpec(), data, None if ys is None else data)
+  in_specs = (PartitionSpec(), PartitionSpec(), data, data, None if ys is None else data)
   sums_fn = jax.shard_map(
       functools.partial(_device_sums, stacked=stacked, gram_blocks=gram_blocks,
                         feature_chunk=feature_chunk),
       mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec())
-  shift, moments, bad_x, bad_y, varied_x, varied_y = sums_fn(
-      state["shift"], state["num_batches"] == 0, xs, ys)
+  shift, moments, num_minibatches, bad_x, bad_y, varied_x, varied_y = sums_fn(
+      state["shift"], state["num_batches"] == 0, valid, xs, ys)
   # Kahan summation: `compensation` carries the low-order bits lost by the last addition.
   corrected = moments - state["compensation"]
   sums = state["sums"] + corrected
   return dict(
       shift=shift, sums=sums, compensation=(sums - state["sums"]) - corrected,
-      num_batches=state["num_batches"] + mesh.devices.size,
-      num_examples=state["num_examples"] + xs[0].shape[0],
+      num_batches=state["num_batches"] + num_minibatches,
+      num_examples=state["num_examples"] + num_minibatches * (xs[0].shape[0] // mesh.size),
       nonfinite_x=state["nonfinite_x"] | bad_x, nonfinite_y=state["nonfinite_y"] | bad_y,
       varied_x=state["varied_x"] | varied_x, varied_y=state["varied_y"] | varied_y)
 
@@ -676,7 +681,8 @@ class MinibatchCKA:
     return self._place(state)
 
   def update(self, state: MinibatchCKAState, xs: Layers, ys: Layers | None = None, *,
-             stacked: bool = False) -> MinibatchCKAState:
+             stacked: bool = False,
+             valid: jax.typing.ArrayLike | None = None) -> MinibatchCKAState:
     """Folds one global batch into `state` (jitted; no host synchronisation).
 
     Args:
@@ -691,6 +697,9 @@ class MinibatchCKA:
         layers (e.g. every token of a ViT layer as one group `[b, N, D]`); the state and the
         numbers (to float32 rounding) are those of the same layers passed one by one. A state
         for groups is initialised with one name per layer (`init(names, names_x=names)`).
+      valid: `[global_batch]` bool, sharded like the layers (default all True): a device's
+        minibatch counts only when all its rows are valid, so padding minibatches (the
+        batch's `valid` of `data.eval_batches(..., minibatch_size=...)`) add nothing.
 
     Returns:
       The new state.
@@ -728,8 +737,17 @@ class MinibatchCKA:
       raise ValueError("The mesh spans several processes: pass global arrays built with "
                        "parallel.global_batch, not host-local NumPy arrays (or use a mesh of "
                        "this process's devices, e.g. the default one).")
+    if valid is None:
+      valid = np.ones(batch, bool)
+    if np.shape(valid) != (batch,):
+      raise ValueError(f"valid must be one flag per example, shape ({batch},); got "
+                       f"{np.shape(valid)}.")
+    if not isinstance(valid, jax.Array):  # The same flags on every host.
+      valid = np.asarray(valid, bool)
+      valid = jax.make_array_from_callback((batch,), parallel.batch_sharding(self.mesh),
+                                           lambda index: valid[index])
     arrays = {f: getattr(self._place(state), f) for f in _STATE_ARRAYS}
-    arrays = _update(arrays, arrays_x, None if within else arrays_y, stacked=stacked,
+    arrays = _update(arrays, valid, arrays_x, None if within else arrays_y, stacked=stacked,
                      mesh=self.mesh, gram_blocks=self.gram_blocks,
                      feature_chunk=self.feature_chunk)
     return MinibatchCKAState(**arrays, names_x=state.names_x, names_y=state.names_y)
@@ -805,14 +823,15 @@ def minibatch_cka(xs: Layers, ys: Layers | None = None, *, batch_size: int = 256
     xs: model A's layers, a dict or sequence of arrays `[n, ...]` (features flattened).
     ys: model B's layers `[n, ...]`; None for the within-model heatmap of xs.
     batch_size: minibatch size b >= 4 (the reference code uses 256).
-    mesh: run under this mesh (default one local device); each step then takes
-      `num_devices` consecutive minibatches, one per device.
+    mesh: run under this mesh (default one local device); each step then takes one
+      minibatch per device (`parallel.minibatch_slots`), the same minibatches for any
+      device count.
     names_x: layer names for a sequence xs.
     names_y: layer names for a sequence ys.
 
   Returns:
     `[len(xs), len(ys)]` float64 CKA heatmap (`[len(xs), len(xs)]` when ys is None). The
-    trailing examples that do not fill a step are dropped (logged). Use `MinibatchCKA` for
+    trailing examples that do not fill a minibatch are dropped (logged). Use `MinibatchCKA` for
     standard errors, several passes or streaming.
 
   Raises:
@@ -828,17 +847,19 @@ def minibatch_cka(xs: Layers, ys: Layers | None = None, *, batch_size: int = 256
   if len(set(counts)) != 1:
     raise ValueError(f"All layers of both models must hold the same examples; got shapes "
                      f"{[tuple(np.shape(a)) for a in arrays]}.")
-  step = batch_size * estimator.mesh.devices.size
-  num_steps = counts[0] // step
-  if num_steps == 0:
-    raise ValueError(f"{counts[0]} examples do not fill one step of {step} "
-                     f"(batch_size x devices); use more examples or a smaller batch_size.")
-  if counts[0] % step:
-    logging.info("minibatch_cka: dropping the last %d of %d examples (not a full step of %d).",
-                 counts[0] % step, counts[0], step)
-  for s in range(num_steps):
-    chunk = lambda layers: [a[s * step:(s + 1) * step] for a in layers]
+  num_minibatches = counts[0] // batch_size
+  if num_minibatches == 0:
+    raise ValueError(f"{counts[0]} examples do not fill one minibatch of {batch_size}; use "
+                     "more examples or a smaller batch_size.")
+  if counts[0] % batch_size:
+    logging.info("minibatch_cka: dropping the last %d of %d examples (not a full minibatch "
+                 "of %d).", counts[0] % batch_size, counts[0], batch_size)
+  rows = np.arange(batch_size)
+  for slots in parallel.minibatch_slots(num_minibatches, estimator.mesh.devices.size):
+    index = (np.maximum(slots, 0)[:, None] * batch_size + rows).ravel()
+    chunk = lambda layers: [a[index] for a in layers]
     state = estimator.update(
         state, chunk(arrays[:len(state.names_x)]),
-        None if ys is None else chunk(arrays[len(state.names_x):]))
+        None if ys is None else chunk(arrays[len(state.names_x):]),
+        valid=np.repeat(slots >= 0, batch_size))
   return estimator.result(state).cka

@@ -400,42 +400,48 @@ def _options() -> tf.data.Options:
 
 @dataclasses.dataclass(frozen=True)
 class EvalPlan:
-  """Which examples an eval pass uses.
+  """Which examples an eval pass uses, and where each one goes.
 
   Attributes:
     num_batches: global batches per pass.
-    num_examples: examples used (`num_batches * global_batch_size`).
-    num_dropped: requested examples left out of the last partial batch.
-    host_indices: canonical indices this host loads, in load order `[num_batches * B / hosts]`
-      (this host's rows of every global batch, batch after batch).
+    global_batch_size: rows per global batch (all hosts), padding included.
+    num_examples: examples used (the real rows of all the batches).
+    num_dropped: requested examples left out (the last partial batch or minibatch).
+    host_indices: canonical indices this host loads, in load order
+      `[num_batches * global_batch_size / hosts]` (this host's rows of every global batch,
+      batch after batch); -1 marks a padding row (an all-zero image, `valid` False).
   """
   num_batches: int
+  global_batch_size: int
   num_examples: int
   num_dropped: int
   host_indices: np.ndarray
-
-  @property
-  def global_batch_size(self) -> int:
-    """Examples per global batch (all hosts)."""
-    return self.num_examples // self.num_batches
 
 
 def eval_plan(num_split_examples: int, *, global_batch_size: int,
               num_examples: int | None = None, subset_fraction: float = 1.0,
               subset_seed: int = 0, sample_seed: int | None = None,
-              shuffle_seed: int | None = None, process_index: int | None = None,
-              process_count: int | None = None) -> EvalPlan:
+              shuffle_seed: int | None = None, minibatch_size: int | None = None,
+              process_index: int | None = None, process_count: int | None = None) -> EvalPlan:
   """The examples an eval pass reads: pure index arithmetic, no data access.
 
   The pass's sequence is the used examples in canonical order, or with `shuffle_seed` that
   sequence permuted by `jax.random.permutation(jax.random.key(shuffle_seed), used)`: one
-  global permutation, so every global batch (and every device's minibatch of it) is the same
-  for any number of hosts. Global batch i is entries `[i * B, (i + 1) * B)` of the sequence;
-  this host loads its rows `parallel.host_shard(B)` of each.
+  global permutation, so the batches are the same for any number of hosts.
+
+  Without `minibatch_size`, global batch i is entries `[i * B, (i + 1) * B)` of the sequence
+  (the last partial batch dropped); this host loads its rows `parallel.host_shard(B)` of each.
+
+  With `minibatch_size` m (each device's shard of a batch is one minibatch: the studies whose
+  numbers depend on the grouping, such as minibatch CKA), the examples used do not depend on
+  the device count: the sequence is cut into M = floor(n / m) minibatches (minibatch j =
+  entries `[j m, (j + 1) m)`), a global batch holds B / m slots (one per device) and they
+  are filled as `parallel.minibatch_slots` says; slots left over at the end are padding
+  (`valid` False). Each host then reads one contiguous run of the sequence.
 
   Args:
     num_split_examples: size of the split.
-    global_batch_size: examples per global batch (all hosts).
+    global_batch_size: rows per global batch (all hosts).
     num_examples: examples requested (default the whole subset).
     subset_fraction: nested subset fraction (see `subset_indices`).
     subset_seed: nested subset seed.
@@ -443,6 +449,7 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
       drawn at random without replacement (permutation from `jax.random.key(s)`), used in
       canonical order.
     shuffle_seed: None for canonical order; s to permute the used examples globally.
+    minibatch_size: None, or the examples of one device's minibatch (divides B).
     process_index: this host (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -450,7 +457,8 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
     The `EvalPlan`.
 
   Raises:
-    ValueError: more examples requested than the subset has, or fewer than one batch.
+    ValueError: more examples requested than the subset has, fewer than one batch (one
+      minibatch), or sizes that do not divide.
   """
   process_count = jax.process_count() if process_count is None else process_count
   subset = subset_indices(num_split_examples, subset_fraction, subset_seed)
@@ -463,42 +471,69 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
         "use a larger split / subset_fraction.")
   if sample_seed is not None:
     subset = np.sort(subset[_permutation(len(subset), sample_seed)[:num_examples]])
-  num_batches = num_examples // global_batch_size
-  if num_batches == 0:
-    raise ValueError(f"num_examples={num_examples} is smaller than one global batch of "
-                     f"{global_batch_size}; lower the batch size or use more examples.")
   if global_batch_size % process_count:
     raise ValueError(f"Global batch size {global_batch_size} is not divisible by the "
                      f"{process_count} hosts.")
   lo, hi = parallel.host_shard(global_batch_size, process_index, process_count)
-  rows = (np.arange(num_batches)[:, None] * global_batch_size + np.arange(lo, hi)).ravel()
-  used = num_batches * global_batch_size
+  unit = global_batch_size if minibatch_size is None else minibatch_size
+  if minibatch_size is not None and (hi - lo) % unit:
+    raise ValueError(f"A global batch of {global_batch_size} over {process_count} host(s) "
+                     f"does not split into whole minibatches of {unit} examples per host; "
+                     "use a minibatch size that divides each host's share of the batch.")
+  num_units = num_examples // unit
+  if num_units == 0:
+    raise ValueError(
+        f"num_examples={num_examples} is smaller than one " +
+        ("global batch" if minibatch_size is None else "minibatch") +
+        f" of {unit}; lower the batch size or use more examples.")
+  used = num_units * unit
   sequence = subset[:used]
   if shuffle_seed is not None:
     sequence = sequence[_permutation(used, shuffle_seed)]
-  return EvalPlan(num_batches=num_batches, num_examples=used,
-                  num_dropped=num_examples - used, host_indices=sequence[rows])
+  if minibatch_size is None:  # Batch i is rows [i B, (i + 1) B); this host's rows of each.
+    num_batches = num_units
+    rows = np.arange(num_batches)[:, None] * global_batch_size + np.arange(lo, hi)
+  else:
+    slots = parallel.minibatch_slots(num_units, global_batch_size // unit)
+    num_batches = len(slots)
+    slots = slots[:, lo // unit:hi // unit]
+    rows = np.where(slots[..., None] >= 0, slots[..., None] * unit + np.arange(unit), -1)
+  host_indices = np.where(rows >= 0, sequence[np.maximum(rows, 0)], -1).ravel()
+  return EvalPlan(num_batches=num_batches, global_batch_size=global_batch_size,
+                  num_examples=used, num_dropped=num_examples - used,
+                  host_indices=host_indices)
 
 
 def _eval_dataset(source: _Source, plan: EvalPlan, image_size: int, host_batch: int,
                   crop_fraction: float | None) -> tf.data.Dataset:
+  """This host's batches `{'image', 'label', 'valid'}` of `plan`; it reads the records from
+  its first index to its last (one contiguous run for a canonical minibatch plan)."""
   idx = plan.host_indices
-  keep = np.zeros(idx.max() + 1, bool)
-  keep[idx] = True
-  ds = _read_indexed(source, 0, len(keep), keep)
-  canonical = np.sort(idx)
-  if not np.array_equal(idx, canonical):
+  real = idx[idx >= 0]
+  start = real.min()
+  keep = np.zeros(real.max() + 1 - start, bool)
+  keep[real - start] = True
+  ds = _read_indexed(source, start, start + len(keep), keep)
+  canonical = np.sort(real)
+  if not np.array_equal(real, canonical):
     # A globally permuted pass: this host's encoded records, read in canonical order, are
     # held (not decoded) and emitted in the plan's order.
-    order = tf.constant(np.searchsorted(canonical, idx))
-    ds = ds.batch(len(idx)).map(lambda ex: {k: tf.gather(v, order) for k, v in ex.items()})
+    order = tf.constant(np.searchsorted(canonical, real))
+    ds = ds.batch(len(real)).map(lambda ex: {k: tf.gather(v, order) for k, v in ex.items()})
     ds = ds.unbatch()
 
   def preprocess(ex):
     image = _eval_preprocess(source.decode(ex["image"]), image_size, crop_fraction)
-    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32),
+            "valid": tf.constant(True)}
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  if len(real) < len(idx):  # Padding rows where the plan has -1.
+    padding = tf.data.Dataset.from_tensors({
+        "image": tf.zeros((image_size, image_size, 3)), "label": tf.constant(0),
+        "valid": tf.constant(False)}).repeat()
+    choice = tf.data.Dataset.from_tensor_slices((idx < 0).astype(np.int64))
+    ds = tf.data.Dataset.choose_from_datasets([ds, padding], choice)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options())
 
@@ -506,8 +541,8 @@ def _eval_dataset(source: _Source, plan: EvalPlan, image_size: int, host_batch: 
 class EvalBatches:
   """A finite, re-iterable sequence of global eval batches; `len()` is the batch count.
 
-  Each iteration yields `{'image': [B, H, W, 3] float32 in [-1, 1], 'label': [B] int32}` as
-  global `jax.Array`s sharded over the mesh's data axis, the next `DEVICE_PREFETCH` batches
+  Each iteration yields `{'image': [B, H, W, 3] float32 in [-1, 1], 'label': [B] int32,
+  'valid': [B] bool}` (`valid` False on the padding rows of a minibatch plan) as global `jax.Array`s sharded over the mesh's data axis, the next `DEVICE_PREFETCH` batches
   already on their way to the devices. Attributes `plan` and `info` describe what is read.
   """
 
@@ -540,7 +575,8 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
                        num_examples: int | None = None, data_dir: str | None = None,
                        subset_fraction: float = 1.0, subset_seed: int = 0,
                        sample_seed: int | None = None, crop_fraction: float | None = None,
-                       shuffle_seed: int | None = None, process_index: int | None = None,
+                       shuffle_seed: int | None = None, minibatch_size: int | None = None,
+                       process_index: int | None = None,
                        process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Host-local eval batches as NumPy (this host's rows of each global batch).
 
@@ -549,20 +585,22 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
 
   Args:
     name, split, image_size, global_batch_size, num_examples, data_dir, subset_fraction,
-      subset_seed, sample_seed, crop_fraction, shuffle_seed: as in `eval_batches`.
+      subset_seed, sample_seed, crop_fraction, shuffle_seed, minibatch_size: as in
+      `eval_batches`.
     process_index: host whose rows to load (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
   Yields:
-    `{'image': [B / hosts, H, W, 3] float32, 'label': [B / hosts] int32}`.
+    `{'image': [B / hosts, H, W, 3] float32, 'label': [B / hosts] int32,
+    'valid': [B / hosts] bool}`.
   """
   _check_image_size(image_size)
   source = _source(name, split, data_dir)
   plan = eval_plan(source.num_examples, global_batch_size=global_batch_size,
                    num_examples=num_examples, subset_fraction=subset_fraction,
                    subset_seed=subset_seed, sample_seed=sample_seed,
-                   shuffle_seed=shuffle_seed, process_index=process_index,
-                   process_count=process_count)
+                   shuffle_seed=shuffle_seed, minibatch_size=minibatch_size,
+                   process_index=process_index, process_count=process_count)
   host_batch = len(plan.host_indices) // plan.num_batches
   return _eval_dataset(source, plan, image_size, host_batch,
                        crop_fraction).as_numpy_iterator()
@@ -572,7 +610,8 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
                  num_examples: int | None = None, data_dir: str | None = None,
                  subset_fraction: float = 1.0, subset_seed: int = 0,
                  sample_seed: int | None = None, crop_fraction: float | None = None,
-                 shuffle_seed: int | None = None) -> EvalBatches:
+                 shuffle_seed: int | None = None,
+                 minibatch_size: int | None = None) -> EvalBatches:
   """Deterministic eval batches for analyses, sharded over `mesh`.
 
   Global batch i holds examples `[i * B, (i + 1) * B)` of the (subset) split in canonical
@@ -599,9 +638,13 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
       `round(image_size / c)` and central crop.
     shuffle_seed: None for canonical order; else the seed of a global permutation of the
       used examples (see `eval_plan`).
+    minibatch_size: None, or the examples of each device's minibatch: then the examples
+      used do not depend on the device count, each host reads one contiguous run of records
+      in pass 0, and the last batch may hold padding minibatches (see `eval_plan`).
 
   Returns:
-    `EvalBatches` yielding `{'image': [B, H, W, 3] float32, 'label': [B] int32}`.
+    `EvalBatches` yielding `{'image': [B, H, W, 3] float32, 'label': [B] int32,
+    'valid': [B] bool}`.
 
   Raises:
     ValueError: unknown dataset or split, bad sizes, batch not divisible by the devices.

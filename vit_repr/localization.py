@@ -256,7 +256,8 @@ class LocalizationCKA:
     return state
 
   def update(self, state: dict[str, cka.MinibatchCKAState], features: Mapping[str, Any],
-             images: jax.typing.ArrayLike) -> dict[str, cka.MinibatchCKAState]:
+             images: jax.typing.ArrayLike,
+             valid: jax.typing.ArrayLike | None = None) -> dict[str, cka.MinibatchCKAState]:
     """Folds one global batch into `state` (no host synchronisation).
 
     Args:
@@ -264,6 +265,7 @@ class LocalizationCKA:
       features: `{layer: [b, ...]}` for every layer of `layer_shapes` (per-example sizes
         matching; e.g. `FeatureExtractor` outputs with token_mode 'all').
       images: `[b, H, W, 3]` the features were computed from.
+      valid: `[b]` bool, padding minibatches False (see `cka.MinibatchCKA.update`).
 
     Returns:
       The new state.
@@ -286,7 +288,7 @@ class LocalizationCKA:
                          f"{int(np.prod(self.shapes[n]))} features per example (shape "
                          f"{self.shapes[n]}); got {np.shape(features[n])}.")
     split = self._split({n: features[n] for n in self.names}, images)
-    return {key: self._estimator.update(state[key], *split[key], stacked=True)
+    return {key: self._estimator.update(state[key], *split[key], stacked=True, valid=valid)
             for key in state}
 
   def result(self, state: dict[str, cka.MinibatchCKAState]) -> LocalizationResult:

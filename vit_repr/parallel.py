@@ -92,6 +92,20 @@ def host_shard(num_examples: int, process_index: int | None = None,
   return start, start + per_host
 
 
+def minibatch_slots(num_minibatches: int, slots_per_step: int) -> np.ndarray:
+  """`[steps, slots_per_step]`: which minibatch each device slot of each step holds (-1 for
+  padding), with steps = ceil(num_minibatches / slots_per_step).
+
+  Slot d holds minibatches `[d * steps, (d + 1) * steps)`, one per step: the minibatches (and
+  so every minibatch statistic) are the same for any device count, each device (and host)
+  reads one contiguous run of them, and the padding is at the end of the last slots.
+  """
+  steps = -(-num_minibatches // slots_per_step)
+  slots = np.full(slots_per_step * steps, -1)
+  slots[:num_minibatches] = np.arange(num_minibatches)
+  return slots.reshape(slots_per_step, steps).T
+
+
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Assembles each host's local arrays into global arrays sharded over the batch axis.
 

@@ -294,9 +294,10 @@ class ReceptiveField:
     return ReceptiveFieldState(jax.device_put(np.zeros(shape, np.float32), replicated),
                                jax.device_put(np.zeros((), np.int32), replicated))
 
-  def _group_sums(self, params: Any, images: jax.Array, names: tuple[str, ...],
-                  probes: Probes) -> jax.Array:
-    """`[len(names), H, W]` sums over images and probes of sum_rgb |gradient| (one group)."""
+  def _group_sums(self, params: Any, images: jax.Array, valid: jax.Array,
+                  names: tuple[str, ...], probes: Probes) -> jax.Array:
+    """`[len(names), H, W]` sums over the valid images and the probes of sum_rgb |gradient|
+    (one group)."""
     def centre_representations(x):  # One forward pass for the group.
       reps = self._fn(params, x)
       return [self._selectors[n](reps[n]) for n in names]
@@ -306,7 +307,8 @@ class ReceptiveField:
     def probe_map(layer, cell, channel):  # Scalars -> [H, W], summed over images and rgb.
       (grad,) = pullback([probe_cotangent(centre, layer == j, cell, channel, self.estimator)
                           for j, centre in enumerate(centres)])
-      return jnp.abs(grad.astype(jnp.float32)).sum((0, 3))
+      return jnp.where(valid[:, None, None, None], jnp.abs(grad.astype(jnp.float32)),
+                       0).sum((0, 3))
 
     def add_chunk(sums, chunk):  # chunk: Probes of [chunk] arrays.
       maps = jax.vmap(probe_map)(*chunk)
@@ -318,21 +320,23 @@ class ReceptiveField:
     sums, _ = jax.lax.scan(add_chunk, zeros, Probes(*map(jnp.asarray, probes)))
     return sums
 
-  def _fold(self, state: ReceptiveFieldState, params: Any,
-            images: jax.Array) -> ReceptiveFieldState:
-    sums = jnp.concatenate([self._group_sums(params, images, names, probes)
+  def _fold(self, state: ReceptiveFieldState, params: Any, images: jax.Array,
+            valid: jax.Array) -> ReceptiveFieldState:
+    sums = jnp.concatenate([self._group_sums(params, images, valid, names, probes)
                             for names, probes in self._groups])
     return ReceptiveFieldState(state.sums + sums / self._num_probes[:, None, None],
-                               state.num_examples + images.shape[0])
+                               state.num_examples + valid.astype(jnp.int32).sum())
 
-  def update(self, state: ReceptiveFieldState, params: Any,
-             images: jax.typing.ArrayLike) -> ReceptiveFieldState:
+  def update(self, state: ReceptiveFieldState, params: Any, images: jax.typing.ArrayLike,
+             valid: jax.typing.ArrayLike | None = None) -> ReceptiveFieldState:
     """Adds one batch of images (jitted; donates `state`).
 
     Args:
       state: the current state.
       params: the parameters `fn` takes.
       images: `[b, image_size, image_size, 3]`, sharded over the mesh's data axis.
+      valid: `[b]` bool sharded like the images, False for padding rows (left out); default
+        all True.
 
     Returns:
       The new state.
@@ -344,7 +348,9 @@ class ReceptiveField:
     if len(shape) != 4 or shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"Expected images [batch, {self.image_size}, {self.image_size}, 3]; "
                        f"got {shape}.")
-    return self._update(state, params, images)
+    if valid is None:
+      valid = jnp.ones(shape[0], bool)
+    return self._update(state, params, images, valid)
 
   def result(self, state: ReceptiveFieldState) -> ReceptiveFieldResult:
     """Mean maps, normalised to max 1 per layer, and their radii (one host synchronisation).

@@ -93,7 +93,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"analysis.head_token_mode must be one of {HEAD_TOKEN_MODES}; got "
                      f"{analysis.head_token_mode!r}.")
   info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
-  global_batch = analysis.minibatch_size * mesh.devices.size
   image_size = cfg_data.image_size
 
   model, params = loading.load_model(config.model, image_size=image_size,
@@ -133,10 +132,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  len(resnet_extractor.names), config.resnet.name)
   token_mode = analysis.head_token_mode
 
-  def distance_and_heads(state, params, images):
+  def distance_and_heads(state, params, images, valid):
     _, sown = model.apply({"params": params}, images, mutable=["intermediates"])
     flat = flatten_intermediates(sown)
-    state = distance.fold(state, {n: flat[n] for n in names})
+    state = distance.fold(state, {n: flat[n] for n in names}, valid)
     heads = {n: features.reduce_tokens(flat[src][:, :, h], token_mode, has_cls=has_cls, name=n)
              for n, (src, h) in head_sources.items()}
     return state, heads
@@ -146,13 +145,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def update(states: dict[str, Any], batch: dict) -> dict[str, Any]:
     new = dict(states)
-    new["distance"], heads = step(states["distance"], params, batch["image"])
+    new["distance"], heads = step(states["distance"], params, batch["image"], batch["valid"])
     if with_resnet:
       new["cka"] = estimator.update(states["cka"], heads,
-                                    resnet_extractor(resnet_params, batch["image"]))
+                                    resnet_extractor(resnet_params, batch["image"]),
+                                    valid=batch["valid"])
     return new
 
-  batches = resume.study_batches(cfg_data, global_batch_size=global_batch, mesh=mesh)
+  batches = resume.minibatch_batches(cfg_data, minibatch_size=analysis.minibatch_size,
+                                     mesh=mesh)
   states, progress = resume.accumulate(
       states, update, lambda _: batches, config=config,
       state_path=files.join(workdir, STATE_FILE), what="Attention distance")

@@ -58,7 +58,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   cfg_data, analysis = config.data, config.analysis
   info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
-  global_batch = analysis.minibatch_size * mesh.devices.size
   names = sorted(config.models.keys())
 
   extractors, params, accumulators = {}, {}, {}
@@ -78,12 +77,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       _resolve_positions(analysis.positions, grid)  # Fails early on a bad position.
     logging.info("Model %s (%s): layers %s.", name, spec.name, accumulators[name].grids)
 
-  pass_batches = resume.pass_reader(cfg_data, global_batch_size=global_batch, mesh=mesh,
-                                    shuffle_seed=analysis.shuffle_seed)
+  pass_batches = resume.pass_reader(cfg_data, minibatch_size=analysis.minibatch_size,
+                                    mesh=mesh, shuffle_seed=analysis.shuffle_seed)
 
   def update(states: dict[str, Any], batch: dict) -> dict[str, Any]:
     return {n: accumulators[n].update(states[n], extractors[n](params[n], batch["image"]),
-                                      batch["image"]) for n in names}
+                                      batch["image"], batch["valid"]) for n in names}
 
   states, progress = resume.accumulate(
       {n: accumulators[n].init() for n in names}, update, pass_batches, config=config,

@@ -70,7 +70,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   cfg_data = config.data
   info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
-  global_batch = config.analysis.minibatch_size * mesh.devices.size
   arrays, panels, summary, models_meta = {}, [], {}, {}
   for key, spec in _model_specs(config):
     model, params = loading.load_model(spec, image_size=cfg_data.image_size,
@@ -78,9 +77,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     estimator = _estimator(model, spec, config, mesh)
     logging.info("Model %s (%s): receptive fields of %d layers.", key.upper(), spec.name,
                  len(estimator.names))
-    batches = resume.study_batches(cfg_data, global_batch_size=global_batch, mesh=mesh)
+    batches = resume.minibatch_batches(cfg_data, minibatch_size=config.analysis.minibatch_size,
+                                       mesh=mesh)
     state, progress = resume.accumulate(
-        estimator.init(), lambda state, batch: estimator.update(state, params, batch["image"]),
+        estimator.init(),
+        lambda state, batch: estimator.update(state, params, batch["image"], batch["valid"]),
         lambda _: batches, config=config,
         state_path=files.join(workdir, f"receptive_field_state_{key}.npz"),
         what=f"Receptive fields of {spec.name}")

@@ -54,7 +54,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   cfg_data, analysis = config.data, config.analysis
   info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
-  global_batch = analysis.minibatch_size * mesh.devices.size
 
   extractors, params = {}, {}
   for key, spec in _model_specs(config):
@@ -67,14 +66,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  len(extractors[key].names), sorted(set(extractors[key].feature_sizes.values())))
   layer_names = [f"{k}:{n}" for k, e in extractors.items() for n in e.names]
 
-  pass_batches = resume.pass_reader(cfg_data, global_batch_size=global_batch, mesh=mesh,
-                                    shuffle_seed=analysis.shuffle_seed)
+  pass_batches = resume.pass_reader(cfg_data, minibatch_size=analysis.minibatch_size,
+                                    mesh=mesh, shuffle_seed=analysis.shuffle_seed)
   estimator = cka.MinibatchCKA(mesh, gram_blocks=analysis.gram_blocks)
 
   def update(state: cka.MinibatchCKAState, batch: dict) -> cka.MinibatchCKAState:
     feats = {f"{k}:{n}": v for k, e in extractors.items()
              for n, v in e(params[k], batch["image"]).items()}
-    return estimator.update(state, feats)
+    return estimator.update(state, feats, valid=batch["valid"])
 
   state, progress = resume.accumulate(
       estimator.init({n: None for n in layer_names}), update, pass_batches, config=config,

@@ -104,24 +104,35 @@ def tree_from_numpy(template: Any, arrays: Mapping[str, np.ndarray]) -> Any:
 
 
 def study_batches(cfg_data: ml_collections.ConfigDict, *, global_batch_size: int, mesh: Mesh,
-                  shuffle_seed: int | None = None) -> data.EvalBatches:
+                  shuffle_seed: int | None = None,
+                  minibatch_size: int | None = None) -> data.EvalBatches:
   """The eval batches of a study's data section (configs/common.py `eval_data`: name, split,
-  data_dir, image_size, num_examples, crop_fraction, sample_seed)."""
+  data_dir, image_size, num_examples, crop_fraction, sample_seed); with `minibatch_size`,
+  each device's shard is one minibatch and the examples used do not depend on the device
+  count (padding minibatches are marked by the batch's `valid`)."""
   return data.eval_batches(
       cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
       global_batch_size=global_batch_size, mesh=mesh, num_examples=cfg_data.num_examples,
       data_dir=cfg_data.data_dir, crop_fraction=cfg_data.crop_fraction,
-      sample_seed=cfg_data.sample_seed, shuffle_seed=shuffle_seed)
+      sample_seed=cfg_data.sample_seed, shuffle_seed=shuffle_seed,
+      minibatch_size=minibatch_size)
 
 
-def pass_reader(cfg_data: ml_collections.ConfigDict, *, global_batch_size: int, mesh: Mesh,
+def minibatch_batches(cfg_data: ml_collections.ConfigDict, *, minibatch_size: int, mesh: Mesh,
+                      shuffle_seed: int | None = None) -> data.EvalBatches:
+  """`study_batches` with one minibatch of `minibatch_size` examples per device."""
+  return study_batches(cfg_data, global_batch_size=minibatch_size * mesh.devices.size,
+                       mesh=mesh, shuffle_seed=shuffle_seed, minibatch_size=minibatch_size)
+
+
+def pass_reader(cfg_data: ml_collections.ConfigDict, *, minibatch_size: int, mesh: Mesh,
                 shuffle_seed: int) -> Callable[[int], data.EvalBatches]:
-  """`pass_index -> batches` over a study's data section: pass 0 in canonical order, pass
-  p > 0 reshuffled by `shuffle_seed + p` (same examples, new minibatches), as the reference
-  minibatch-CKA code does."""
+  """`pass_index -> batches` of one minibatch per device over a study's data section: pass 0
+  in canonical order, pass p > 0 reshuffled by `shuffle_seed + p` (same examples, new
+  minibatches), as the reference minibatch-CKA code does."""
   def batches(pass_index: int) -> data.EvalBatches:
-    return study_batches(cfg_data, global_batch_size=global_batch_size, mesh=mesh,
-                         shuffle_seed=None if pass_index == 0 else shuffle_seed + pass_index)
+    return minibatch_batches(cfg_data, minibatch_size=minibatch_size, mesh=mesh,
+                             shuffle_seed=None if pass_index == 0 else shuffle_seed + pass_index)
   return batches
 
 

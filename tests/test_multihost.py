@@ -123,3 +123,35 @@ def test_hosts_without_a_shared_workdir_fail_loudly(tmp_path):
     assert "do not read the same ram://study/" in result.stdout
     assert "processes [0] find it, processes [1] do not" in result.stdout
     assert "shared work directory" in result.stdout
+
+
+_WRITE_THEN_READ = """
+import sys, time
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+port, pid, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                           process_id=pid)
+from vit_repr import files
+for round in range(3):
+  if pid == 0:
+    time.sleep(1.5)  # Process 0 is slow to write; process 1 arrives at the read first.
+  files.write_text(path, f'round {round}')
+  print(files.read_shared(path).decode())
+"""
+
+
+@pytest.mark.slow
+def test_a_file_written_by_process_0_is_read_by_every_host(tmp_path):
+  path = str(tmp_path / "shared.txt")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", _WRITE_THEN_READ, port, str(pid), path],
+                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for pid in range(2)]
+  for pid, proc in enumerate(procs):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"process {pid}:\n{err[-3000:]}"
+    read = [line for line in out.splitlines() if line.startswith("round")]  # Gloo logs too.
+    assert read == ["round 0", "round 1", "round 2"], out

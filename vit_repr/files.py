@@ -129,13 +129,17 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 def read_shared(path: str) -> bytes | None:
   """The contents of `path` (None if it does not exist), the same on every host.
 
-  In a multi-process job every process reads `path` itself, then all compare a digest of what
-  they read (one small collective, so every process must call this at the same point).
+  In a multi-process job all processes first wait for each other (so a file process 0 wrote
+  just before is there for every reader), then every process reads `path` itself and all
+  compare a digest of what they read (small collectives, so every process must call this at
+  the same point).
 
   Raises:
     ValueError: the processes did not read the same contents (the work directory is not one
       file system shared by every host, or a process could not read the file).
   """
+  if jax.process_count() > 1:  # A barrier: what process 0 wrote before this call is there.
+    parallel.host_values(np.zeros(1, np.int32))
   contents = read_bytes(path) if exists(path) else None
   if jax.process_count() > 1:
     digest = b"" if contents is None else hashlib.sha256(contents).digest()[:8]

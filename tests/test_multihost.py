@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-# Runs the CKA heatmap study (runlocal: 320 digits, minibatch 40, 2 passes, the second a
-# global reshuffle) in one process of a layout, with a simulated preemption after one batch
+# Runs the CKA heatmap study (runlocal: 360 digits, minibatch 40, 2 passes, the second a
+# global reshuffle; 9 minibatches, so 2 and 4 devices pad their last batch) in one process of a layout, with a simulated preemption after one batch
 # and a rerun; process 0 then writes the heatmap to out_path.
 _WORKER = """
 import json, sys
@@ -32,7 +32,7 @@ from vit_repr.studies import representation, resume
 
 def config(stop):
   c = cka_heatmap.get_config('runlocal')
-  c.data.num_examples = 320
+  c.data.num_examples = 360
   c.checkpoint_every = 1
   c.stop_after_batches = stop
   return c
@@ -98,6 +98,9 @@ def test_layouts_give_one_heatmap_and_resume_exactly(tmp_path):
       assert result.returncode == 0, f"{name}:\n{result.stderr[-4000:]}"
     headline = json.loads(results[0].stdout.strip().splitlines()[-1])
     assert headline["first"]["batches_done"] == 1  # Stopped after one batch, then resumed.
+    # Every layout uses the 9 minibatches of each pass (2 and 4 devices pad their last batch).
+    assert (headline["summary"]["num_examples"], headline["summary"]["num_minibatches"]) == (
+        720, 18), (name, headline)
     heatmaps[name] = dict(np.load(tmp_path / f"{name}.npz"))
     assert not os.path.exists(os.path.join(REPO_ROOT, "ram:"))
   # Within- and cross-model heatmaps and their errors: every layout equals one device.

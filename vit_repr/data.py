@@ -656,7 +656,7 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
   plan = eval_plan(source.num_examples, global_batch_size=global_batch_size,
                    num_examples=num_examples, subset_fraction=subset_fraction,
                    subset_seed=subset_seed, sample_seed=sample_seed,
-                   shuffle_seed=shuffle_seed)
+                   shuffle_seed=shuffle_seed, minibatch_size=minibatch_size)
   if plan.num_dropped:
     logging.warning("%s/%s: using %d examples in %d batches of %d; the last %d are dropped.",
                     name, split, plan.num_examples, plan.num_batches, global_batch_size,

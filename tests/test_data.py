@@ -230,6 +230,12 @@ def test_minibatch_plan_pads_with_invalid_zero_images_and_checks_sizes():
     assert not batch["image"][60:].any() and not batch["label"][60:].any()
     expected = np.concatenate([np.arange(20 * m, 20 * m + 20) for m in (step, 2 + step, 4 + step)])
     np.testing.assert_array_equal(batch["label"][:60], ref_labels[expected])
+  # Fewer minibatches than devices: host 1 of 2 holds only padding (and still yields a batch).
+  only_padding = list(data.eval_numpy_batches("digits", "test", image_size=8, global_batch_size=80,
+                                              minibatch_size=20, num_examples=20,
+                                              process_index=1, process_count=2))
+  assert len(only_padding) == 1 and only_padding[0]["image"].shape == (40, 8, 8, 3)
+  assert not only_padding[0]["valid"].any() and not only_padding[0]["image"].any()
   with pytest.raises(ValueError, match="whole minibatches of 30 examples per host"):
     data.eval_plan(360, global_batch_size=80, minibatch_size=30)
   with pytest.raises(ValueError, match="whole minibatches of 40 examples per host"):

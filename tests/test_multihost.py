@@ -14,13 +14,15 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 # Runs the CKA heatmap study (runlocal: 360 digits, minibatch 40, 2 passes, the second a
-# global reshuffle; 9 minibatches, so 2 and 4 devices pad their last batch) in one process of a layout, with a simulated preemption after one batch
-# and a rerun; process 0 then writes the heatmap to out_path.
+# global reshuffle; 9 minibatches, so 2 and 4 devices pad their last batch) in one process of a
+# layout, with a simulated preemption after one batch and a rerun; process 0 then writes the
+# heatmap to out_path. With a fork directory, the work directory is copied there after the
+# preemption (another layout then resumes it).
 _WORKER = """
-import json, sys
+import json, shutil, sys
 import jax
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-port, pid, processes, workdir, out_path, guard = sys.argv[1:7]
+port, pid, processes, workdir, out_path, guard, fork = sys.argv[1:8]
 pid, processes = int(pid), int(processes)
 if processes > 1:
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=processes,
@@ -47,6 +49,8 @@ if guard == 'guard':  # The hot loop (every update) makes no implicit transfer: 
   resume.accumulate = guarded_accumulate
 try:
   first = representation.run(config(1), workdir)
+  if fork != '-':
+    shutil.copytree(workdir, fork)
   summary = representation.run(config(None), workdir)
 except ValueError as error:
   print('ERROR:', error)
@@ -65,7 +69,7 @@ def _free_port() -> int:
 
 
 def _run_layout(processes: int, devices: int, workdir: str, out_path: str,
-                guard: bool = False) -> list[subprocess.CompletedProcess]:
+                guard: bool = False, fork: str = "-") -> list[subprocess.CompletedProcess]:
   """Runs the worker as `processes` processes of `devices` fake CPU devices each."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -73,7 +77,7 @@ def _run_layout(processes: int, devices: int, workdir: str, out_path: str,
   port = str(_free_port())
   procs = [subprocess.Popen(
       [sys.executable, "-c", _WORKER, port, str(pid), str(processes), workdir, out_path,
-       "guard" if guard else "-"],
+       "guard" if guard else "-", fork],
       env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for pid in range(processes)]
   results = []
@@ -86,14 +90,19 @@ def _run_layout(processes: int, devices: int, workdir: str, out_path: str,
 @pytest.mark.slow
 @pytest.mark.seconds(150)
 def test_layouts_give_one_heatmap_and_resume_exactly(tmp_path):
-  layouts = {"1x1": (1, 1, False), "1x2": (1, 2, True), "2x1": (2, 1, False),
-             "2x2": (2, 2, False)}
+  # name: (processes, devices per process, hot loop under a transfer guard, work directory).
+  # One process keeps its work directory in TensorFlow's in-memory file system (ram://): not
+  # a local folder, so every read and write goes through vit_repr.files. The 1x2 run's state
+  # after its preemption is copied to the 2x1 work directory: 2 hosts continue what 1 host of
+  # the same 2 devices saved.
+  layouts = {"1x1": (1, 1, False, "ram://study"), "1x2": (1, 2, True, str(tmp_path / "1x2")),
+             "2x1": (2, 1, False, str(tmp_path / "2x1")), "2x2": (2, 2, False,
+                                                               str(tmp_path / "2x2"))}
   heatmaps = {}
-  for name, (processes, devices, guard) in layouts.items():
-    # One process keeps its work directory in TensorFlow's in-memory file system (ram://):
-    # not a local folder, so every read and write goes through vit_repr.files.
-    workdir = "ram://study" if processes == 1 else str(tmp_path / name)
-    results = _run_layout(processes, devices, workdir, str(tmp_path / f"{name}.npz"), guard)
+  for name, (processes, devices, guard, workdir) in layouts.items():
+    fork = layouts["2x1"][3] if name == "1x2" else "-"
+    results = _run_layout(processes, devices, workdir, str(tmp_path / f"{name}.npz"), guard,
+                          fork)
     for result in results:
       assert result.returncode == 0, f"{name}:\n{result.stderr[-4000:]}"
     headline = json.loads(results[0].stdout.strip().splitlines()[-1])

@@ -77,6 +77,19 @@ def test_state_from_another_config_is_refused(tmp_path):
     representation.run(other, str(tmp_path))
 
 
+def test_state_from_another_device_count_is_refused(tmp_path):
+  config = tiny_config()
+  config.stop_after_batches = 1
+  representation.run(config, str(tmp_path))
+  state = tmp_path / representation.STATE_FILE
+  arrays = dict(np.load(state))
+  assert str(arrays["layout"]) == "1 devices"  # The host count is not part of it.
+  np.savez(state, **{**arrays, "layout": np.asarray("4 devices")})  # As 4 devices save it.
+  with pytest.raises(ValueError, match=r"accumulated with 4 devices, this run has 1 devices.*"
+                                       r"original device count \(any number of hosts\)"):
+    representation.run(tiny_config(), str(tmp_path))
+
+
 def test_unknown_layer_pattern_lists_available_names(tmp_path):
   config = tiny_config()
   config.model_a.layers = ("Transformer/encoderblock_7/out",)

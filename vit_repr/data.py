@@ -510,30 +510,33 @@ def _eval_dataset(source: _Source, plan: EvalPlan, image_size: int, host_batch: 
   its first index to its last (one contiguous run for a canonical minibatch plan)."""
   idx = plan.host_indices
   real = idx[idx >= 0]
-  start = real.min()
-  keep = np.zeros(real.max() + 1 - start, bool)
-  keep[real - start] = True
-  ds = _read_indexed(source, start, start + len(keep), keep)
-  canonical = np.sort(real)
-  if not np.array_equal(real, canonical):
-    # A globally permuted pass: this host's encoded records, read in canonical order, are
-    # held (not decoded) and emitted in the plan's order.
-    order = tf.constant(np.searchsorted(canonical, real))
-    ds = ds.batch(len(real)).map(lambda ex: {k: tf.gather(v, order) for k, v in ex.items()})
-    ds = ds.unbatch()
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros((image_size, image_size, 3)), "label": tf.constant(0),
+      "valid": tf.constant(False)}).repeat()
+  if not len(real):  # Fewer minibatches than devices: this host holds only padding.
+    ds = padding.take(len(idx))
+  else:
+    start = real.min()
+    keep = np.zeros(real.max() + 1 - start, bool)
+    keep[real - start] = True
+    ds = _read_indexed(source, start, start + len(keep), keep)
+    canonical = np.sort(real)
+    if not np.array_equal(real, canonical):
+      # A globally permuted pass: this host's encoded records, read in canonical order, are
+      # held (not decoded) and emitted in the plan's order.
+      order = tf.constant(np.searchsorted(canonical, real))
+      ds = ds.batch(len(real)).map(lambda ex: {k: tf.gather(v, order) for k, v in ex.items()})
+      ds = ds.unbatch()
 
-  def preprocess(ex):
-    image = _eval_preprocess(source.decode(ex["image"]), image_size, crop_fraction)
-    return {"image": image, "label": tf.cast(ex["label"], tf.int32),
-            "valid": tf.constant(True)}
+    def preprocess(ex):
+      image = _eval_preprocess(source.decode(ex["image"]), image_size, crop_fraction)
+      return {"image": image, "label": tf.cast(ex["label"], tf.int32),
+              "valid": tf.constant(True)}
 
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  if len(real) < len(idx):  # Padding rows where the plan has -1.
-    padding = tf.data.Dataset.from_tensors({
-        "image": tf.zeros((image_size, image_size, 3)), "label": tf.constant(0),
-        "valid": tf.constant(False)}).repeat()
-    choice = tf.data.Dataset.from_tensor_slices((idx < 0).astype(np.int64))
-    ds = tf.data.Dataset.choose_from_datasets([ds, padding], choice)
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    if len(real) < len(idx):  # Padding rows where the plan has -1.
+      choice = tf.data.Dataset.from_tensor_slices((idx < 0).astype(np.int64))
+      ds = tf.data.Dataset.choose_from_datasets([ds, padding], choice)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options())
 

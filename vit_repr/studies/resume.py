@@ -3,10 +3,10 @@
 Each analysis keeps its running state as a small pytree of arrays with pure `update`s (as
 optax does). `accumulate` streams one or more passes over the data into that state and saves
 it atomically every `checkpoint_every` batches with a fingerprint of the study's config and of
-the device layout; a rerun resumes after the saved batch (reading but not computing the batches
+the device count; a rerun resumes after the saved batch (reading but not computing the batches
 before it, so every minibatch holds the same examples) and ends with the numbers of an
-uninterrupted run. A state saved under another config or another device/process layout is
-refused with a message that says why, never mixed in.
+uninterrupted run, also on another number of hosts. A state saved under another config or
+another device count is refused with a message that says why, never mixed in.
 """
 
 import dataclasses
@@ -37,8 +37,10 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 
 
 def device_layout() -> str:
-  """The device and process counts, which decide what a saved batch count means."""
-  return f"{jax.device_count()} devices in {jax.process_count()} processes"
+  """The device count, which decides what a saved batch count means. The process count does
+  not: every global batch is the same for any number of hosts (`data.eval_plan`), so a state
+  saved by 2 hosts of 4 devices continues exactly on 4 hosts of 2 (or 1 host of 4)."""
+  return f"{jax.device_count()} devices"
 
 
 def save_state(path: str, arrays: Mapping[str, np.ndarray], batches_done: int,
@@ -71,7 +73,8 @@ def load_state(path: str, config_fingerprint: str
   if saved_layout != device_layout():
     raise ValueError(f"{path} was accumulated with {saved_layout}, this run has "
                      f"{device_layout()}: its batch count would not mean the same examples. "
-                     "Resume with the original layout, or use a new --workdir.")
+                     "Resume with the original device count (any number of hosts), or use a "
+                     "new --workdir.")
   return arrays, int(arrays.pop("batches_done"))
 
 

@@ -474,9 +474,11 @@ class _MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of `<workdir>/metrics.jsonl` ('split': 'train' | 'eval', 'step', values)."""
-  return [json.loads(line)
-          for line in files.read_text(files.join(workdir, METRICS_FILE)).splitlines()]
+  """The records of `<workdir>/metrics.jsonl` ('split': 'train' | 'eval', 'step', values), the
+  same on every host (`files.read_shared`: every process calls it); [] without the file."""
+  contents = files.read_shared(files.join(workdir, METRICS_FILE))
+  return [] if contents is None else [json.loads(line)
+                                      for line in contents.decode("utf-8").splitlines()]
 
 
 def _evaluate(eval_step: Callable[..., dict[str, jax.Array]], params: Any,
@@ -557,8 +559,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   step = int(state.step)
   if step == train.total_steps and not files.exists(params_dir):
     checkpoints.save(params_dir, state.params)
-  evals = [r for r in read_metrics(workdir) if r["split"] == "eval"] if jax.process_index() == 0 \
-      else []
+  evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]
   final_eval = {k: v for k, v in evals[-1].items() if k != "split"} if evals else {}
   return TrainResult(model=model, params=state.params, step=step, final_eval=final_eval)
 

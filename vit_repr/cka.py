@@ -25,6 +25,12 @@ batched product, and the compiled program grows with the number of groups, not o
 
 Inputs may be NumPy, JAX or any array convertible by `np.asarray` (e.g. PyTorch CPU tensors);
 computation is float32 unless float64 is enabled in JAX and the input is float64.
+
+Precision: every matrix product (Grams, HSIC products, means) runs at `precision='highest'` by
+default, float32-accurate on every backend. GPUs (TF32) and TPUs (bfloat16 passes) otherwise
+multiply float32 at reduced precision by default, which moves CKA by ~1e-3, more than the
+minibatch estimator's own error. `precision='default'` trades that accuracy for speed there
+('high' is in between); on CPUs all three are the same.
 """
 
 import dataclasses
@@ -45,6 +51,8 @@ Layers = Sequence[jax.typing.ArrayLike] | Mapping[str, jax.typing.ArrayLike]
 # Channels of `MinibatchCKAState.sums`: three shifted per-batch terms, then their products.
 _TERMS = ("xy", "xx", "yy")
 _PRODUCTS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+# Matrix-product precisions (names of `jax.default_matmul_precision`), most accurate first.
+PRECISIONS = ("highest", "high", "default")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +68,13 @@ def _features(x: jax.typing.ArrayLike, what: str) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _check_precision(precision: str) -> str:
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS} ('highest': float32-accurate "
+                     f"products on every backend); got {precision!r}.")
+  return precision
+
+
 def _check_pair(x: jax.Array, y: jax.Array, min_examples: int) -> None:
   if x.shape[0] != y.shape[0]:
     raise ValueError(
@@ -71,20 +86,23 @@ def _check_pair(x: jax.Array, y: jax.Array, min_examples: int) -> None:
         "Use more examples.")
 
 
-def gram_linear(x: jax.typing.ArrayLike) -> jax.Array:
+def gram_linear(x: jax.typing.ArrayLike, *, precision: str = "highest") -> jax.Array:
   """Linear-kernel Gram matrix K = X Xᵀ.
 
   Args:
     x: features `[n, ...]`; each example's features are flattened.
+    precision: matrix-product precision, one of `PRECISIONS` (see the module docstring).
 
   Returns:
     `[n, n]` Gram matrix.
   """
   x = _features(x, "x")
-  return x @ x.T
+  with jax.default_matmul_precision(_check_precision(precision)):
+    return x @ x.T
 
 
-def gram_rbf(x: jax.typing.ArrayLike, sigma_frac: float = 0.5) -> jax.Array:
+def gram_rbf(x: jax.typing.ArrayLike, sigma_frac: float = 0.5, *,
+             precision: str = "highest") -> jax.Array:
   """RBF-kernel Gram matrix K_ij = exp(-||x_i - x_j||² / (2 σ²)).
 
   As in Kornblith et al. (2019), the bandwidth σ is `sigma_frac` times the median distance
@@ -94,6 +112,7 @@ def gram_rbf(x: jax.typing.ArrayLike, sigma_frac: float = 0.5) -> jax.Array:
   Args:
     x: features `[n, ...]`; each example's features are flattened.
     sigma_frac: bandwidth as a fraction of the median distance; must be positive.
+    precision: matrix-product precision, one of `PRECISIONS`.
 
   Returns:
     `[n, n]` Gram matrix.
@@ -104,14 +123,16 @@ def gram_rbf(x: jax.typing.ArrayLike, sigma_frac: float = 0.5) -> jax.Array:
   if not sigma_frac > 0:
     raise ValueError(f"sigma_frac must be positive (e.g. 0.5); got {sigma_frac}.")
   x = _features(x, "x")
-  return _gram_rbf(x, sigma_frac)
+  return _gram_rbf(x, sigma_frac, _check_precision(precision))
 
 
-@jax.jit
-def _gram_rbf(x: jax.Array, sigma_frac: float) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="precision")
+def _gram_rbf(x: jax.Array, sigma_frac: float, precision: str) -> jax.Array:
   x = x - x.mean(0)
   sq_norms = jnp.sum(x * x, axis=1)
-  sq_dist = jnp.maximum(sq_norms[:, None] + sq_norms[None, :] - 2 * (x @ x.T), 0)
+  with jax.default_matmul_precision(precision):
+    gram = x @ x.T
+  sq_dist = jnp.maximum(sq_norms[:, None] + sq_norms[None, :] - 2 * gram, 0)
   sq_sigma = sigma_frac**2 * jnp.median(sq_dist)
   return jnp.exp(-sq_dist / (2 * sq_sigma))
 
@@ -142,12 +163,14 @@ def _square_grams(k: jax.typing.ArrayLike, l: jax.typing.ArrayLike) -> tuple[jax
   return k.astype(dtype), l.astype(dtype)
 
 
-def hsic_biased(k: jax.typing.ArrayLike, l: jax.typing.ArrayLike) -> jax.Array:
+def hsic_biased(k: jax.typing.ArrayLike, l: jax.typing.ArrayLike, *,
+                precision: str = "highest") -> jax.Array:
   """Biased HSIC estimator tr(K H L H) / (n - 1)² (Gretton et al., 2005).
 
   Args:
     k: `[n, n]` Gram matrix of the first representation.
     l: `[n, n]` Gram matrix of the second representation, same examples.
+    precision: matrix-product precision, one of `PRECISIONS`.
 
   Returns:
     Scalar HSIC estimate.
@@ -157,15 +180,18 @@ def hsic_biased(k: jax.typing.ArrayLike, l: jax.typing.ArrayLike) -> jax.Array:
   """
   k, l = _square_grams(k, l)
   n = k.shape[0]
-  return jnp.vdot(_centre_gram(k), _centre_gram(l)) / (n - 1)**2
+  with jax.default_matmul_precision(_check_precision(precision)):
+    return jnp.vdot(_centre_gram(k), _centre_gram(l)) / (n - 1)**2
 
 
-def hsic_unbiased(k: jax.typing.ArrayLike, l: jax.typing.ArrayLike) -> jax.Array:
+def hsic_unbiased(k: jax.typing.ArrayLike, l: jax.typing.ArrayLike, *,
+                  precision: str = "highest") -> jax.Array:
   """Unbiased HSIC estimator HSIC1 (Song et al., 2012), as <U(K), U(L)> / (n (n - 3)).
 
   Args:
     k: `[n, n]` Gram matrix of the first representation.
     l: `[n, n]` Gram matrix of the second representation, same examples.
+    precision: matrix-product precision, one of `PRECISIONS`.
 
   Returns:
     Scalar HSIC1 estimate.
@@ -177,19 +203,27 @@ def hsic_unbiased(k: jax.typing.ArrayLike, l: jax.typing.ArrayLike) -> jax.Array
   n = k.shape[0]
   if n < 4:
     raise ValueError(f"HSIC1 needs at least 4 examples (it divides by n - 3); got n = {n}.")
-  return jnp.vdot(_u_centre(k), _u_centre(l)) / (n * (n - 3))
+  with jax.default_matmul_precision(_check_precision(precision)):
+    return jnp.vdot(_u_centre(k), _u_centre(l)) / (n * (n - 3))
 
 
-@functools.partial(jax.jit, static_argnames="unbiased")
-def _cka_from_grams(k: jax.Array, l: jax.Array, unbiased: bool) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("unbiased", "precision"))
+def _cka_from_grams(k: jax.Array, l: jax.Array, unbiased: bool, precision: str) -> jax.Array:
   centre = _u_centre if unbiased else _centre_gram
   k, l = centre(k), centre(l)
-  return jnp.vdot(k, l) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
+  with jax.default_matmul_precision(precision):
+    return jnp.vdot(k, l) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
 
 
-@functools.partial(jax.jit, static_argnames="unbiased")
-def _linear_cka_features(x: jax.Array, y: jax.Array, unbiased: bool) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("unbiased", "precision"))
+def _linear_cka_features(x: jax.Array, y: jax.Array, unbiased: bool,
+                         precision: str) -> jax.Array:
   """Linear CKA in feature space: O(n p²) instead of O(n² p), for n >> p."""
+  with jax.default_matmul_precision(precision):
+    return _linear_cka_features_body(x, y, unbiased)
+
+
+def _linear_cka_features_body(x: jax.Array, y: jax.Array, unbiased: bool) -> jax.Array:
   x, y = x - x.mean(0), y - y.mean(0)
   if not unbiased:
     xy, xx, yy = (jnp.sum(jnp.square(a.T @ c)) for a, c in ((x, y), (x, x), (y, y)))
@@ -208,19 +242,20 @@ def _linear_cka_features(x: jax.Array, y: jax.Array, unbiased: bool) -> jax.Arra
 
 
 def _linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, unbiased: bool,
-                path: str) -> jax.Array:
+                path: str, precision: str) -> jax.Array:
   x, y = _features(x, "x"), _features(y, "y")
   _check_pair(x, y, 4 if unbiased else 2)
+  _check_precision(precision)
   if path not in ("auto", "features", "gram"):
     raise ValueError(f"path must be 'auto', 'features' or 'gram'; got {path!r}.")
   if path == "features" or (path == "auto" and max(x.shape[1], y.shape[1]) < x.shape[0]):
-    return _linear_cka_features(x, y, unbiased)
-  x, y = x - x.mean(0), y - y.mean(0)
-  return _cka_from_grams(x @ x.T, y @ y.T, unbiased)
+    return _linear_cka_features(x, y, unbiased, precision)
+  grams = (gram_linear(a - a.mean(0), precision=precision) for a in (x, y))
+  return _cka_from_grams(*grams, unbiased, precision)
 
 
 def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
-               path: str = "auto") -> jax.Array:
+               path: str = "auto", precision: str = "highest") -> jax.Array:
   """Full-batch linear CKA with the biased HSIC estimator (Kornblith et al., 2019).
 
   CKA = ||Yᵀ X||²_F / (||Xᵀ X||_F ||Yᵀ Y||_F) on column-centred features, which equals
@@ -231,6 +266,7 @@ def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
     y: features `[n, ...]` of the second representation, same examples in the same order.
     path: 'features' (O(n p²), for n >> p), 'gram' (O(n² p)) or 'auto' (features when both
       feature counts are below n).
+    precision: matrix-product precision, one of `PRECISIONS`.
 
   Returns:
     Scalar CKA in [0, 1]; NaN if either representation is constant.
@@ -238,11 +274,11 @@ def linear_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
   Raises:
     ValueError: on mismatched example counts, fewer than 2 examples or an unknown path.
   """
-  return _linear_cka(x, y, unbiased=False, path=path)
+  return _linear_cka(x, y, unbiased=False, path=path, precision=precision)
 
 
 def debiased_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
-                 path: str = "auto") -> jax.Array:
+                 path: str = "auto", precision: str = "highest") -> jax.Array:
   """Full-batch linear CKA with the unbiased estimator HSIC1 (Song et al., 2012).
 
   CKA = HSIC1(K, L) / sqrt(HSIC1(K, K) HSIC1(L, L)) with linear Grams K = X Xᵀ, L = Y Yᵀ;
@@ -252,6 +288,7 @@ def debiased_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
     x: features `[n, ...]` of the first representation.
     y: features `[n, ...]` of the second representation, same examples in the same order.
     path: 'features', 'gram' or 'auto', as in `linear_cka`.
+    precision: matrix-product precision, one of `PRECISIONS`.
 
   Returns:
     Scalar debiased CKA (may be slightly negative for unrelated representations).
@@ -259,11 +296,11 @@ def debiased_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, *,
   Raises:
     ValueError: on mismatched example counts, fewer than 4 examples or an unknown path.
   """
-  return _linear_cka(x, y, unbiased=True, path=path)
+  return _linear_cka(x, y, unbiased=True, path=path, precision=precision)
 
 
 def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma_frac: float = 0.5, *,
-            debiased: bool = False) -> jax.Array:
+            debiased: bool = False, precision: str = "highest") -> jax.Array:
   """Full-batch CKA with RBF kernels (Kornblith et al., 2019).
 
   Args:
@@ -271,6 +308,7 @@ def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma_frac: float 
     y: features `[n, ...]` of the second representation, same examples in the same order.
     sigma_frac: each kernel's bandwidth as a fraction of its median distance (`gram_rbf`).
     debiased: use HSIC1 (Song et al., 2012) instead of the biased HSIC.
+    precision: matrix-product precision, one of `PRECISIONS`.
 
   Returns:
     Scalar CKA.
@@ -280,7 +318,8 @@ def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma_frac: float 
   """
   fx, fy = _features(x, "x"), _features(y, "y")
   _check_pair(fx, fy, 4 if debiased else 2)
-  return _cka_from_grams(gram_rbf(fx, sigma_frac), gram_rbf(fy, sigma_frac), debiased)
+  grams = (gram_rbf(f, sigma_frac, precision=precision) for f in (fx, fy))
+  return _cka_from_grams(*grams, debiased, precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,12 +543,22 @@ def _device_sums(shift: jax.Array, first: jax.Array, valid: jax.Array,
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("stacked", "mesh", "gram_blocks", "feature_chunk"),
+                   static_argnames=("stacked", "mesh", "gram_blocks", "feature_chunk",
+                                    "precision"),
                    donate_argnums=0)
 def _update(state: dict[str, jax.Array], valid: jax.Array, xs: tuple[jax.Array, ...],
             ys: tuple[jax.Array, ...] | None, *, stacked: bool, mesh: Mesh, gram_blocks: int,
-            feature_chunk: int) -> dict[str, jax.Array]:
-  """One jitted update of the state's arrays (names stay outside, so they never recompile)."""
+            feature_chunk: int, precision: str) -> dict[str, jax.Array]:
+  """One jitted update of the state's arrays (names stay outside, so they never recompile);
+  every matrix product at `precision`."""
+  with jax.default_matmul_precision(precision):
+    return _update_body(state, valid, xs, ys, stacked=stacked, mesh=mesh,
+                        gram_blocks=gram_blocks, feature_chunk=feature_chunk)
+
+
+def _update_body(state: dict[str, jax.Array], valid: jax.Array, xs: tuple[jax.Array, ...],
+                 ys: tuple[jax.Array, ...] | None, *, stacked: bool, mesh: Mesh,
+                 gram_blocks: int, feature_chunk: int) -> dict[str, jax.Array]:
   data = PartitionSpec(parallel.DATA_AXIS)
   in_specs = (PartitionSpec(), PartitionSpec(), data, data, None if ys is None else data)
   sums_fn = jax.shard_map(
@@ -612,7 +661,7 @@ class MinibatchCKA:
   """
 
   def __init__(self, mesh: Mesh | None = None, *, gram_blocks: int = 1,
-               feature_chunk: int | None = None):
+               feature_chunk: int | None = None, precision: str = "highest"):
     """Builds the estimator.
 
     Args:
@@ -622,9 +671,13 @@ class MinibatchCKA:
         CPU with XLA's dot, 1 is fastest).
       feature_chunk: features per chunk of each Gram (0 = no chunking); default 1024 on
         CPU (centring in cache), 0 on accelerators.
+      precision: matrix-product precision, one of `PRECISIONS`: 'highest' (float32-accurate
+        on every backend), or 'default' for the backend's fastest (TF32 / bfloat16 passes
+        on GPUs / TPUs, ~1e-3 on CKA).
 
     Raises:
-      ValueError: on a mesh without the data axis, gram_blocks < 1 or feature_chunk < 0.
+      ValueError: on a mesh without the data axis, gram_blocks < 1, feature_chunk < 0 or an
+        unknown precision.
     """
     mesh = parallel.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
     if tuple(mesh.axis_names) != (parallel.DATA_AXIS,):
@@ -639,6 +692,7 @@ class MinibatchCKA:
     self.mesh = mesh
     self.gram_blocks = gram_blocks
     self.feature_chunk = feature_chunk
+    self.precision = _check_precision(precision)
 
   def _place(self, state: MinibatchCKAState) -> MinibatchCKAState:
     """Replicates host (NumPy) leaves of `state` over the mesh, e.g. after a restore."""
@@ -749,7 +803,7 @@ class MinibatchCKA:
     arrays = {f: getattr(self._place(state), f) for f in _STATE_ARRAYS}
     arrays = _update(arrays, valid, arrays_x, None if within else arrays_y, stacked=stacked,
                      mesh=self.mesh, gram_blocks=self.gram_blocks,
-                     feature_chunk=self.feature_chunk)
+                     feature_chunk=self.feature_chunk, precision=self.precision)
     return MinibatchCKAState(**arrays, names_x=state.names_x, names_y=state.names_y)
 
   def result(self, state: MinibatchCKAState) -> CKAResult:
@@ -816,7 +870,8 @@ class MinibatchCKA:
 
 def minibatch_cka(xs: Layers, ys: Layers | None = None, *, batch_size: int = 256,
                   mesh: Mesh | None = None, names_x: Sequence[str] | None = None,
-                  names_y: Sequence[str] | None = None) -> np.ndarray:
+                  names_y: Sequence[str] | None = None,
+                  precision: str = "highest") -> np.ndarray:
   """Minibatch CKA heatmap over whole arrays, in consecutive minibatches.
 
   Args:
@@ -828,6 +883,7 @@ def minibatch_cka(xs: Layers, ys: Layers | None = None, *, batch_size: int = 256
       device count.
     names_x: layer names for a sequence xs.
     names_y: layer names for a sequence ys.
+    precision: matrix-product precision, one of `PRECISIONS` (see `MinibatchCKA`).
 
   Returns:
     `[len(xs), len(ys)]` float64 CKA heatmap (`[len(xs), len(xs)]` when ys is None). The
@@ -839,7 +895,7 @@ def minibatch_cka(xs: Layers, ys: Layers | None = None, *, batch_size: int = 256
   """
   if batch_size < 4:
     raise ValueError(f"batch_size must be >= 4 (HSIC1 divides by b - 3); got {batch_size}.")
-  estimator = MinibatchCKA(mesh)
+  estimator = MinibatchCKA(mesh, precision=precision)
   state = estimator.init(xs, ys, names_x=names_x, names_y=names_y)
   arrays = _ordered(xs, state.names_x, "xs") + (
       () if ys is None else _ordered(ys, state.names_y, "ys"))

@@ -28,7 +28,7 @@ computation is float32 unless float64 is enabled in JAX and the input is float64
 
 Precision: every matrix product (Grams, HSIC products, means) runs at `precision='highest'` by
 default, float32-accurate on every backend. GPUs (TF32) and TPUs (bfloat16 passes) otherwise
-multiply float32 at reduced precision by default, which moves CKA by ~1e-3, more than the
+multiply float32 at reduced precision by default, which can move CKA by more than the
 minibatch estimator's own error. `precision='default'` trades that accuracy for speed there
 ('high' is in between); on CPUs all three are the same.
 """
@@ -673,7 +673,7 @@ class MinibatchCKA:
         CPU (centring in cache), 0 on accelerators.
       precision: matrix-product precision, one of `PRECISIONS`: 'highest' (float32-accurate
         on every backend), or 'default' for the backend's fastest (TF32 / bfloat16 passes
-        on GPUs / TPUs, ~1e-3 on CKA).
+        on GPUs / TPUs).
 
     Raises:
       ValueError: on a mesh without the data axis, gram_blocks < 1, feature_chunk < 0 or an

@@ -34,7 +34,7 @@ demo: install
 	$(PY) -m experiments.reproduce --workdir=$(OUT)
 
 test: install-test browser
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --maxschedchunk=1 --durations=15
 
 clean:
 	rm -rf $(VENV) outputs

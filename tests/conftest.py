@@ -23,8 +23,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  """Longest first (marker `seconds`), the rest in their usual order: xdist hands tests out in
-  this order, so a 10-minute test no longer starts when the other worker is nearly done."""
+  """Longest first (marker `seconds`), the rest in their usual order. `make test` runs xdist
+  with --maxschedchunk=1, so it hands tests out one or two at a time in this order and the long
+  tests spread over both workers (its default gives each worker a block of consecutive tests:
+  every long test on one worker, the other idle at the end)."""
   def seconds(item: pytest.Item) -> float:
     marker = item.get_closest_marker("seconds")
     return marker.args[0] if marker else 0.0

@@ -2,18 +2,22 @@
 
 Workload: a cross-model heatmap (default 12 x 16 layers) of minibatch CKA with the unbiased
 HSIC estimator (Nguyen, Raghu & Kornblith, 2021), features `[b, p]` per layer per minibatch.
-Reported per configuration: seconds per update (one minibatch per device), achieved GFLOP/s
+Reported per configuration: seconds per minibatch (an update folds one minibatch per device),
+achieved GFLOP/s
 against the minimal FLOP count (sum over layers of 2·b²·p for the Grams plus 2·La·Lb·b² for
 the pairs), that rate as a fraction of this machine's float32 GEMM peak measured in the same
-run (NumPy's and XLA's), the process CPU seconds per update (a steadier measure when other jobs
-share the cores), and the peak resident memory of the worker process. Sweeps: Gram
-block count, feature size p, layers, b, example count, device count. With --peers, the
-fastest PyTorch CKA library (pytorch-cka) runs the same workload in a separate process.
+run (NumPy's and XLA's), the process CPU seconds per minibatch (a steadier measure when other
+jobs share the cores), and the peak resident memory of the worker process. Sweeps: where the
+Grams run (host BLAS or XLA on the device), feature means (zero, or 30x the spread: host Grams
+then shift the features first), Gram block count, feature size p, layers, b, example count,
+device count. With --peers, the fastest PyTorch CKA library (pytorch-cka) runs the same
+workload in a separate process, first in `--rounds` alternating rounds with vit_repr (the
+medians and their ratio are printed), then beside each sweep.
 
 Every configuration runs in a fresh subprocess (peak memory per configuration, fake CPU
 devices, and no XLA / torch thread pools in one process).
 
-  python -m benchmarks.cka_bench --quick --peers    # ~2-3 minutes on 2 idle cores
+  python -m benchmarks.cka_bench --quick --peers    # ~3-4 minutes on 2 idle cores
   python -m benchmarks.cka_bench --peers            # the full table (needs ~8 GB free)
 """
 
@@ -23,6 +27,8 @@ import os
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = "/root/.cache/vit_repr_peers/bin/python"
@@ -55,10 +61,13 @@ def worker_ours(cfg: dict) -> dict:
   global_batch = b * devices
   keys = jax.random.split(jax.random.key(0), la + lb)
   sharding = parallel.batch_sharding(mesh)
-  make = jax.jit(lambda k: jax.random.normal(k, (global_batch, p)), out_shardings=sharding)
+  offset = cfg.get("offset", 0.0)  # Feature means, in units of the features' spread.
+  make = jax.jit(lambda k: jax.random.normal(k, (global_batch, p)) + offset * jax.random.normal(
+      jax.random.fold_in(k, 1), (p,)), out_shardings=sharding)
   feats = [make(k) for k in keys]
   xs, ys = feats[:la], feats[la:]
-  estimator = cka.MinibatchCKA(mesh, gram_blocks=cfg["blocks"], feature_chunk=cfg["chunk"])
+  estimator = cka.MinibatchCKA(mesh, grams=cfg.get("grams", "auto"), gram_blocks=cfg["blocks"],
+                               feature_chunk=cfg["chunk"])
   state = estimator.update(estimator.init(xs, ys), xs, ys)  # compiles
   jax.block_until_ready(state)
   steps = max(1, cfg["n"] // global_batch)
@@ -68,9 +77,10 @@ def worker_ours(cfg: dict) -> dict:
   jax.block_until_ready(state)
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   estimator.result(state)
-  return {"seconds_per_update": seconds / steps, "cpu_seconds_per_update": cpu_seconds / steps,
-          "total_seconds": seconds, "steps": steps, "devices": devices,
-          "peak_gb": peak_rss_gb()}
+  minibatches = steps * devices
+  return {"seconds_per_minibatch": seconds / minibatches,
+          "cpu_seconds_per_minibatch": cpu_seconds / minibatches, "total_seconds": seconds,
+          "minibatches": minibatches, "devices": devices, "peak_gb": peak_rss_gb()}
 
 
 PEER_CODE = r"""
@@ -109,9 +119,9 @@ start, cpu_start = time.perf_counter(), time.process_time()
 run(steps)
 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 import resource
-print(json.dumps({"seconds_per_update": seconds / steps,
-                  "cpu_seconds_per_update": cpu_seconds / steps, "total_seconds": seconds,
-                  "steps": steps, "devices": 1,
+print(json.dumps({"seconds_per_minibatch": seconds / steps,
+                  "cpu_seconds_per_minibatch": cpu_seconds / steps, "total_seconds": seconds,
+                  "minibatches": steps, "devices": 1,
                   "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
@@ -138,6 +148,8 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="few, small configurations")
   parser.add_argument("--peers", action="store_true",
                       help=f"also time pytorch-cka with {PEERS_PYTHON} (skipped if missing)")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="alternating rounds of vit_repr and pytorch-cka on the main workload")
   parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -150,17 +162,23 @@ def main() -> None:
         f"XLA {gemm['xla']:.0f} GFLOP/s")
   peak = max(gemm.values())
   main_cfg = dict(la=12, lb=16, b=256, p=37_824, n=2048 if not args.quick else 768, blocks=1,
-                  chunk=1024)
-  rows = []  # (sweep, impl, cfg, devices)
-  for blocks in ((1, 2) if args.quick else (1, 2, 4, 8)):
-    rows.append(("gram blocks", "vit_repr", dict(main_cfg, blocks=blocks), 1))
-  for chunk in (() if args.quick else (0, 512, 2048, 4096)):
-    rows.append(("chunk", "vit_repr", dict(main_cfg, chunk=chunk), 1))
+                  chunk=1024, grams="auto")
   peers = args.peers and os.path.exists(PEERS_PYTHON)
   if args.peers and not peers:
     print(f"(peers python {PEERS_PYTHON} not found: skipping pytorch-cka)")
   if peers:
-    rows.append(("gram blocks", "pytorch-cka", main_cfg, 1))
+    compare_rounds(main_cfg, args.rounds, devices=(1, 8))
+
+  rows = []  # (sweep, impl, cfg, devices)
+  for grams in ("host", "device"):
+    rows.append(("grams", "vit_repr", dict(main_cfg, grams=grams), 1))
+  for offset in (0.0, 30.0):
+    rows.append(("mean/spread", "vit_repr", dict(main_cfg, offset=offset), 1))
+  device_cfg = dict(main_cfg, grams="device")
+  for blocks in ((1, 2) if args.quick else (1, 2, 4, 8)):
+    rows.append(("dev. blocks", "vit_repr", dict(device_cfg, blocks=blocks), 1))
+  for chunk in (() if args.quick else (0, 512, 2048, 4096)):
+    rows.append(("dev. chunk", "vit_repr", dict(device_cfg, chunk=chunk), 1))
   small = dict(main_cfg, p=4096, n=1024 if args.quick else 2048)
   if not args.quick:
     for p in (4096, 16_384, 37_824, VIT_B16_FEATURES):
@@ -173,25 +191,48 @@ def main() -> None:
       rows.append(("batch b", "vit_repr", dict(small, b=b), 1))
     for n in (1024, 4096, 8192):
       rows.append(("examples N", "vit_repr", dict(small, n=n), 1))
-  for devices in ((1, 2) if args.quick else (1, 2, 4)):
-    rows.append(("devices", "vit_repr", small, devices))
+  for devices in ((1, 2) if args.quick else (1, 2, 4, 8)):
+    rows.append(("devices", "vit_repr", dict(small, n=small["n"] * devices), devices))
 
-  header = (f"{'sweep':<12}{'impl':<13}{'La x Lb':>8}{'b':>5}{'p':>8}{'N':>6}{'blk':>4}{'chunk':>6}"
-            f"{'dev':>4}{'s/update':>10}{'cpu s/upd':>10}{'total s':>9}{'GFLOP/s':>9}{'% peak':>7}{'peak GB':>8}")
+  header = (f"{'sweep':<12}{'impl':<13}{'grams':>7}{'La x Lb':>8}{'b':>5}{'p':>8}{'N':>6}"
+            f"{'blk':>4}{'chunk':>6}{'dev':>4}{'s/minib':>9}{'cpu s/mb':>9}{'total s':>9}"
+            f"{'GFLOP/s':>9}{'% peak':>7}{'peak GB':>8}")
   print(header)
   print("-" * len(header))
   for sweep, impl, cfg, devices in rows:
     out = spawn("peer" if impl == "pytorch-cka" else "ours", cfg, devices)
     if out is None:
       continue
-    flops = minimal_flops(cfg["la"], cfg["lb"], cfg["b"], cfg["p"]) * out["devices"]
-    rate = flops / out["seconds_per_update"] / 1e9
-    blk, chunk = (cfg["blocks"], cfg["chunk"]) if impl == "vit_repr" else ("-", "-")
-    print(f"{sweep:<12}{impl:<13}{cfg['la']:>3} x {cfg['lb']:<3}{cfg['b']:>5}{cfg['p']:>8}"
-          f"{cfg['n']:>6}{blk:>4}{chunk:>6}{out['devices']:>4}{out['seconds_per_update']:>10.3f}"
-          f"{out['cpu_seconds_per_update']:>10.3f}"
+    rate = minimal_flops(cfg["la"], cfg["lb"], cfg["b"], cfg["p"]) / out[
+        "seconds_per_minibatch"] / 1e9
+    blk, chunk, grams = ((cfg["blocks"], cfg["chunk"], cfg["grams"]) if impl == "vit_repr"
+                         else ("-", "-", "-"))
+    print(f"{sweep:<12}{impl:<13}{grams:>7}{cfg['la']:>3} x {cfg['lb']:<3}{cfg['b']:>5}"
+          f"{cfg['p']:>8}{cfg['n']:>6}{blk:>4}{chunk:>6}{out['devices']:>4}"
+          f"{out['seconds_per_minibatch']:>9.3f}{out['cpu_seconds_per_minibatch']:>9.3f}"
           f"{out['total_seconds']:>9.2f}{rate:>9.1f}{100 * rate / peak:>7.0f}"
           f"{out['peak_gb']:>8.2f}", flush=True)
+
+
+def compare_rounds(cfg: dict, rounds: int, devices: tuple[int, ...]) -> None:
+  """vit_repr (on each device count) and pytorch-cka on `cfg`, alternating, `rounds` times;
+  prints each run's seconds per minibatch, the medians and the ratios peer / vit_repr."""
+  times = {}
+  print(f"Alternating rounds on {cfg['la']} x {cfg['lb']} layers, b={cfg['b']}, p={cfg['p']}, "
+        f"N={cfg['n']} per device (seconds per minibatch):")
+  for round_index in range(rounds):
+    runs = [("pytorch-cka", "peer", cfg, 1)] + [
+        (f"vit_repr {d} dev", "ours", dict(cfg, n=cfg["n"] * d), d) for d in devices]
+    for name, kind, run_cfg, num_devices in runs:
+      out = spawn(kind, run_cfg, num_devices)
+      if out is not None:
+        times.setdefault(name, []).append(out["seconds_per_minibatch"])
+        print(f"  round {round_index + 1}: {name:<16}{out['seconds_per_minibatch']:.3f}",
+              flush=True)
+  peer = float(np.median(times.get("pytorch-cka", [np.nan])))
+  for name, values in times.items():
+    median = float(np.median(values))
+    print(f"  median {name:<16}{median:.3f} s   pytorch-cka / this: {peer / median:.2f}x")
 
 
 if __name__ == "__main__":

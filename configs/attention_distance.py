@@ -61,6 +61,7 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       minibatch_size=250,        # Examples per device per step (= the CKA minibatch).
       head_blocks=(),            # ViT blocks whose heads meet the ResNet; (): lowest quarter.
       head_token_mode="spatial", # 'spatial' (patch tokens) or 'all' (with CLS).
+      grams='auto',              # vit_repr.cka.MinibatchCKA: 'auto' | 'host' | 'device'.
       gram_blocks=1,             # vit_repr.cka.MinibatchCKA option.
   ))
   config.checkpoint_every = 20   # Batches between saves of the accumulated state.

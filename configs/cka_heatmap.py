@@ -60,7 +60,8 @@ def get_base() -> ml_collections.ConfigDict:
       num_passes=common.PAPER_CKA["num_passes"],  # Passes over the examples; p > 0 reshuffled.
       shuffle_seed=0,
       token_mode="all",     # 'all' | 'cls' | 'spatial' | 'mean' (vit_repr.features).
-      gram_blocks=1,        # SYRK-like row blocks of each Gram (see vit_repr.cka).
+      grams='auto',         # Where Grams run: 'auto' | 'host' (CPU BLAS) | 'device'.
+      gram_blocks=1,        # SYRK-like row blocks of each device Gram (see vit_repr.cka).
   ))
   config.checkpoint_every = 20  # Batches between saves of the accumulator state.
   config.log_every = 10

@@ -51,7 +51,8 @@ def _base() -> ml_collections.ConfigDict:
       minibatch_size=common.PAPER_CKA["minibatch_size"],  # Examples per minibatch (= device).
       num_passes=common.PAPER_CKA["num_passes"],  # Passes over the examples; p > 0 reshuffled.
       shuffle_seed=0,
-      gram_blocks=1,        # SYRK-like row blocks of each Gram (see vit_repr.cka).
+      grams='auto',         # Where Grams run: 'auto' | 'host' (CPU BLAS) | 'device'.
+      gram_blocks=1,        # SYRK-like row blocks of each device Gram (see vit_repr.cka).
       # Token positions drawn in the figure: 'corner', 'edge', 'centre' or (row, column).
       positions=("corner", "edge", "centre"),
   ))

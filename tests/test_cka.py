@@ -208,11 +208,14 @@ def test_one_minibatch_equals_full_batch_debiased_cka():
                              atol=1e-6)
 
 
-@pytest.mark.parametrize("gram_blocks,feature_chunk", [(1, None), (2, 0), (3, 4), (1, 3)],
-                         ids=["default", "blocks2-unchunked", "blocks3-chunk4", "chunk3"])
-def test_heatmap_matches_reference(gram_blocks, feature_chunk):
+@pytest.mark.parametrize("grams,gram_blocks,feature_chunk", [
+    ("host", 1, None), ("device", 1, None), ("device", 2, 0), ("device", 3, 4),
+    ("device", 1, 3)],
+    ids=["host", "device", "device-blocks2-unchunked", "device-blocks3-chunk4", "device-chunk3"])
+def test_heatmap_matches_reference(grams, gram_blocks, feature_chunk):
   xs, ys = layered(8, n=100)  # 6, 8, 5 and 12, 10 features: chunks with and without a rest
-  estimator = cka.MinibatchCKA(gram_blocks=gram_blocks, feature_chunk=feature_chunk)
+  estimator = cka.MinibatchCKA(grams=grams, gram_blocks=gram_blocks,
+                               feature_chunk=feature_chunk)
   state = estimator.init(xs, ys)
   for i in range(6):  # 6 batches of 16; the last 4 examples are not used
     state = estimator.update(state, [x[16 * i:16 * (i + 1)] for x in xs],
@@ -221,6 +224,57 @@ def test_heatmap_matches_reference(gram_blocks, feature_chunk):
   np.testing.assert_allclose(result.cka, ref_heatmap(xs, ys, 16), atol=2e-6)
   assert (result.num_batches, result.num_examples) == (6, 96)
   assert result.names_x == ("0", "1", "2") and result.names_y == ("0", "1")
+
+
+@pytest.mark.parametrize("grams", ["host", "device"])
+@pytest.mark.parametrize("offset", [0.0, 30.0, 1e3])
+def test_float32_accuracy_whatever_the_feature_means(offset, grams):
+  # Float32 Grams of features whose means dwarf their spread lose CKA to cancellation (~1e-2
+  # at 1e3 x the spread): host Grams multiply features as they are only when their means are
+  # small, and otherwise the features minus their first example, as device Grams centre.
+  rng = np.random.default_rng(31)
+  z = rng.normal(size=(64, 8))
+  make = lambda: (z @ rng.normal(size=(8, 300)) + rng.normal(size=(64, 300))
+                  + offset * rng.normal(size=300)).astype(np.float32)
+  xs, ys = [make(), make()], [make()]
+  got = cka.minibatch_cka(xs, ys, batch_size=16, mesh=None) if grams == "host" else (
+      _device_minibatch_cka(xs, ys, 16))
+  # The float64 reference of features centred first (exact: HSIC1 is translation invariant);
+  # the uncentred float64 formula itself loses 2e-5 to cancellation at offset 1e3.
+  centred = lambda layers: [a.astype(np.float64) - a.astype(np.float64).mean(0) for a in layers]
+  np.testing.assert_allclose(got, ref_heatmap(centred(xs), centred(ys), 16), atol=1e-6)
+
+
+def _device_minibatch_cka(xs, ys, b):
+  estimator = cka.MinibatchCKA(grams="device")
+  state = estimator.init(xs, ys)
+  for i in range(len(xs[0]) // b):
+    state = estimator.update(state, [x[b * i:b * (i + 1)] for x in xs],
+                             [y[b * i:b * (i + 1)] for y in ys])
+  return estimator.result(state).cka
+
+
+def test_host_grams_give_the_centred_sums_of_squares():
+  # The centred sum of squares (which flags constant layers) from either kind of host Gram.
+  rng = np.random.default_rng(32)
+  for offset in (0.0, 1e3):
+    x = (rng.normal(size=(16, 40)) + offset * rng.normal(size=40)).astype(np.float32)
+    gram, centred, rest = cka._host_gram(x, {})
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(centred, np.sum((x64 - x64.mean(0))**2), rtol=1e-5)
+    h = np.eye(16) - 1 / 16
+    np.testing.assert_allclose(h @ gram @ h, h @ x64 @ x64.T @ h, atol=1e-4 * centred / 16)
+    assert rest > 0
+
+
+def test_host_grams_are_refused_where_they_cannot_run():
+  with pytest.raises(ValueError, match="grams must be one of .*got 'numpy'"):
+    cka.MinibatchCKA(grams="numpy")
+  xs, ys = layered(33, n=16)
+  estimator = cka.MinibatchCKA(grams="host")
+  state = estimator.init(xs, ys)
+  with pytest.raises(ValueError, match="grams='host' needs concrete arrays.*'auto' or 'device'"):
+    jax.jit(lambda s, a, b: estimator.update(s, a, b))(state, xs, ys)
 
 
 def test_within_model_heatmap_reuses_grams_and_matches_cross():
@@ -338,15 +392,18 @@ def grouped(seed, n):
   return xs, ys, [stack(xs[:4]), stack(xs[4:])], [stack(ys[:3]), stack(ys[3:])]
 
 
-@pytest.mark.parametrize("within,gram_blocks,feature_chunk", [
-    (False, 1, None), (False, 3, 4), (True, 1, None)],
-    ids=["cross", "cross-blocks3-chunk4", "within"])
-def test_stacked_groups_equal_the_layers_one_by_one(within, gram_blocks, feature_chunk, caplog):
+@pytest.mark.parametrize("within,grams,gram_blocks,feature_chunk", [
+    (False, "host", 1, None), (False, "device", 3, 4), (True, "host", 1, None),
+    (True, "device", 1, None)],
+    ids=["cross-host", "cross-device-blocks3-chunk4", "within-host", "within-device"])
+def test_stacked_groups_equal_the_layers_one_by_one(within, grams, gram_blocks, feature_chunk,
+                                                    caplog):
   xs, ys, gx, gy = grouped(22, n=96)
   for a in (xs[2], gx[0][:, 2]):  # A layer constant in every minibatch, inside a group.
     a[...] = 0.1
   names_x = [f"a{i}" for i in range(6)]
-  estimator = cka.MinibatchCKA(gram_blocks=gram_blocks, feature_chunk=feature_chunk)
+  estimator = cka.MinibatchCKA(grams=grams, gram_blocks=gram_blocks,
+                               feature_chunk=feature_chunk)
   one_by_one = estimator.init(xs, None if within else ys, names_x=names_x)
   stacked = estimator.init(xs, None if within else ys, names_x=names_x)
   for i in range(6):
@@ -402,7 +459,8 @@ def test_bad_groups_raise():
 # Devices and processes.
 
 
-def test_eight_devices_equal_one_device_and_skip_padding_minibatches(tmp_path):
+@pytest.mark.parametrize("grams", ["host", "device"])
+def test_eight_devices_equal_one_device_and_skip_padding_minibatches(grams, tmp_path):
   xs, ys = layered(15, n=8 * 8 * 3 + 3 * 8 + 5)
   np.savez(tmp_path / "data.npz", *xs, *ys)
   code = f"""
@@ -412,11 +470,13 @@ assert jax.device_count() == 8
 data = np.load({str(tmp_path / 'data.npz')!r})
 arrays = [data[f'arr_{{i}}'] for i in range(5)]
 mesh = parallel.make_mesh()
-est = cka.MinibatchCKA(mesh, gram_blocks=2)
+est = cka.MinibatchCKA(mesh, grams={grams!r}, gram_blocks=2)
 xs, ys = arrays[:3], arrays[3:]
 state = est.init(xs, ys)
 for s in range(3):
-  state = est.update(state, [x[64 * s:64 * (s + 1)] for x in xs], [y[64 * s:64 * (s + 1)] for y in ys])
+  # Global arrays sharded over the 8 devices (host Grams read each device's shard).
+  batch = lambda layers: [parallel.global_batch(a[64 * s:64 * (s + 1)], mesh) for a in layers]
+  state = est.update(state, batch(xs), batch(ys))
 full = est.result(state)
 # A last batch of 3 minibatches and 5 padding ones (NaN rows, valid False): they add nothing.
 pad = lambda a: np.concatenate([a[192:216], np.full((40,) + a.shape[1:], np.nan, a.dtype)])
@@ -458,16 +518,20 @@ data = np.load(data_path)
 xs, ys = [data['arr_0'], data['arr_1']], [data['arr_2']]
 mesh = parallel.make_mesh()
 assert mesh.devices.size == 4 and jax.process_count() == 2
-est = cka.MinibatchCKA(mesh)
-state = est.init(xs, ys)
-step = 4 * 8
-for s in range(len(xs[0]) // step):
-  rows = slice(s * step + pid * step // 2, s * step + (pid + 1) * step // 2)
-  state = est.update(state, parallel.global_batch([x[rows] for x in xs], mesh),
-                     parallel.global_batch([y[rows] for y in ys], mesh))
-res = est.result(state)
+out = {}
+for grams in ('host', 'device'):
+  est = cka.MinibatchCKA(mesh, grams=grams)
+  state = est.init(xs, ys)
+  step = 4 * 8
+  for s in range(len(xs[0]) // step):
+    rows = slice(s * step + pid * step // 2, s * step + (pid + 1) * step // 2)
+    state = est.update(state, parallel.global_batch([x[rows] for x in xs], mesh),
+                       parallel.global_batch([y[rows] for y in ys], mesh))
+  res = est.result(state)
+  out.update({f'cka_{grams}': res.cka, f'stderr_{grams}': res.stderr,
+              f'n_{grams}': res.num_batches})
 if pid == 0:
-  np.savez(out_path, cka=res.cka, stderr=res.stderr, n=res.num_batches)
+  np.savez(out_path, **out)
 """
 
 
@@ -495,9 +559,10 @@ def test_two_processes_equal_one_process(tmp_path):
     state = estimator.update(state, [x[8 * i:8 * (i + 1)] for x in xs],
                              [y[8 * i:8 * (i + 1)] for y in ys])
   single = estimator.result(state)
-  assert int(out["n"]) == single.num_batches == 12
-  np.testing.assert_allclose(out["cka"], single.cka, atol=1e-6)
-  np.testing.assert_allclose(out["stderr"], single.stderr, rtol=1e-4)
+  for grams in ("host", "device"):
+    assert int(out[f"n_{grams}"]) == single.num_batches == 12
+    np.testing.assert_allclose(out[f"cka_{grams}"], single.cka, atol=1e-6)
+    np.testing.assert_allclose(out[f"stderr_{grams}"], single.stderr, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,8 +661,8 @@ def test_every_matrix_product_runs_at_the_requested_precision(precision, expecte
   state = estimator.init(xs, ys)
   arrays = {f: getattr(state, f) for f in cka._STATE_ARRAYS}
   lowered = cka._update.lower(
-      arrays, np.ones(16, bool), tuple(xs), tuple(ys), stacked=False, mesh=estimator.mesh,
-      gram_blocks=2, feature_chunk=4, precision=estimator.precision)
+      arrays, np.ones(16, bool), tuple(xs), tuple(ys), minibatch_size=16, host_grams=False,
+      stacked=False, mesh=estimator.mesh, gram_blocks=2, feature_chunk=4, precision=estimator.precision)
   assert dot_precisions(lowered.as_text()) == {expected}
   x, y = xs[0].reshape(16, -1), ys[1]
   full_batch = {

@@ -53,6 +53,8 @@ _TERMS = ("xy", "xx", "yy")
 _PRODUCTS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 # Matrix-product precisions (names of `jax.default_matmul_precision`), most accurate first.
 PRECISIONS = ("highest", "high", "default")
+# Where `MinibatchCKA` computes Grams.
+GRAMS = ("auto", "host", "device")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +491,8 @@ def _group_grams(x: jax.Array, gram_blocks: int,
 
 def _layer_grams(layers: tuple[jax.Array, ...], stacked: bool, gram_blocks: int,
                  feature_chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """U-centred Grams `[L, b, b]` of one minibatch, with non-finite and varied flags `[L]`.
+  """Column-centred Grams `[L, b, b]` of one minibatch, their traces and b·||column means||²
+  `[L]`, computed by XLA.
 
   Args:
     layers: per-layer arrays `[b, ...]`, or with `stacked` groups `[b, k, ...]` of k layers
@@ -505,18 +508,130 @@ def _layer_grams(layers: tuple[jax.Array, ...], stacked: bool, gram_blocks: int,
             for x in layers)
   grams, mean_sq = zip(*(_group_grams(x, gram_blocks, feature_chunk) for x in groups))
   grams = jnp.concatenate(grams)
-  centred_sq = jnp.trace(grams, axis1=1, axis2=2)
-  varied = centred_sq > _CONSTANT_RTOL * (centred_sq + jnp.concatenate(mean_sq))
+  return grams, jnp.trace(grams, axis1=1, axis2=2), jnp.concatenate(mean_sq)
+
+
+def _u_centred(grams: jax.Array, centred_sq: jax.Array,
+               mean_sq: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """U-centred Grams `[L, b, b]` with non-finite and varied flags `[L]`.
+
+  Args:
+    grams: `[L, b, b]` Grams of the layers' features, each translated by any constant vector
+      (U-centring removes it exactly).
+    centred_sq: `[L]` sum of squares of the column-centred features (the trace of the
+      centred Gram).
+    mean_sq: `[L]` the rest of the uncentred sum of squares (b·||column means||², or the
+      same scale), the reference for "constant up to rounding".
+  """
+  varied = centred_sq > _CONSTANT_RTOL * (centred_sq + mean_sq)
   return _u_centre(grams), ~jnp.isfinite(centred_sq), varied
 
 
+# Host Grams (CPU meshes): a layer is multiplied uncentred when its first rows say its column
+# means carry at most this many times its variance (a float32 CKA error of ~1e-8 then), and
+# the Gram itself confirms it (up to twice this); other layers are first shifted by their first
+# example. Float32 Grams of uncentred features lose ~1e-7 at 10x and ~1e-5 at 1000x.
+_UNCENTRED_MAX_RATIO = 4.0
+_SAMPLE_ROWS = 16
+
+
+def _host_gram(x: np.ndarray, buffers: dict) -> tuple[np.ndarray, float, float]:
+  """The Gram `[b, b]` of features `[b, f]` (rows possibly strided) by the host's BLAS (a
+  symmetric product, SYRK), translated when needed so float32 keeps its accuracy; with the
+  centred sum of squares and the rest of the uncentred one (as `_u_centred` takes them)."""
+  with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf features: flagged later.
+    return _host_gram_body(x, buffers)
+
+
+def _host_gram_body(x: np.ndarray, buffers: dict) -> tuple[np.ndarray, float, float]:
+  b = x.shape[0]
+  sample = x[:_SAMPLE_ROWS]
+  sample_gram = (sample @ sample.T).astype(np.float64)
+  sample_total = np.trace(sample_gram)
+  if sample_total <= _UNCENTRED_MAX_RATIO * (sample_total - sample_gram.mean() * len(sample)):
+    gram = x @ x.T
+    total = float(np.trace(gram, dtype=np.float64))
+    centred = total - float(np.sum(gram, dtype=np.float64)) / b
+    if total <= 2 * _UNCENTRED_MAX_RATIO * centred:
+      return gram, centred, total - centred
+  first = x[0].astype(np.float64)
+  shifted = buffers.get(x.shape)
+  if shifted is None:
+    shifted = buffers[x.shape] = np.empty(x.shape, x.dtype)
+  np.subtract(x, x[0], out=shifted)
+  gram = shifted @ shifted.T
+  centred = float(np.trace(gram, dtype=np.float64)) - float(np.sum(gram, dtype=np.float64)) / b
+  return gram, centred, b * float(first @ first)
+
+
+def _host_group_grams(rows: np.ndarray, stacked: bool, buffers: dict) -> np.ndarray:
+  """`_host_gram` of each layer of one device's minibatch: `[b, ...]`, or with `stacked`
+  `[b, k, ...]`, to `[k, b, b + 2]` (Gram, then the two sums of squares as columns)."""
+  b = rows.shape[0]
+  rows = rows.reshape(b, rows.shape[1] if stacked else 1, -1)
+  dtype = np.float64 if rows.dtype == np.float64 and jax.config.jax_enable_x64 else np.float32
+  rows = rows.astype(dtype, copy=False)
+  out = np.empty((rows.shape[1], b, b + 2), dtype)
+  for j in range(rows.shape[1]):
+    gram, centred, rest = _host_gram(rows[:, j], buffers)
+    out[j, :, :b], out[j, :, b], out[j, :, b + 1] = gram, centred, rest
+  return out
+
+
+def _device_rows(a: Any, mesh: Mesh) -> list[tuple[jax.Device, np.ndarray]]:
+  """(device, its minibatch as NumPy) for this process's devices of `mesh`, in mesh order:
+  device i's rows are block i of the leading axis (read from its own shard when there is
+  one, without a copy on CPU)."""
+  devices = list(mesh.devices.flat)
+  n = np.shape(a)[0]
+  size = n // len(devices)
+  shards = {s.device: s for s in a.addressable_shards} if isinstance(a, jax.Array) else {}
+  out = []
+  for i, device in enumerate(devices):
+    if device.process_index != jax.process_index():
+      continue
+    start, stop = i * size, (i + 1) * size
+    shard = shards.get(device)
+    covered = shard.index[0].indices(n)[:2] if shard is not None else None
+    if covered == (start, stop):
+      out.append((device, np.asarray(shard.data)))
+    elif covered == (0, n):
+      out.append((device, np.asarray(shard.data)[start:stop]))
+    else:
+      out.append((device, np.asarray(a[start:stop])))
+  return out
+
+
+def _host_grams(layers: tuple[Any, ...], stacked: bool, mesh: Mesh) -> jax.Array:
+  """Every layer's minibatch Grams on the host (`_host_group_grams`), as one global array
+  `[devices · L, b, b + 2]` sharded over the mesh's data axis (device d's L layers)."""
+  buffers = {}
+  per_device = {}
+  for layer in layers:
+    for device, rows in _device_rows(layer, mesh):
+      per_device.setdefault(device, []).append(_host_group_grams(rows, stacked, buffers))
+  blocks = [jax.device_put(np.concatenate(grams), device)
+            for device, grams in per_device.items()]
+  shape = (mesh.devices.size * blocks[0].shape[0], *blocks[0].shape[1:])
+  return jax.make_array_from_single_device_arrays(shape, parallel.batch_sharding(mesh), blocks)
+
+
 def _device_sums(shift: jax.Array, first: jax.Array, valid: jax.Array,
-                 xs: tuple[jax.Array, ...], ys: tuple[jax.Array, ...] | None, stacked: bool,
+                 xs: tuple[jax.Array, ...] | jax.Array,
+                 ys: tuple[jax.Array, ...] | jax.Array | None, host_grams: bool, stacked: bool,
                  gram_blocks: int, feature_chunk: int) -> tuple[jax.Array, ...]:
   """Per-device minibatch terms, summed over the mesh (runs inside shard_map); a device
-  whose minibatch is not all `valid` (padding) adds nothing."""
+  whose minibatch is not all `valid` (padding) adds nothing. With `host_grams`, xs and ys
+  are this device's `_host_grams` blocks `[L, b, b + 2]`, else its layers."""
   counts = jnp.all(valid)
-  ux, bad_x, varied_x = _layer_grams(xs, stacked, gram_blocks, feature_chunk)
+
+  def u_centred(layers):
+    if host_grams:
+      b = layers.shape[1]
+      return _u_centred(layers[..., :b], layers[:, 0, b], layers[:, 0, b + 1])
+    return _u_centred(*_layer_grams(layers, stacked, gram_blocks, feature_chunk))
+
+  ux, bad_x, varied_x = u_centred(xs)
   b = ux.shape[-1]
   ux = ux.reshape(ux.shape[0], b * b)
   if ys is None:
@@ -524,7 +639,7 @@ def _device_sums(shift: jax.Array, first: jax.Array, valid: jax.Array,
     hxx = hyy = jnp.diagonal(hxy)
     bad_y, varied_y = bad_x, varied_x
   else:
-    uy, bad_y, varied_y = _layer_grams(ys, stacked, gram_blocks, feature_chunk)
+    uy, bad_y, varied_y = u_centred(ys)
     uy = uy.reshape(uy.shape[0], b * b)
     hxy = ux @ uy.T / (b * (b - 3))
     hxx = jnp.sum(ux * ux, axis=1) / (b * (b - 3))
@@ -543,27 +658,32 @@ def _device_sums(shift: jax.Array, first: jax.Array, valid: jax.Array,
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("stacked", "mesh", "gram_blocks", "feature_chunk",
-                                    "precision"),
+                   static_argnames=("minibatch_size", "host_grams", "stacked", "mesh",
+                                    "gram_blocks", "feature_chunk", "precision"),
                    donate_argnums=0)
-def _update(state: dict[str, jax.Array], valid: jax.Array, xs: tuple[jax.Array, ...],
-            ys: tuple[jax.Array, ...] | None, *, stacked: bool, mesh: Mesh, gram_blocks: int,
-            feature_chunk: int, precision: str) -> dict[str, jax.Array]:
+def _update(state: dict[str, jax.Array], valid: jax.Array, xs: tuple[jax.Array, ...] | jax.Array,
+            ys: tuple[jax.Array, ...] | jax.Array | None, *, minibatch_size: int,
+            host_grams: bool, stacked: bool, mesh: Mesh, gram_blocks: int, feature_chunk: int,
+            precision: str) -> dict[str, jax.Array]:
   """One jitted update of the state's arrays (names stay outside, so they never recompile);
-  every matrix product at `precision`."""
+  every matrix product at `precision`. xs / ys: layers, or with `host_grams` the
+  `_host_grams` arrays."""
   with jax.default_matmul_precision(precision):
-    return _update_body(state, valid, xs, ys, stacked=stacked, mesh=mesh,
+    return _update_body(state, valid, xs, ys, minibatch_size=minibatch_size,
+                        host_grams=host_grams, stacked=stacked, mesh=mesh,
                         gram_blocks=gram_blocks, feature_chunk=feature_chunk)
 
 
-def _update_body(state: dict[str, jax.Array], valid: jax.Array, xs: tuple[jax.Array, ...],
-                 ys: tuple[jax.Array, ...] | None, *, stacked: bool, mesh: Mesh,
-                 gram_blocks: int, feature_chunk: int) -> dict[str, jax.Array]:
+def _update_body(state: dict[str, jax.Array], valid: jax.Array,
+                 xs: tuple[jax.Array, ...] | jax.Array,
+                 ys: tuple[jax.Array, ...] | jax.Array | None, *, minibatch_size: int,
+                 host_grams: bool, stacked: bool, mesh: Mesh, gram_blocks: int,
+                 feature_chunk: int) -> dict[str, jax.Array]:
   data = PartitionSpec(parallel.DATA_AXIS)
   in_specs = (PartitionSpec(), PartitionSpec(), data, data, None if ys is None else data)
   sums_fn = jax.shard_map(
-      functools.partial(_device_sums, stacked=stacked, gram_blocks=gram_blocks,
-                        feature_chunk=feature_chunk),
+      functools.partial(_device_sums, host_grams=host_grams, stacked=stacked,
+                        gram_blocks=gram_blocks, feature_chunk=feature_chunk),
       mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec())
   shift, moments, num_minibatches, bad_x, bad_y, varied_x, varied_y = sums_fn(
       state["shift"], state["num_batches"] == 0, valid, xs, ys)
@@ -573,7 +693,7 @@ def _update_body(state: dict[str, jax.Array], valid: jax.Array, xs: tuple[jax.Ar
   return dict(
       shift=shift, sums=sums, compensation=(sums - state["sums"]) - corrected,
       num_batches=state["num_batches"] + num_minibatches,
-      num_examples=state["num_examples"] + num_minibatches * (xs[0].shape[0] // mesh.size),
+      num_examples=state["num_examples"] + num_minibatches * minibatch_size,
       nonfinite_x=state["nonfinite_x"] | bad_x, nonfinite_y=state["nonfinite_y"] | bad_y,
       varied_x=state["varied_x"] | varied_x, varied_y=state["varied_y"] | varied_y)
 
@@ -660,36 +780,53 @@ class MinibatchCKA:
   The jitted update donates the state: do not reuse a state passed to `update`.
   """
 
-  def __init__(self, mesh: Mesh | None = None, *, gram_blocks: int = 1,
+  def __init__(self, mesh: Mesh | None = None, *, grams: str = "auto", gram_blocks: int = 1,
                feature_chunk: int | None = None, precision: str = "highest"):
     """Builds the estimator.
 
     Args:
       mesh: one-axis mesh named `parallel.DATA_AXIS`; default one local device.
-      gram_blocks: row blocks of the SYRK-like Gram (1 = one plain matrix product); more
+      grams: where each minibatch's Grams are computed, one of `GRAMS`: 'host' (CPU meshes
+        only) by the host's BLAS as symmetric products (SYRK) on each device's rows, then
+        the rest jitted; 'device' by XLA inside the jitted update (centred feature chunks);
+        'auto' (default) is 'host' on a CPU mesh, 'device' otherwise and when `update` is
+        traced (inside jit or scan). On a 2-core CPU the
+        host's SYRK is ~2x faster than XLA's product (benchmarks/cka_bench.py). Both give the
+        same numbers to float32 rounding; a host Gram is of the features as they are when
+        their means are small next to their spread (checked on the Gram), else of the
+        features minus their first example.
+      gram_blocks: device Grams: row blocks of the SYRK-like Gram (1 = one plain matrix product); more
         blocks save up to half the Gram FLOPs but use smaller matrix products (on a 2-core
         CPU with XLA's dot, 1 is fastest).
-      feature_chunk: features per chunk of each Gram (0 = no chunking); default 1024 on
-        CPU (centring in cache), 0 on accelerators.
+      feature_chunk: device Grams: features per chunk of each Gram (0 = no chunking);
+        default 1024 on CPU (centring in cache), 0 on accelerators.
       precision: matrix-product precision, one of `PRECISIONS`: 'highest' (float32-accurate
         on every backend), or 'default' for the backend's fastest (TF32 / bfloat16 passes
         on GPUs / TPUs).
 
     Raises:
-      ValueError: on a mesh without the data axis, gram_blocks < 1, feature_chunk < 0 or an
-        unknown precision.
+      ValueError: on a mesh without the data axis, an unknown `grams`, 'host' Grams on a
+        mesh of accelerators, gram_blocks < 1, feature_chunk < 0 or an unknown precision.
     """
     mesh = parallel.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
     if tuple(mesh.axis_names) != (parallel.DATA_AXIS,):
       raise ValueError(f"MinibatchCKA needs a one-axis mesh named {parallel.DATA_AXIS!r} "
                        f"(parallel.make_mesh()); got axes {mesh.axis_names}.")
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    if grams not in GRAMS:
+      raise ValueError(f"grams must be one of {GRAMS}; got {grams!r}.")
+    if grams == "host" and not on_cpu:
+      raise ValueError("grams='host' computes Grams with the host's BLAS and needs a mesh of "
+                       "CPU devices; use grams='device' (or 'auto') on accelerators.")
     if gram_blocks < 1:
       raise ValueError(f"gram_blocks must be >= 1; got {gram_blocks}.")
     if feature_chunk is None:
-      feature_chunk = _CPU_FEATURE_CHUNK if mesh.devices.flat[0].platform == "cpu" else 0
+      feature_chunk = _CPU_FEATURE_CHUNK if on_cpu else 0
     if feature_chunk < 0:
       raise ValueError(f"feature_chunk must be >= 0 (0 = no chunking); got {feature_chunk}.")
     self.mesh = mesh
+    self.grams = grams
+    self.on_cpu = on_cpu
     self.gram_blocks = gram_blocks
     self.feature_chunk = feature_chunk
     self.precision = _check_precision(precision)
@@ -737,7 +874,9 @@ class MinibatchCKA:
   def update(self, state: MinibatchCKAState, xs: Layers, ys: Layers | None = None, *,
              stacked: bool = False,
              valid: jax.typing.ArrayLike | None = None) -> MinibatchCKAState:
-    """Folds one global batch into `state` (jitted; no host synchronisation).
+    """Folds one global batch into `state`. With device Grams it is jitted and does not wait
+    for the host; with host Grams it waits for the features, computes their Grams, and
+    returns once the jitted rest is dispatched.
 
     Args:
       state: from `init` or a previous `update` (donated), or restored with `from_numpy`.
@@ -800,9 +939,18 @@ class MinibatchCKA:
       valid = np.asarray(valid, bool)
       valid = jax.make_array_from_callback((batch,), parallel.batch_sharding(self.mesh),
                                            lambda index: valid[index])
+    traced = any(isinstance(a, jax.core.Tracer) for _, _, a in named)
+    if traced and self.grams == "host":
+      raise ValueError("grams='host' needs concrete arrays, but update is being traced (inside "
+                       "jit or scan); use grams='auto' or 'device' there.")
+    host_grams = self.grams == "host" or (self.grams == "auto" and self.on_cpu and not traced)
+    if host_grams:
+      arrays_x = _host_grams(arrays_x, stacked, self.mesh)
+      arrays_y = arrays_y and _host_grams(arrays_y, stacked, self.mesh)
     arrays = {f: getattr(self._place(state), f) for f in _STATE_ARRAYS}
-    arrays = _update(arrays, valid, arrays_x, None if within else arrays_y, stacked=stacked,
-                     mesh=self.mesh, gram_blocks=self.gram_blocks,
+    arrays = _update(arrays, valid, arrays_x, None if within else arrays_y,
+                     minibatch_size=batch // devices, host_grams=host_grams,
+                     stacked=stacked, mesh=self.mesh, gram_blocks=self.gram_blocks,
                      feature_chunk=self.feature_chunk, precision=self.precision)
     return MinibatchCKAState(**arrays, names_x=state.names_x, names_y=state.names_y)
 

@@ -204,7 +204,8 @@ class LocalizationCKA:
   """
 
   def __init__(self, layer_shapes: Mapping[str, Sequence[int]], *, image_size: int,
-               has_cls: bool, mesh: Mesh | None = None, gram_blocks: int = 1):
+               has_cls: bool, mesh: Mesh | None = None, grams: str = "auto",
+               gram_blocks: int = 1):
     """Builds the accumulator.
 
     Args:
@@ -213,6 +214,7 @@ class LocalizationCKA:
       image_size: side of the square input images.
       has_cls: whether token 0 of the token layers is a CLS token (dropped).
       mesh: one-axis data mesh (default one local device).
+      grams: passed to `cka.MinibatchCKA`.
       gram_blocks: passed to `cka.MinibatchCKA`.
 
     Raises:
@@ -228,7 +230,7 @@ class LocalizationCKA:
     self.has_cls = has_cls
     self._by_grid = {g: tuple(n for n in self.names if self.grids[n] == g)
                      for g in sorted(set(self.grids.values()))}
-    self._estimator = cka.MinibatchCKA(mesh, gram_blocks=gram_blocks)
+    self._estimator = cka.MinibatchCKA(mesh, grams=grams, gram_blocks=gram_blocks)
     self.mesh = self._estimator.mesh
     self._split = jax.jit(self._split_fn)
 

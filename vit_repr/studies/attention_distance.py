@@ -125,7 +125,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                num_classes=info.num_classes, mesh=mesh)
     resnet_extractor = features.FeatureExtractor(resnet, list(config.resnet.layers),
                                                  image_size=image_size, token_mode="all")
-    estimator = cka.MinibatchCKA(mesh, gram_blocks=analysis.gram_blocks)
+    estimator = cka.MinibatchCKA(mesh, grams=analysis.grams,
+                                 gram_blocks=analysis.gram_blocks)
     states["cka"] = estimator.init({n: None for n in head_names},
                                    {n: None for n in resnet_extractor.names})
     logging.info("Per-head CKA: %d heads x %d %s layers.", len(head_names),

@@ -72,7 +72,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                  image_size=cfg_data.image_size)
     accumulators[name] = localization.LocalizationCKA(
         extractors[name].shapes, image_size=cfg_data.image_size,
-        has_cls=features.has_cls_token(model), mesh=mesh, gram_blocks=analysis.gram_blocks)
+        has_cls=features.has_cls_token(model), mesh=mesh, grams=analysis.grams,
+        gram_blocks=analysis.gram_blocks)
     for grid in set(accumulators[name].grids.values()):
       _resolve_positions(analysis.positions, grid)  # Fails early on a bad position.
     logging.info("Model %s (%s): layers %s.", name, spec.name, accumulators[name].grids)

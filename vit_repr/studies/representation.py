@@ -68,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   pass_batches = resume.pass_reader(cfg_data, minibatch_size=analysis.minibatch_size,
                                     mesh=mesh, shuffle_seed=analysis.shuffle_seed)
-  estimator = cka.MinibatchCKA(mesh, gram_blocks=analysis.gram_blocks)
+  estimator = cka.MinibatchCKA(mesh, grams=analysis.grams, gram_blocks=analysis.gram_blocks)
 
   def update(state: cka.MinibatchCKAState, batch: dict) -> cka.MinibatchCKAState:
     feats = {f"{k}:{n}": v for k, e in extractors.items()

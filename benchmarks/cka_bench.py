@@ -78,9 +78,23 @@ def worker_ours(cfg: dict) -> dict:
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   estimator.result(state)
   minibatches = steps * devices
+  one_layer = np.asarray(feats[0].addressable_shards[0].data)
+  gram_seconds = _best_of(lambda: one_layer @ one_layer.T)
   return {"seconds_per_minibatch": seconds / minibatches,
           "cpu_seconds_per_minibatch": cpu_seconds / minibatches, "total_seconds": seconds,
-          "minibatches": minibatches, "devices": devices, "peak_gb": peak_rss_gb()}
+          "minibatches": minibatches, "devices": devices, "peak_gb": peak_rss_gb(),
+          "gram_ms": 1e3 * gram_seconds}
+
+
+def _best_of(fn, repeats: int = 5) -> float:
+  """Best wall-clock seconds of `fn()` over `repeats` runs, after one warm-up."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
 
 
 PEER_CODE = r"""
@@ -118,8 +132,12 @@ run(1)
 start, cpu_start = time.perf_counter(), time.process_time()
 run(steps)
 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+one = m1.layers[0].feat
+gram_seconds = []
+for _ in range(6):
+  start = time.perf_counter(); one @ one.T; gram_seconds.append(time.perf_counter() - start)
 import resource
-print(json.dumps({"seconds_per_minibatch": seconds / steps,
+print(json.dumps({"gram_ms": 1e3 * min(gram_seconds[1:]), "seconds_per_minibatch": seconds / steps,
                   "cpu_seconds_per_minibatch": cpu_seconds / steps, "total_seconds": seconds,
                   "minibatches": steps, "devices": 1,
                   "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
@@ -173,7 +191,7 @@ def main() -> None:
   for grams in ("host", "device"):
     rows.append(("grams", "vit_repr", dict(main_cfg, grams=grams), 1))
   for offset in (0.0, 30.0):
-    rows.append(("mean/spread", "vit_repr", dict(main_cfg, offset=offset), 1))
+    rows.append((f"mean {offset:g}x", "vit_repr", dict(main_cfg, offset=offset), 1))
   device_cfg = dict(main_cfg, grams="device")
   for blocks in ((1, 2) if args.quick else (1, 2, 4, 8)):
     rows.append(("dev. blocks", "vit_repr", dict(device_cfg, blocks=blocks), 1))
@@ -216,7 +234,8 @@ def main() -> None:
 
 def compare_rounds(cfg: dict, rounds: int, devices: tuple[int, ...]) -> None:
   """vit_repr (on each device count) and pytorch-cka on `cfg`, alternating, `rounds` times;
-  prints each run's seconds per minibatch, the medians and the ratios peer / vit_repr."""
+  prints each run's seconds per minibatch, the medians and the ratios peer / vit_repr, and the
+  time of one Gram alone in each library's BLAS (NumPy's OpenBLAS SYRK, torch's MKL)."""
   times = {}
   print(f"Alternating rounds on {cfg['la']} x {cfg['lb']} layers, b={cfg['b']}, p={cfg['p']}, "
         f"N={cfg['n']} per device (seconds per minibatch):")
@@ -227,8 +246,9 @@ def compare_rounds(cfg: dict, rounds: int, devices: tuple[int, ...]) -> None:
       out = spawn(kind, run_cfg, num_devices)
       if out is not None:
         times.setdefault(name, []).append(out["seconds_per_minibatch"])
-        print(f"  round {round_index + 1}: {name:<16}{out['seconds_per_minibatch']:.3f}",
-              flush=True)
+        print(f"  round {round_index + 1}: {name:<16}{out['seconds_per_minibatch']:.3f}   "
+              f"(one [b, p] Gram alone: {out['gram_ms']:.1f} ms, "
+              f"{'torch' if kind == 'peer' else 'NumPy'})", flush=True)
   peer = float(np.median(times.get("pytorch-cka", [np.nan])))
   for name, values in times.items():
     median = float(np.median(values))

@@ -221,20 +221,30 @@ def _assert_numbers_close(found, expected, where):
 
 
 @pytest.mark.slow
-@pytest.mark.seconds(480)
-def test_main_job_on_two_hosts_of_two_devices_equals_one_device(tmp_path):
-  one, four = str(tmp_path / "1x1"), str(tmp_path / "2x2")
+@pytest.mark.seconds(800)
+def test_main_job_on_every_layout_equals_one_device(tmp_path):
+  one = str(tmp_path / "1x1")
   _run_main_job(1, 1, one)
   # 2 hosts x 2 devices train vit_cls again (the model of most studies) and reuse the other
-  # trained models, so the comparison covers training and every study at a bounded cost.
-  shutil.copytree(os.path.join(one, "models"), os.path.join(four, "models"),
-                  ignore=lambda directory, names: ["vit_cls"] if directory.endswith("models")
-                  else [])
-  _run_main_job(2, 2, four)
-  assert os.path.exists(os.path.join(four, "models", "vit_cls", "params"))
-  assert os.path.exists(os.path.join(four, "report.html"))
-  with open(os.path.join(one, "summary.json")) as f, open(os.path.join(four, "summary.json")) as g:
-    _assert_numbers_close(json.load(g), json.load(f), "summary")
+  # trained models, so the comparison covers training and every study at a bounded cost;
+  # 1 x 2 and 2 x 1 reuse every trained model and run every study.
+  for processes, devices, retrained in ((2, 2, ["vit_cls"]), (1, 2, []), (2, 1, [])):
+    workdir = str(tmp_path / f"{processes}x{devices}")
+    shutil.copytree(os.path.join(one, "models"), os.path.join(workdir, "models"),
+                    ignore=lambda directory, names, skip=retrained: skip
+                    if directory.endswith("models") else [])
+    _run_main_job(processes, devices, workdir)
+    assert os.path.exists(os.path.join(workdir, "models", "vit_cls", "params"))
+    assert os.path.exists(os.path.join(workdir, "report.html"))
+    _assert_same_results(workdir, one)
+
+
+def _assert_same_results(workdir: str, one: str) -> None:
+  """Every result `.npz` of every study and the headline numbers of the main job in `workdir`
+  equal those of the one-device run in `one` (to float32 rounding of another layout)."""
+  with open(os.path.join(one, "summary.json")) as f, open(
+      os.path.join(workdir, "summary.json")) as g:
+    _assert_numbers_close(json.load(g), json.load(f), f"{workdir} summary")
   compared = []
   for directory, _, names in os.walk(one):
     for name in names:
@@ -242,18 +252,19 @@ def test_main_job_on_two_hosts_of_two_devices_equals_one_device(tmp_path):
       if not name.endswith(".npz") or "state" in name or name.startswith("features_"):
         continue
       path = os.path.join(directory, name)
-      expected, found = np.load(path), np.load(os.path.join(four, os.path.relpath(path, one)))
+      expected = np.load(path)
+      found = np.load(os.path.join(workdir, os.path.relpath(path, one)))
       assert set(found.files) == set(expected.files), path
       for key in expected.files:
         e, f = expected[key], found[key]
         if e.dtype.kind != "f":
-          np.testing.assert_array_equal(f, e, err_msg=f"{path} {key}")
+          np.testing.assert_array_equal(f, e, err_msg=f"{workdir}: {path} {key}")
           continue
         # vit_cls trained on 4 devices rounds differently: CKA agrees to ~1e-5, standard
         # errors (float32 variances of sums) and receptive fields (gradients) to ~3e-3.
         scale = np.nanmax(np.abs(e)) if e.size and not np.isnan(e).all() else 1.0
         np.testing.assert_allclose(f, e, rtol=0, atol=1e-4 if key.startswith("cka") else
-                                   5e-3 * scale + 1e-6, err_msg=f"{path} {key}")
+                                   5e-3 * scale + 1e-6, err_msg=f"{workdir}: {path} {key}")
       compared.append(os.path.relpath(path, one))
   studies = {"representation", "attention", "receptive_fields", "skip_connections",
              "localization", "probes", "data_scale"}

@@ -152,17 +152,44 @@ class MultiHeadDotProductAttention(nn.Module):
     head_dim = width // self.num_heads
     projection = dict(features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
                       kernel_init=nn.initializers.xavier_uniform())
-    query = nn.DenseGeneral(name="query", **projection)(x)
-    key = nn.DenseGeneral(name="key", **projection)(x)
-    value = nn.DenseGeneral(name="value", **projection)(x)
+    # Heads-major [b, H, T, d] operands and plain batched matmuls: on XLA:CPU this attention
+    # core runs ~25% faster than the equivalent token-major einsums (benchmarks/models_bench).
+    query, key, value = (
+        nn.DenseGeneral(name=name, **projection)(x).transpose(0, 2, 1, 3)
+        for name in ("query", "key", "value"))
     query = query / jnp.sqrt(head_dim).astype(query.dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    scores = query @ jnp.swapaxes(key, -1, -2)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
-    heads = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    out = nn.DenseGeneral(features=width, axis=(-2, -1), dtype=self.dtype,
-                          kernel_init=nn.initializers.xavier_uniform(), name="out")(heads)
+    heads = (weights @ value).transpose(0, 2, 1, 3)
+    out = HeadsProjection(width, self.dtype, name="out")(heads)
     return out, probs, heads
+
+
+class HeadsProjection(nn.Module):
+  """The attention output projection `[b, T, H, d]` -> `[b, T, D]` with the original layout
+  (`kernel` [H, d, D], `bias` [D]; initialised like `nn.DenseGeneral(axis=(-2, -1))`),
+  computed as one `[b·T, H·d] x [H·d, D]` product.
+
+  Attributes:
+    features: output width D.
+    dtype: compute dtype.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, heads: jax.Array) -> jax.Array:
+    *batch, num_heads, head_dim = heads.shape
+    flat_init = nn.initializers.xavier_uniform()
+    kernel = self.param(
+        "kernel", lambda rng, shape: flat_init(rng, (num_heads * head_dim, self.features)
+                                               ).reshape(shape),
+        (num_heads, head_dim, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    flat = heads.reshape(*batch, num_heads * head_dim).astype(self.dtype)
+    return (flat @ kernel.reshape(num_heads * head_dim, self.features).astype(self.dtype)
+            + bias.astype(self.dtype))
 
 
 class Encoder1DBlock(nn.Module):

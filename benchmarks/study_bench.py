@@ -7,10 +7,19 @@ of time in forward vs CKA, and achieved GFLOP/s against the float32 GEMM peak me
 same run. Forward FLOPs come from XLA's cost analysis; CKA FLOPs are the minimal count
 (2·b²·p per layer for the Grams plus 2·L²·b² for all pairs).
 
+With the peers interpreter present, the same study runs as the PyTorch stack would run it
+(timm's vit_base_patch16_224 and resnetv2_50x1_bit, random weights, the same 24 + 16 layers
+hooked: ViT block outputs and the LayerNorm of each block's mid-point, ResNet unit outputs;
+pytorch-cka's `compute_cka` over a DataLoader of the same number of minibatches of random
+images) in a separate process, and the end-to-end ratio is printed.
+
   python -m benchmarks.study_bench                     # minibatch 32
   python -m benchmarks.study_bench --minibatch=64 --steps=3
 """
 
+import json
+import os
+import subprocess
 import time
 
 import jax
@@ -25,8 +34,50 @@ from vit_repr.models import create
 _MINIBATCH = flags.DEFINE_integer("minibatch", 32, "Examples per minibatch (the paper's: 256).")
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed minibatches after one warm-up.")
 _SIZE = flags.DEFINE_integer("image_size", 224, "Input resolution.")
+_PEERS_PYTHON = flags.DEFINE_string("peers_python", "/root/.cache/vit_repr_peers/bin/python",
+                                    "Python with torch, timm and pytorch-cka ('' to skip).")
 _MODELS = {"ViT-B/16": r"Transformer/encoderblock_\d+/(mid|out)",
            "BiT-R50x1": r"block\d/unit\d+/out"}
+
+# Runs in the peers interpreter: argv = minibatch, image size, steps; prints one JSON line.
+_PEER_SCRIPT = r"""
+import json, sys, time
+import timm, torch
+from cka import compute_cka
+from torch.utils.data import DataLoader, TensorDataset
+b, size, steps = (int(a) for a in sys.argv[1:4])
+torch.manual_seed(0)
+vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=size).eval()
+bit = timm.create_model("resnetv2_50x1_bit", pretrained=False).eval()
+vit_layers = [f"blocks.{i}.{part}" for i in range(12) for part in ("norm2", "")]
+vit_layers = [name.rstrip(".") for name in vit_layers]
+bit_layers = [f"stages.{s}.blocks.{j}" for s, n in enumerate((3, 4, 6, 3)) for j in range(n)]
+images = torch.rand(b * steps, 3, size, size) * 2 - 1
+def run(num):
+  loader = DataLoader(TensorDataset(images[:b * num]), batch_size=b)
+  with torch.inference_mode():
+    return compute_cka(vit, bit, loader, layers=vit_layers, model2_layers=bit_layers,
+                       device="cpu", progress=False)
+run(1)
+start, cpu = time.perf_counter(), time.process_time()
+run(steps)
+print(json.dumps({"seconds": (time.perf_counter() - start) / steps,
+                  "cpu_seconds": (time.process_time() - cpu) / steps,
+                  "layers": [len(vit_layers), len(bit_layers)],
+                  "versions": [timm.__version__, torch.__version__]}))
+"""
+
+
+def _peer_seconds(b: int, size: int, steps: int) -> dict | None:
+  """The timm + pytorch-cka pipeline's seconds per minibatch, in a separate process."""
+  if not _PEERS_PYTHON.value or not os.path.exists(_PEERS_PYTHON.value):
+    return None
+  proc = subprocess.run([_PEERS_PYTHON.value, "-c", _PEER_SCRIPT, str(b), str(size),
+                         str(steps)], capture_output=True, text=True)
+  if proc.returncode:
+    print(f"timm + pytorch-cka comparison failed:\n{proc.stderr[-2000:]}")
+    return None
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _forward_flops(model, params, images) -> float:
@@ -88,6 +139,12 @@ def main(argv):
           f"{rate:>8.1f} {rate / gemm['xla']:>11.0%}")
   print(f"{'total':>10} {total:>12.2f} {'':>6} {sum(flops.values()) / 1e9:>8.1f} "
         f"{sum(flops.values()) / total / 1e9:>8.1f}   -> {b / total:.2f} examples/s")
+  peer = _peer_seconds(b, size, _STEPS.value)
+  if peer is not None:
+    print(f"timm {peer['versions'][0]} + pytorch-cka (torch {peer['versions'][1]}), "
+          f"{peer['layers'][0]} + {peer['layers'][1]} layers: {peer['seconds']:.2f} s per "
+          f"minibatch ({b / peer['seconds']:.2f} examples/s); peer / vit_repr: "
+          f"{peer['seconds'] / total:.2f}x")
 
 
 if __name__ == "__main__":

@@ -261,10 +261,14 @@ def _assert_same_results(workdir: str, one: str) -> None:
           np.testing.assert_array_equal(f, e, err_msg=f"{workdir}: {path} {key}")
           continue
         # vit_cls trained on 4 devices rounds differently: CKA agrees to ~1e-5, standard
-        # errors (float32 variances of sums) and receptive fields (gradients) to ~3e-3.
+        # errors (float32 variances of sums) and receptive fields (gradients) to ~3e-3, and
+        # a probe accuracy may move by one example of its evaluation set (the smallest, the
+        # 264-example holdout: 3.8e-3).
         scale = np.nanmax(np.abs(e)) if e.size and not np.isnan(e).all() else 1.0
-        np.testing.assert_allclose(f, e, rtol=0, atol=1e-4 if key.startswith("cka") else
-                                   5e-3 * scale + 1e-6, err_msg=f"{workdir}: {path} {key}")
+        probe = "probe" in path or "/linear" in key or "/fewshot" in key
+        atol = (1e-4 if key.startswith("cka") else 1.01 / 264 if probe
+                else 5e-3 * scale + 1e-6)
+        np.testing.assert_allclose(f, e, rtol=0, atol=atol, err_msg=f"{workdir}: {path} {key}")
       compared.append(os.path.relpath(path, one))
   studies = {"representation", "attention", "receptive_fields", "skip_connections",
              "localization", "probes", "data_scale"}

@@ -662,7 +662,8 @@ def test_every_matrix_product_runs_at_the_requested_precision(precision, expecte
   arrays = {f: getattr(state, f) for f in cka._STATE_ARRAYS}
   lowered = cka._update.lower(
       arrays, np.ones(16, bool), tuple(xs), tuple(ys), minibatch_size=16, host_grams=False,
-      stacked=False, mesh=estimator.mesh, gram_blocks=2, feature_chunk=4, precision=estimator.precision)
+      stacked=False, mesh=estimator.mesh, gram_blocks=2, feature_chunk=4,
+      precision=estimator.precision)
   assert dot_precisions(lowered.as_text()) == {expected}
   x, y = xs[0].reshape(16, -1), ys[1]
   full_batch = {

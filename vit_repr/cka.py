@@ -527,10 +527,11 @@ def _u_centred(grams: jax.Array, centred_sq: jax.Array,
   return _u_centre(grams), ~jnp.isfinite(centred_sq), varied
 
 
-# Host Grams (CPU meshes): a layer is multiplied uncentred when its first rows say its column
-# means carry at most this many times its variance (a float32 CKA error of ~1e-8 then), and
-# the Gram itself confirms it (up to twice this); other layers are first shifted by their first
-# example. Float32 Grams of uncentred features lose ~1e-7 at 10x and ~1e-5 at 1000x.
+# Host Grams (CPU meshes): a layer is multiplied uncentred when its first rows say its sum of
+# squares is at most this many times its centred one (column means up to ~1.7x the spread),
+# and the Gram itself confirms it (up to twice this); other layers are first shifted by their
+# first example. Measured float32 CKA errors of uncentred Grams grow as (mean / spread)²:
+# ~1e-7 at 3x, 1e-6 at 10x, 1.5e-5 at 30x, 5e-4 at 100x; shifted ones stay at ~1e-8.
 _UNCENTRED_MAX_RATIO = 4.0
 _SAMPLE_ROWS = 16
 
@@ -790,14 +791,14 @@ class MinibatchCKA:
         only) by the host's BLAS as symmetric products (SYRK) on each device's rows, then
         the rest jitted; 'device' by XLA inside the jitted update (centred feature chunks);
         'auto' (default) is 'host' on a CPU mesh, 'device' otherwise and when `update` is
-        traced (inside jit or scan). On a 2-core CPU the
-        host's SYRK is ~2x faster than XLA's product (benchmarks/cka_bench.py). Both give the
-        same numbers to float32 rounding; a host Gram is of the features as they are when
-        their means are small next to their spread (checked on the Gram), else of the
-        features minus their first example.
-      gram_blocks: device Grams: row blocks of the SYRK-like Gram (1 = one plain matrix product); more
-        blocks save up to half the Gram FLOPs but use smaller matrix products (on a 2-core
-        CPU with XLA's dot, 1 is fastest).
+        traced (inside jit or scan). On a 2-core CPU the host's SYRK is ~1.8x faster than
+        XLA's product (benchmarks/cka_bench.py). Both give the same numbers to float32
+        rounding; a host Gram is of the features as they are when their means are small
+        next to their spread (checked on the Gram), else of the features minus their first
+        example.
+      gram_blocks: device Grams: row blocks of the SYRK-like Gram (1 = one plain matrix
+        product); more blocks save up to half the Gram FLOPs but use smaller matrix products
+        (on a 2-core CPU with XLA's dot, 1 is fastest).
       feature_chunk: device Grams: features per chunk of each Gram (0 = no chunking);
         default 1024 on CPU (centring in cache), 0 on accelerators.
       precision: matrix-product precision, one of `PRECISIONS`: 'highest' (float32-accurate

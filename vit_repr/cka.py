@@ -791,7 +791,7 @@ class MinibatchCKA:
         only) by the host's BLAS as symmetric products (SYRK) on each device's rows, then
         the rest jitted; 'device' by XLA inside the jitted update (centred feature chunks);
         'auto' (default) is 'host' on a CPU mesh, 'device' otherwise and when `update` is
-        traced (inside jit or scan). On a 2-core CPU the host's SYRK is ~1.8x faster than
+        traced (inside jit or scan). On a 2-core CPU the host's SYRK is ~1.7x faster than
         XLA's product (benchmarks/cka_bench.py). Both give the same numbers to float32
         rounding; a host Gram is of the features as they are when their means are small
         next to their spread (checked on the Gram), else of the features minus their first

@@ -54,6 +54,7 @@ def worker_gemm(cfg: dict) -> dict:
 def worker_ours(cfg: dict) -> dict:
   """Times MinibatchCKA.update on a fixed set of random features (compile excluded)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
   from vit_repr import cka, parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   devices = mesh.devices.size
@@ -79,22 +80,12 @@ def worker_ours(cfg: dict) -> dict:
   estimator.result(state)
   minibatches = steps * devices
   one_layer = np.asarray(feats[0].addressable_shards[0].data)
-  gram_seconds = _best_of(lambda: one_layer @ one_layer.T)
+  gram_seconds = timing.best_seconds(lambda: one_layer @ one_layer.T, repeats=5)
   return {"seconds_per_minibatch": seconds / minibatches,
           "cpu_seconds_per_minibatch": cpu_seconds / minibatches, "total_seconds": seconds,
           "minibatches": minibatches, "devices": devices, "peak_gb": peak_rss_gb(),
           "gram_ms": 1e3 * gram_seconds}
 
-
-def _best_of(fn, repeats: int = 5) -> float:
-  """Best wall-clock seconds of `fn()` over `repeats` runs, after one warm-up."""
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 PEER_CODE = r"""

@@ -49,8 +49,7 @@ b, size, steps = (int(a) for a in sys.argv[1:4])
 torch.manual_seed(0)
 vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=size).eval()
 bit = timm.create_model("resnetv2_50x1_bit", pretrained=False).eval()
-vit_layers = [f"blocks.{i}.{part}" for i in range(12) for part in ("norm2", "")]
-vit_layers = [name.rstrip(".") for name in vit_layers]
+vit_layers = [name for i in range(12) for name in (f"blocks.{i}.norm2", f"blocks.{i}")]
 bit_layers = [f"stages.{s}.blocks.{j}" for s, n in enumerate((3, 4, 6, 3)) for j in range(n)]
 images = torch.rand(b * steps, 3, size, size) * 2 - 1
 def run(num):

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
+  """Best wall-clock seconds of `fn()` over `repeats` runs, after one warm-up (JAX results
+  waited for)."""
   jax.block_until_ready(fn())  # Warm-up (and compilation for XLA).
   best = float("inf")
   for _ in range(repeats):
@@ -28,8 +30,8 @@ def gemm_peaks(n: int = 2048, repeats: int = 10) -> dict[str, float]:
   a_device = jnp.asarray(a)
   matmul = jax.jit(jnp.dot)
   flops = 2.0 * n**3
-  return {"numpy": flops / _best_seconds(lambda: a @ a, repeats) / 1e9,
-          "xla": flops / _best_seconds(lambda: matmul(a_device, a_device), repeats) / 1e9}
+  return {"numpy": flops / best_seconds(lambda: a @ a, repeats) / 1e9,
+          "xla": flops / best_seconds(lambda: matmul(a_device, a_device), repeats) / 1e9}
 
 
 def random_variables(model, images: jax.ShapeDtypeStruct) -> dict:

@@ -536,23 +536,23 @@ _UNCENTRED_MAX_RATIO = 4.0
 _SAMPLE_ROWS = 16
 
 
+def _sums_of_squares(gram: np.ndarray) -> tuple[float, float]:
+  """(uncentred, column-centred) sums of squares of the features behind a Gram `[n, n]`, in
+  float64: trace(K) and trace(K) - sum(K) / n."""
+  total = float(np.trace(gram, dtype=np.float64))
+  return total, total - float(np.sum(gram, dtype=np.float64)) / len(gram)
+
+
+@np.errstate(invalid="ignore", over="ignore")  # NaN / Inf features: flagged later.
 def _host_gram(x: np.ndarray, buffers: dict) -> tuple[np.ndarray, float, float]:
   """The Gram `[b, b]` of features `[b, f]` (rows possibly strided) by the host's BLAS (a
   symmetric product, SYRK), translated when needed so float32 keeps its accuracy; with the
   centred sum of squares and the rest of the uncentred one (as `_u_centred` takes them)."""
-  with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf features: flagged later.
-    return _host_gram_body(x, buffers)
-
-
-def _host_gram_body(x: np.ndarray, buffers: dict) -> tuple[np.ndarray, float, float]:
-  b = x.shape[0]
   sample = x[:_SAMPLE_ROWS]
-  sample_gram = (sample @ sample.T).astype(np.float64)
-  sample_total = np.trace(sample_gram)
-  if sample_total <= _UNCENTRED_MAX_RATIO * (sample_total - sample_gram.mean() * len(sample)):
+  sample_total, sample_centred = _sums_of_squares(sample @ sample.T)
+  if sample_total <= _UNCENTRED_MAX_RATIO * sample_centred:
     gram = x @ x.T
-    total = float(np.trace(gram, dtype=np.float64))
-    centred = total - float(np.sum(gram, dtype=np.float64)) / b
+    total, centred = _sums_of_squares(gram)
     if total <= 2 * _UNCENTRED_MAX_RATIO * centred:
       return gram, centred, total - centred
   first = x[0].astype(np.float64)
@@ -561,8 +561,7 @@ def _host_gram_body(x: np.ndarray, buffers: dict) -> tuple[np.ndarray, float, fl
     shifted = buffers[x.shape] = np.empty(x.shape, x.dtype)
   np.subtract(x, x[0], out=shifted)
   gram = shifted @ shifted.T
-  centred = float(np.trace(gram, dtype=np.float64)) - float(np.sum(gram, dtype=np.float64)) / b
-  return gram, centred, b * float(first @ first)
+  return gram, _sums_of_squares(gram)[1], len(x) * float(first @ first)
 
 
 def _host_group_grams(rows: np.ndarray, stacked: bool, buffers: dict) -> np.ndarray:
@@ -827,7 +826,7 @@ class MinibatchCKA:
       raise ValueError(f"feature_chunk must be >= 0 (0 = no chunking); got {feature_chunk}.")
     self.mesh = mesh
     self.grams = grams
-    self.on_cpu = on_cpu
+    self.host_grams = grams == "host" or (grams == "auto" and on_cpu)  # When not traced.
     self.gram_blocks = gram_blocks
     self.feature_chunk = feature_chunk
     self.precision = _check_precision(precision)
@@ -944,7 +943,7 @@ class MinibatchCKA:
     if traced and self.grams == "host":
       raise ValueError("grams='host' needs concrete arrays, but update is being traced (inside "
                        "jit or scan); use grams='auto' or 'device' there.")
-    host_grams = self.grams == "host" or (self.grams == "auto" and self.on_cpu and not traced)
+    host_grams = self.host_grams and not traced
     if host_grams:
       arrays_x = _host_grams(arrays_x, stacked, self.mesh)
       arrays_y = arrays_y and _host_grams(arrays_y, stacked, self.mesh)

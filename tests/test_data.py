@@ -245,8 +245,10 @@ def test_minibatch_plan_pads_with_invalid_zero_images_and_checks_sizes():
     data.eval_plan(360, global_batch_size=80, minibatch_size=40, num_examples=39)
 
 
+@pytest.mark.parametrize("layout", [dict(minibatch_size=20), dict(num_devices=4)],
+                         ids=["minibatch", "plain"])
 @pytest.mark.parametrize("hosts", [1, 2, 4])
-def test_each_eval_host_reads_only_its_records(monkeypatch, hosts):
+def test_each_eval_host_reads_only_its_records(monkeypatch, hosts, layout):
   source = data._source("digits", "test", None)
   ranges = []
 
@@ -259,13 +261,42 @@ def test_each_eval_host_reads_only_its_records(monkeypatch, hosts):
   for h in range(hosts):
     ranges.clear()
     list(data.eval_numpy_batches("digits", "test", image_size=8, global_batch_size=80,
-                                 minibatch_size=20, process_index=h, process_count=hosts))
+                                 process_index=h, process_count=hosts, **layout))
     covered.append(np.concatenate([np.arange(a, b) for a, b in ranges]))
-  # 18 minibatches over 4 slots (5 steps, 2 padding slots): every host reads one contiguous
-  # run of records, each record is read once in all, and no host reads another's.
+  # Minibatch plan: 18 minibatches over 4 slots (5 steps, 2 padding slots). Plain plan: 4
+  # batches of 80 (40 examples dropped), each device's 20 rows a run of its 80 examples. Every
+  # host reads one contiguous run of records, each record once in all, no other host's.
+  used = 360 if "minibatch_size" in layout else 320
   for records in covered:
     np.testing.assert_array_equal(records, np.arange(records[0], records[0] + len(records)))
-  np.testing.assert_array_equal(np.sort(np.concatenate(covered)), np.arange(360))
+  np.testing.assert_array_equal(np.sort(np.concatenate(covered)), np.arange(used))
+
+
+@pytest.mark.parametrize("devices,hosts,minibatch", [(2, 2, None), (8, 4, None), (4, 2, 20),
+                                                     (8, 4, 10), (8, 2, 20)])
+def test_reshuffled_multihost_pass_exchanges_rows_instead_of_reading_them(devices, hosts,
+                                                                          minibatch):
+  """With `exchange`, each host's buffers hold only the records it reads in canonical order,
+  and the hosts' buffers indexed by `plan.exchange` are the one-host pass, row for row."""
+  batch = 10 * devices if minibatch is None else minibatch * devices
+  kwargs = dict(global_batch_size=batch, num_examples=300 if minibatch != 20 else 130,
+                minibatch_size=minibatch, num_devices=devices)
+  one_host = data.eval_plan(360, shuffle_seed=5, process_index=0, process_count=1, **kwargs)
+  plans = [data.eval_plan(360, shuffle_seed=5, exchange=True, process_index=h,
+                          process_count=hosts, **kwargs) for h in range(hosts)]
+  canonical = [data.eval_plan(360, process_index=h, process_count=hosts, **kwargs)
+               for h in range(hosts)]
+  buffers = np.concatenate([p.host_indices.reshape(p.num_batches, -1) for p in plans], axis=1)
+  assert buffers.shape[1] % devices == 0
+  np.testing.assert_array_equal(np.take_along_axis(buffers, plans[0].exchange, axis=1).ravel(),
+                                one_host.host_indices)
+  for plan, own in zip(plans, canonical):
+    np.testing.assert_array_equal(np.sort(plan.host_indices[plan.host_indices >= 0]),
+                                  np.sort(own.host_indices[own.host_indices >= 0]))
+  # Without the exchange a host reads from its first row's record to its last: nearly all.
+  spread = data.eval_plan(360, shuffle_seed=5, process_index=0, process_count=hosts, **kwargs)
+  real = spread.host_indices[spread.host_indices >= 0]
+  assert real.max() - real.min() > 0.8 * one_host.num_examples
 
 
 # ------------------------------------------------------------------------------------------
@@ -532,7 +563,14 @@ def test_batches_sharded_over_eight_devices():
                                   mesh=mesh, num_examples=48)
       assert len(batches) == 3
       ref = list(data.eval_numpy_batches("digits", "test", image_size=8, global_batch_size=16,
-                                         num_examples=48))
+                                         num_examples=48, num_devices=8))
+      # Device-major: device d's 2 rows of batch i are examples 6 d + 2 i, 6 d + 2 i + 1.
+      canonical = list(data.eval_numpy_batches("digits", "test", image_size=8,
+                                               global_batch_size=48, num_examples=48))[0]
+      rows = (6 * np.arange(8)[None, :, None] + 2 * np.arange(3)[:, None, None]
+              + np.arange(2)).reshape(3, 16)
+      for i, expected in enumerate(ref):
+        np.testing.assert_array_equal(expected["image"], canonical["image"][rows[i]])
       for batch, expected in zip(batches, ref):
         assert batch["image"].shape == (16, 8, 8, 3) and batch["label"].shape == (16,)
         assert batch["image"].sharding.is_equivalent_to(parallel.batch_sharding(mesh), 4)

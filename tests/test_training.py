@@ -12,8 +12,9 @@ import pytest
 from flax import traverse_util
 
 from configs import train as train_configs
+from configs import reproduce as reproduce_configs
 from tests.conftest import fake_tfds_cifar10, run_python
-from vit_repr import checkpoints, parallel, training
+from vit_repr import checkpoints, files, parallel, reproduction, training
 
 
 def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
@@ -430,3 +431,14 @@ def test_experiment_main_runs_runlocal(tmp_path):
   assert "OK" in run_python(code).stdout
   assert (tmp_path / "params").exists() and (tmp_path / "config.json").exists()
   assert len(training.read_metrics(str(tmp_path))) == 6
+
+
+def test_workdir_orbax_cannot_write_is_refused_before_training():
+  """Orbax checkpoints go through TensorStore: TensorFlow's ram:// is refused up front (by
+  training and by the main job, before its first step), with the schemes that work."""
+  for run in (lambda: training.run(tiny_config(), "ram://runs/vit"),
+              lambda: reproduction.run(reproduce_configs.get_config("runlocal"), "ram://job")):
+    with pytest.raises(ValueError, match=r"not ram:// .*local or bucket work directory"):
+      run()
+  assert not files.exists("ram://job") and not files.exists("ram://runs")
+  training.check_checkpoint_dir("gs://bucket/run")  # Accepted: no bucket is touched.

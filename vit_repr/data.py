@@ -53,6 +53,7 @@ Only this module imports TensorFlow; it hides accelerators from TF before buildi
 import collections
 import dataclasses
 import difflib
+import functools
 import math
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -407,21 +408,31 @@ class EvalPlan:
     global_batch_size: rows per global batch (all hosts), padding included.
     num_examples: examples used (the real rows of all the batches).
     num_dropped: requested examples left out (the last partial batch or minibatch).
-    host_indices: canonical indices this host loads, in load order
-      `[num_batches * global_batch_size / hosts]` (this host's rows of every global batch,
-      batch after batch); -1 marks a padding row (an all-zero image, `valid` False).
+    positions: `[num_batches, global_batch_size]` position in the pass's sequence of every
+      row of every global batch (-1 for a padding row); the same on every host.
+    host_indices: canonical indices this host loads, in load order (its rows of every global
+      batch, batch after batch, or with `exchange` its buffer rows); -1 marks a padding row
+      (an all-zero image, `valid` False).
+    exchange: None when each host loads its own rows of every global batch. Otherwise
+      `[num_batches, global_batch_size]`: global batch i is rows `exchange[i]` of the hosts'
+      loaded batches `[hosts * buffer, ...]` (host h's buffer rows first `[h * buffer, (h + 1)
+      * buffer)`): a reshuffled pass in which every host loads only its own records and the
+      devices exchange them.
   """
   num_batches: int
   global_batch_size: int
   num_examples: int
   num_dropped: int
+  positions: np.ndarray
   host_indices: np.ndarray
+  exchange: np.ndarray | None = None
 
 
 def eval_plan(num_split_examples: int, *, global_batch_size: int,
               num_examples: int | None = None, subset_fraction: float = 1.0,
               subset_seed: int = 0, sample_seed: int | None = None,
               shuffle_seed: int | None = None, minibatch_size: int | None = None,
+              num_devices: int = 1, exchange: bool = False,
               process_index: int | None = None, process_count: int | None = None) -> EvalPlan:
   """The examples an eval pass reads: pure index arithmetic, no data access.
 
@@ -429,15 +440,21 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
   sequence permuted by `jax.random.permutation(jax.random.key(shuffle_seed), used)`: one
   global permutation, so the batches are the same for any number of hosts.
 
-  Without `minibatch_size`, global batch i is entries `[i * B, (i + 1) * B)` of the sequence
-  (the last partial batch dropped); this host loads its rows `parallel.host_shard(B)` of each.
+  The sequence is cut into units read by one device each: without `minibatch_size`, the first
+  `floor(n / B)` global batches' worth of examples (the rest dropped) in units of B / devices
+  rows; with `minibatch_size` m (each device's shard of a batch is one minibatch: the studies
+  whose numbers depend on the grouping, such as minibatch CKA), `M = floor(n / m)` minibatches
+  (minibatch j = entries `[j m, (j + 1) m)`), so the examples used and the minibatches do not
+  depend on the device count. The units fill the devices' slots of the global batches as
+  `parallel.minibatch_slots` says: device d holds one contiguous run of the sequence, so in
+  canonical order each host reads one contiguous run of records; slots left over at the end
+  of a minibatch plan are padding (`valid` False). Host h loads the rows
+  `parallel.host_shard(B)` of each global batch.
 
-  With `minibatch_size` m (each device's shard of a batch is one minibatch: the studies whose
-  numbers depend on the grouping, such as minibatch CKA), the examples used do not depend on
-  the device count: the sequence is cut into M = floor(n / m) minibatches (minibatch j =
-  entries `[j m, (j + 1) m)`), a global batch holds B / m slots (one per device) and they
-  are filled as `parallel.minibatch_slots` says; slots left over at the end are padding
-  (`valid` False). Each host then reads one contiguous run of the sequence.
+  A reshuffled pass over several hosts would have every host read nearly every record. With
+  `exchange`, host h instead loads only the records of its canonical (pass 0) rows, those of
+  each global batch into a buffer of the same size on every host, and the devices exchange
+  rows (`EvalPlan.exchange`): the same batches, each record read by one host.
 
   Args:
     num_split_examples: size of the split.
@@ -450,6 +467,9 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
       canonical order.
     shuffle_seed: None for canonical order; s to permute the used examples globally.
     minibatch_size: None, or the examples of one device's minibatch (divides B).
+    num_devices: devices the global batch is sharded over (without `minibatch_size`, the
+      layout of the examples over the batches depends on it; the examples used do not).
+    exchange: let hosts exchange rows on the devices in a reshuffled multi-host pass.
     process_index: this host (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -460,6 +480,7 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
     ValueError: more examples requested than the subset has, fewer than one batch (one
       minibatch), or sizes that do not divide.
   """
+  process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   subset = subset_indices(num_split_examples, subset_fraction, subset_seed)
   if num_examples is None:
@@ -471,43 +492,75 @@ def eval_plan(num_split_examples: int, *, global_batch_size: int,
         "use a larger split / subset_fraction.")
   if sample_seed is not None:
     subset = np.sort(subset[_permutation(len(subset), sample_seed)[:num_examples]])
-  if global_batch_size % process_count:
+  if global_batch_size % process_count or global_batch_size % num_devices:
     raise ValueError(f"Global batch size {global_batch_size} is not divisible by the "
-                     f"{process_count} hosts.")
+                     f"{num_devices} devices of {process_count} host(s).")
   lo, hi = parallel.host_shard(global_batch_size, process_index, process_count)
-  unit = global_batch_size if minibatch_size is None else minibatch_size
-  if minibatch_size is not None and (hi - lo) % unit:
-    raise ValueError(f"A global batch of {global_batch_size} over {process_count} host(s) "
-                     f"does not split into whole minibatches of {unit} examples per host; "
-                     "use a minibatch size that divides each host's share of the batch.")
-  num_units = num_examples // unit
+  if minibatch_size is None:
+    unit, num_units = global_batch_size // num_devices, num_examples // global_batch_size
+    used = num_units * global_batch_size
+    slots = parallel.minibatch_slots(num_units * num_devices, num_devices)
+  else:
+    unit = minibatch_size
+    if (hi - lo) % unit:
+      raise ValueError(f"A global batch of {global_batch_size} over {process_count} host(s) "
+                       f"does not split into whole minibatches of {unit} examples per host; "
+                       "use a minibatch size that divides each host's share of the batch.")
+    num_units = num_examples // unit
+    used = num_units * unit
+    slots = parallel.minibatch_slots(num_units, global_batch_size // unit)
   if num_units == 0:
     raise ValueError(
         f"num_examples={num_examples} is smaller than one " +
         ("global batch" if minibatch_size is None else "minibatch") +
-        f" of {unit}; lower the batch size or use more examples.")
-  used = num_units * unit
-  sequence = subset[:used]
+        f" of {global_batch_size if minibatch_size is None else unit}; lower the batch size "
+        "or use more examples.")
+  positions = np.where(slots[..., None] >= 0, slots[..., None] * unit + np.arange(unit), -1)
+  positions = positions.reshape(len(slots), global_batch_size)
+  order = np.arange(used)
   if shuffle_seed is not None:
-    sequence = sequence[_permutation(used, shuffle_seed)]
-  if minibatch_size is None:  # Batch i is rows [i B, (i + 1) B); this host's rows of each.
-    num_batches = num_units
-    rows = np.arange(num_batches)[:, None] * global_batch_size + np.arange(lo, hi)
-  else:
-    slots = parallel.minibatch_slots(num_units, global_batch_size // unit)
-    num_batches = len(slots)
-    slots = slots[:, lo // unit:hi // unit]
-    rows = np.where(slots[..., None] >= 0, slots[..., None] * unit + np.arange(unit), -1)
-  host_indices = np.where(rows >= 0, sequence[np.maximum(rows, 0)], -1).ravel()
-  return EvalPlan(num_batches=num_batches, global_batch_size=global_batch_size,
-                  num_examples=used, num_dropped=num_examples - used,
-                  host_indices=host_indices)
+    order = _permutation(used, shuffle_seed)
+  sequence = subset[:used][order]
+  plan = EvalPlan(num_batches=len(slots), global_batch_size=global_batch_size,
+                  num_examples=used, num_dropped=num_examples - used, positions=positions,
+                  host_indices=np.where(positions >= 0, sequence[np.maximum(positions, 0)],
+                                        -1)[:, lo:hi].ravel())
+  if not exchange or shuffle_seed is None or process_count == 1:
+    return plan
+  return _exchange_plan(plan, subset[:used], order, process_index, process_count,
+                        local_devices=num_devices // process_count)
+
+
+def _exchange_plan(plan: EvalPlan, used: np.ndarray, order: np.ndarray, process_index: int,
+                   process_count: int, local_devices: int) -> EvalPlan:
+  """`plan` (a reshuffled pass) with each host loading only the records of its canonical
+  rows: `used` are the examples in canonical order, `order` the pass's permutation of them."""
+  host_of_row = np.arange(plan.global_batch_size) // (plan.global_batch_size // process_count)
+  canonical = plan.positions  # Pass 0's positions: the same layout in canonical order.
+  owner = np.empty(len(used), np.int64)  # Host reading each canonical position's record.
+  owner[canonical[canonical >= 0]] = np.broadcast_to(host_of_row, canonical.shape)[canonical >= 0]
+  # Each row's source host: the owner of its example; a padding row stays on its own host.
+  source = np.where(plan.positions >= 0, owner[order[np.maximum(plan.positions, 0)]],
+                    host_of_row)
+  counts = np.stack([np.bincount(s, minlength=process_count) for s in source])
+  buffer = -(-counts.max() // local_devices) * local_devices
+  exchange = np.empty_like(plan.positions)
+  host_indices = np.full((plan.num_batches, buffer), -1)
+  for i, (rows_source, rows_position) in enumerate(zip(source, plan.positions)):
+    by_host = np.argsort(rows_source, kind="stable")  # Rows grouped by source host, in order.
+    first = np.concatenate([[0], np.cumsum(counts[i])[:-1]])
+    rank = np.arange(plan.global_batch_size) - first[rows_source[by_host]]
+    exchange[i, by_host] = rows_source[by_host] * buffer + rank
+    mine = by_host[rows_source[by_host] == process_index]
+    host_indices[i, :len(mine)] = np.where(rows_position[mine] >= 0,
+                                           used[order[np.maximum(rows_position[mine], 0)]], -1)
+  return dataclasses.replace(plan, host_indices=host_indices.ravel(), exchange=exchange)
 
 
 def _eval_dataset(source: _Source, plan: EvalPlan, image_size: int, host_batch: int,
                   crop_fraction: float | None) -> tf.data.Dataset:
   """This host's batches `{'image', 'label', 'valid'}` of `plan`; it reads the records from
-  its first index to its last (one contiguous run for a canonical minibatch plan)."""
+  its first index to its last (one contiguous run: its own records)."""
   idx = plan.host_indices
   real = idx[idx >= 0]
   padding = tf.data.Dataset.from_tensors({
@@ -559,7 +612,19 @@ class EvalBatches:
     return self.plan.num_batches
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
-    return _device_prefetch(self._dataset.as_numpy_iterator(), self._mesh)
+    batches = _device_prefetch(self._dataset.as_numpy_iterator(), self._mesh)
+    if self.plan.exchange is None:
+      return batches
+    sharding = parallel.batch_sharding(self._mesh)
+    return (_take_rows(loaded, parallel.replicate(rows, self._mesh), sharding)
+            for loaded, rows in zip(batches, self.plan.exchange))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _take_rows(batch: dict[str, jax.Array], rows: jax.Array,
+               sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """`batch[rows]` for every entry, sharded as `sharding` (the devices' row exchange)."""
+  return jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x[rows], batch), sharding)
 
 
 def _device_prefetch(host_batches: Iterator[dict[str, np.ndarray]],
@@ -579,17 +644,18 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
                        subset_fraction: float = 1.0, subset_seed: int = 0,
                        sample_seed: int | None = None, crop_fraction: float | None = None,
                        shuffle_seed: int | None = None, minibatch_size: int | None = None,
-                       process_index: int | None = None,
+                       num_devices: int = 1, process_index: int | None = None,
                        process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Host-local eval batches as NumPy (this host's rows of each global batch).
 
-  Same arguments and order as `eval_batches`, without a mesh (the batch is only checked
-  against the host count).
+  Same arguments and order as `eval_batches`, without a mesh and without the devices' row
+  exchange (a reshuffled pass over several hosts reads every record of the used range).
 
   Args:
     name, split, image_size, global_batch_size, num_examples, data_dir, subset_fraction,
       subset_seed, sample_seed, crop_fraction, shuffle_seed, minibatch_size: as in
       `eval_batches`.
+    num_devices: devices the global batch would be sharded over (its layout; default 1).
     process_index: host whose rows to load (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -603,7 +669,8 @@ def eval_numpy_batches(name: str, split: str, *, image_size: int, global_batch_s
                    num_examples=num_examples, subset_fraction=subset_fraction,
                    subset_seed=subset_seed, sample_seed=sample_seed,
                    shuffle_seed=shuffle_seed, minibatch_size=minibatch_size,
-                   process_index=process_index, process_count=process_count)
+                   num_devices=num_devices, process_index=process_index,
+                   process_count=process_count)
   host_batch = len(plan.host_indices) // plan.num_batches
   return _eval_dataset(source, plan, image_size, host_batch,
                        crop_fraction).as_numpy_iterator()
@@ -617,13 +684,15 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
                  minibatch_size: int | None = None) -> EvalBatches:
   """Deterministic eval batches for analyses, sharded over `mesh`.
 
-  Global batch i holds examples `[i * B, (i + 1) * B)` of the (subset) split in canonical
-  order, the same for any number of hosts; the last partial batch is dropped (see
-  `EvalBatches.plan`). With `shuffle_seed`, the same examples are used in an order permuted
-  globally by that seed (the reshuffled passes of minibatch CKA: the examples stay, their
-  grouping into minibatches changes, identically for any number of hosts); each host then
-  holds its share of the encoded records in memory for the pass (ImageNet JPEGs average
-  ~110 kB each).
+  A pass uses the first `floor(n / B) * B` examples of the (subset) split (the rest are
+  dropped, see `EvalBatches.plan`), the same for any number of hosts; device d's rows of
+  every batch are one contiguous run of them, so each host reads one contiguous run of records
+  (`eval_plan`: a consumer that needs canonical order reorders by `plan.positions`). With
+  `shuffle_seed`, the same examples are used in an order permuted globally by that seed (the
+  reshuffled passes of minibatch CKA: the examples stay, their grouping into minibatches
+  changes, identically for any number of hosts); each host still reads only its own records,
+  holds them (encoded) for the pass (ImageNet JPEGs average ~110 kB each), and with several
+  hosts the devices exchange the rows of each batch.
 
   Args:
     name: dataset name ('digits' or any prepared TFDS name).
@@ -659,12 +728,13 @@ def eval_batches(name: str, split: str, *, image_size: int, global_batch_size: i
   plan = eval_plan(source.num_examples, global_batch_size=global_batch_size,
                    num_examples=num_examples, subset_fraction=subset_fraction,
                    subset_seed=subset_seed, sample_seed=sample_seed,
-                   shuffle_seed=shuffle_seed, minibatch_size=minibatch_size)
+                   shuffle_seed=shuffle_seed, minibatch_size=minibatch_size,
+                   num_devices=mesh.devices.size, exchange=True)
   if plan.num_dropped:
     logging.warning("%s/%s: using %d examples in %d batches of %d; the last %d are dropped.",
                     name, split, plan.num_examples, plan.num_batches, global_batch_size,
                     plan.num_dropped)
-  host_batch = parallel.host_batch_size(global_batch_size, mesh)
+  host_batch = len(plan.host_indices) // plan.num_batches
   dataset = _eval_dataset(source, plan, image_size, host_batch, crop_fraction)
   return EvalBatches(dataset, mesh, plan, source.info)
 

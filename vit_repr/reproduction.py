@@ -422,6 +422,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[str]
   if unknown:
     raise ValueError(f"Unknown steps {unknown}; the main job's steps are {known}.")
   selected = [step for step in STEPS if steps is None or step.key in steps]
+  training.check_checkpoint_dir(workdir)  # Before any step: the studies use trained models.
   files.makedirs(workdir)
   command = command or default_command(config, workdir)
   summary, sections = {}, []

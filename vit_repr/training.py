@@ -80,6 +80,7 @@ RUN_ONLY_KEYS = ("data.data_dir", "data.eval_split", "data.eval_num_examples",
                  "train.keep_checkpoints", "train.stop_after_steps")
 FINGERPRINT_FILE = "config_fingerprint.json"
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_URI_SCHEMES = ("gs://", "s3://")  # Object stores Orbax (TensorStore) writes.
 
 
 @flax.struct.dataclass
@@ -420,6 +421,17 @@ def _check_fingerprint(config: ml_collections.ConfigDict, ckpt_dir: str, has_che
     files.write_json(path, {"fingerprint": digest, "config": flat}, indent=2, sort_keys=True)
 
 
+def check_checkpoint_dir(workdir: str) -> None:
+  """Raises ValueError unless Orbax can write checkpoints under `workdir`: a local path, or a
+  URI of a scheme TensorStore writes (`CHECKPOINT_URI_SCHEMES`)."""
+  if files.is_uri(workdir) and not str(workdir).startswith(CHECKPOINT_URI_SCHEMES):
+    scheme = str(workdir).split("://")[0] + "://"
+    raise ValueError(
+        f"Training writes Orbax checkpoints, which take a local path or a URI starting with "
+        f"{' or '.join(CHECKPOINT_URI_SCHEMES)}, not {scheme} (workdir {workdir!r}). Train into "
+        f"a local or bucket work directory; the studies alone also accept {scheme}.")
+
+
 def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   train = config.train
   if train.loss not in LOSSES:
@@ -518,6 +530,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     FloatingPointError: non-finite loss, gradients or parameters (the message names the step;
       the checkpoints before it are kept).
   """
+  check_checkpoint_dir(workdir)
   mesh = make_train_mesh(config)
   _validate(config, mesh)
   train = config.train

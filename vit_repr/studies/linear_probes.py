@@ -183,7 +183,8 @@ def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequenc
       restore=_HostFeatures.restore)
   if not progress.complete:
     return progress
-  feats = state.to_numpy()
+  order = np.argsort(batches.plan.positions.ravel())  # Pass order (device-major) -> canonical.
+  feats = {key: value[order] for key, value in state.to_numpy().items()}
   labels = feats.pop("label")
   return extractor.names, feats, labels
 

@@ -1,8 +1,9 @@
 """Many hosts, one result (processes x fake CPU devices, gloo collectives): the CKA study on
 1 x 1, 1 x 2, 2 x 1 and 2 x 2 gives the numbers of one process, with the same examples, and
 resumes exactly (on a non-local `ram://` work directory, and on another host count); the main
-job on 2 x 2 equals 1 x 1; hosts that do not share the work directory fail loudly; a file
-process 0 wrote is there for every host that reads it next."""
+job on every layout equals 1 x 1; hosts that do not share the work directory fail loudly; a
+file process 0 wrote is there for every host that reads it next; a host that fails stops the
+others at once."""
 
 import json
 import os
@@ -273,3 +274,41 @@ def _assert_same_results(workdir: str, one: str) -> None:
   studies = {"representation", "attention", "receptive_fields", "skip_connections",
              "localization", "probes", "data_scale"}
   assert studies <= {c.split(os.sep)[0] for c in compared}, compared
+
+
+_ONE_HOST_FAILS = """
+import sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+port, pid = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                           process_id=pid)
+sys.argv = sys.argv[:1]
+from jax.experimental import multihost_utils
+from experiments import common
+from vit_repr import data
+
+def main(argv):
+  multihost_utils.sync_global_devices('started')
+  if pid == 1:
+    data.dataset_info('no_such_dataset')  # A user error on this host only.
+  multihost_utils.sync_global_devices('never reached by process 1')
+
+common.run_main(main)
+"""
+
+
+@pytest.mark.slow
+def test_a_host_that_fails_stops_the_others_at_once():
+  """Process 1 stops with a user error while process 0 waits in a collective: both exit with
+  status 1 within seconds (without the fast exit, 5 minutes: JAX's shutdown barrier)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", _ONE_HOST_FAILS, port, str(pid)], env=env,
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for pid in range(2)]
+  errors = [proc.communicate(timeout=150)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [1, 1], errors
+  assert "Error on process 1: Unknown dataset 'no_such_dataset'" in errors[1], errors[1][-3000:]
+  assert "Gloo" in errors[0] and "Traceback" in errors[0], errors[0][-3000:]

@@ -1,6 +1,7 @@
 """Tests for vit_repr.training and configs/train.py: recipe pieces against NumPy, resume, errors."""
 
 import math
+import struct
 import os
 import textwrap
 
@@ -442,3 +443,31 @@ def test_workdir_orbax_cannot_write_is_refused_before_training():
       run()
   assert not files.exists("ram://job") and not files.exists("ram://runs")
   training.check_checkpoint_dir("gs://bucket/run")  # Accepted: no bucket is touched.
+
+
+def scalar_events(contents: bytes) -> list[tuple[str, int, float]]:
+  """(tag, step, value) of every scalar of a TensorBoard event file, read from its TFRecord
+  framing: length (uint64), its CRC, the Event proto, the proto's CRC."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  found, offset = [], 0
+  while offset < len(contents):
+    (length,) = struct.unpack("<Q", contents[offset:offset + 8])
+    event = event_pb2.Event.FromString(contents[offset + 12:offset + 12 + length])
+    found += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
+    offset += 12 + length + 4
+  return found
+
+
+def test_metrics_and_tensorboard_events_reach_a_uri_workdir():
+  """A URI work directory (ram:// here, gs:// on a pod) gets metrics.jsonl and the TensorBoard
+  event file, whose scalars are the ones written; no local folder named after the URI."""
+  writer = training._MetricsWriter("ram://metrics_run", start_step=0)
+  writer.write("train", 1, {"loss": 2.5})
+  writer.write("eval", 2, {"accuracy": 0.75})
+  writer.close()
+  assert [r["step"] for r in training.read_metrics("ram://metrics_run")] == [1, 2]
+  events = [p for p in files.walk_files("ram://metrics_run") if "/tensorboard/" in p]
+  assert len(events) == 1, events
+  assert scalar_events(files.read_bytes(events[0])) == [("train/loss", 1, 2.5),
+                                                        ("eval/accuracy", 2, 0.75)]
+  assert not os.path.exists("ram:")

@@ -48,7 +48,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -457,7 +460,12 @@ def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 class _MetricsWriter:
   """Records in `<workdir>/metrics.jsonl` (rewritten atomically on every write: object stores
-  have no append) and TensorBoard; process 0 only."""
+  have no append) and TensorBoard event files in `<workdir>/tensorboard`; process 0 only.
+
+  tensorboardX writes local files only (its gs:// writer needs a GCS client library), so for a
+  URI work directory the events go to a local temporary folder and are copied through
+  `vit_repr.files` after every write.
+  """
 
   def __init__(self, workdir: str, start_step: int):
     self._active = jax.process_index() == 0
@@ -468,8 +476,10 @@ class _MetricsWriter:
     if files.exists(self._path):  # Drop records a killed run wrote after its checkpoint.
       self._lines = [line for line in files.read_text(self._path).splitlines(keepends=True)
                      if json.loads(line)["step"] <= start_step]
-    self._tensorboard = tensorboardX.SummaryWriter(files.join(workdir, "tensorboard"),
-                                                   purge_step=start_step + 1)
+    self._events_dir = files.join(workdir, "tensorboard")
+    self._local_dir = (tempfile.mkdtemp(prefix="vit_repr_tensorboard_")
+                       if files.is_uri(workdir) else self._events_dir)
+    self._tensorboard = tensorboardX.SummaryWriter(self._local_dir, purge_step=start_step + 1)
 
   def write(self, split: str, step: int, values: Mapping[str, float]) -> None:
     if not self._active:
@@ -479,10 +489,22 @@ class _MetricsWriter:
     for name, value in values.items():
       self._tensorboard.add_scalar(f"{split}/{name}", value, step)
     self._tensorboard.flush()
+    self._copy_events()
+
+  def _copy_events(self) -> None:
+    """Copies the local event files to a URI work directory (nothing for a local one)."""
+    if self._local_dir == self._events_dir:
+      return
+    for name in os.listdir(self._local_dir):
+      with open(os.path.join(self._local_dir, name), "rb") as events:
+        files.write_bytes(files.join(self._events_dir, name), events.read())
 
   def close(self) -> None:
     if self._active:
       self._tensorboard.close()
+      self._copy_events()
+      if self._local_dir != self._events_dir:
+        shutil.rmtree(self._local_dir)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -139,6 +139,10 @@ class StandardizedConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
                         jnp.float32)
+    if self.kernel_size == 1:  # A channel matmul: XLA:CPU runs it 1.4-5x faster than a conv.
+      x = x[:, ::self.strides, ::self.strides]
+      return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype),
+                        standardize_weight(kernel)[0, 0].astype(self.dtype))
     return jax.lax.conv_general_dilated(
         x.astype(self.dtype), standardize_weight(kernel).astype(self.dtype),
         window_strides=(self.strides, self.strides), padding=_same_padding(self.kernel_size),

@@ -60,6 +60,8 @@ def run_main(main: Callable[[list[str]], None]) -> None:
   def guarded(argv: list[str]) -> None:
     try:
       main(argv)
+    except app.UsageError:  # Bad flags: the same on every process; absl prints the usage.
+      raise
     except Exception as error:  # pylint: disable=broad-except
       user_error = (isinstance(error, (ValueError, FileNotFoundError))
                     and raised_by_library(error) and logging.get_verbosity() < 1)

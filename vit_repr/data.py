@@ -40,12 +40,15 @@ permutation; read in canonical order, e.g. the paper's 10,240 random validation 
 last partial batch is dropped (a padded batch would add fake examples to CKA Gram matrices):
 `EvalBatches.num_batches` / `.num_examples` say how many are used.
 
-Multi-host: the numbers do not depend on the host count. Eval global batch i holds entries
-`[i * B, (i + 1) * B)` of the pass's sequence (canonical, or one global permutation for a
-reshuffled pass); host h loads rows `parallel.host_shard(B)` of every batch, so the global
-batch, and every device's shard of it, is the same for any number of hosts. Training cuts
-the subset into reader shards; host h reads only its shards, which are its rows of every
-global batch (see `train_batches`).
+Multi-host: the numbers do not depend on the host count. An eval pass's sequence (canonical,
+or one global permutation for a reshuffled pass) is laid out device-major: device d's rows of
+every global batch are one contiguous run of it (`eval_plan`), host h loads rows
+`parallel.host_shard(B)` of every batch, so the global batch, and every device's shard of it,
+is the same for any number of hosts, and in canonical order each host reads one contiguous
+run of records. A reshuffled pass over several hosts loads each host's own records and
+exchanges rows on the devices (`EvalPlan.exchange`). Training cuts the subset into reader
+shards; host h reads only its shards, which are its rows of every global batch (see
+`train_batches`).
 
 Only this module imports TensorFlow; it hides accelerators from TF before building a pipeline.
 """

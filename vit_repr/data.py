@@ -601,8 +601,10 @@ class EvalBatches:
   """A finite, re-iterable sequence of global eval batches; `len()` is the batch count.
 
   Each iteration yields `{'image': [B, H, W, 3] float32 in [-1, 1], 'label': [B] int32,
-  'valid': [B] bool}` (`valid` False on the padding rows of a minibatch plan) as global `jax.Array`s sharded over the mesh's data axis, the next `DEVICE_PREFETCH` batches
-  already on their way to the devices. Attributes `plan` and `info` describe what is read.
+  'valid': [B] bool}` (`valid` False on the padding rows of a minibatch plan) as global
+  `jax.Array`s sharded over the mesh's data axis, the next `DEVICE_PREFETCH` batches already
+  on their way to the devices (and, for a plan with `exchange`, the rows then exchanged).
+  Attributes `plan` and `info` describe what is read.
   """
 
   def __init__(self, dataset: tf.data.Dataset, mesh: Mesh, plan: EvalPlan, info: DatasetInfo):

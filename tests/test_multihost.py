@@ -59,9 +59,8 @@ try:
 except ValueError as error:
   print('ERROR:', error)
   sys.exit(3)
-arrays = files.read_npz(files.join(workdir, 'cka_heatmap.npz'))
-if pid == 0:
-  np.savez(out_path, **arrays)
+if pid == 0:  # Process 0 wrote the heatmap; another process may finish before it is written.
+  np.savez(out_path, **files.read_npz(files.join(workdir, 'cka_heatmap.npz')))
   print(json.dumps({'first': first, 'summary': summary}))
 """
 

@@ -23,7 +23,7 @@ from absl import app, flags
 
 from benchmarks import timing
 from configs import train as train_configs
-from vit_repr import parallel, training
+from vit_repr import parallel, recipe, training
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8"], "Global batch sizes to time.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes ('float32', 'bfloat16').")
@@ -38,7 +38,7 @@ def time_train_step(recipe: str, batch_size: int, dtype: str, steps: int) -> dic
   config.train.update(dict(global_batch_size=batch_size, accum_steps=1, dtype=dtype))
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = training.build_model(config, 1000)
-  tx, schedule = training.make_optimizer(config.train)
+  tx, schedule = recipe.make_optimizer(config.train)
   state = jax.jit(lambda: training.init_state(model, tx, config),
                   out_shardings=parallel.replicated(mesh))()
   side = config.data.image_size

@@ -1,4 +1,4 @@
-"""Tests for vit_repr.training and configs/train.py: recipe pieces against NumPy, resume, errors."""
+"""Tests for vit_repr.training, .recipe (against NumPy), .metrics_log and configs/train.py."""
 
 import math
 import struct
@@ -15,7 +15,7 @@ from flax import traverse_util
 from configs import train as train_configs
 from configs import reproduce as reproduce_configs
 from tests.conftest import fake_tfds_cifar10, run_python
-from vit_repr import checkpoints, files, parallel, reproduction, training
+from vit_repr import checkpoints, files, metrics_log, parallel, recipe, reproduction, training
 
 
 def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
@@ -40,7 +40,7 @@ def load_params(workdir):
     ids=["cosine-warmup", "cosine-no-warmup-end", "linear-end", "constant"])
 def test_schedule_matches_formula(decay_type, warmup, end):
   total, base = 50, 0.3
-  schedule = training.make_schedule(ml_collections.ConfigDict(dict(
+  schedule = recipe.make_schedule(ml_collections.ConfigDict(dict(
       decay_type=decay_type, warmup_steps=warmup, end_learning_rate=end)), base, total)
   steps = np.arange(0, total + 5)
   got = np.asarray(jax.jit(jax.vmap(schedule))(steps), np.float64)
@@ -57,10 +57,10 @@ def test_schedule_matches_formula(decay_type, warmup, end):
 
 def test_schedule_rejects_bad_values():
   with pytest.raises(ValueError, match="decay_type"):
-    training.make_schedule(ml_collections.ConfigDict(dict(
+    recipe.make_schedule(ml_collections.ConfigDict(dict(
         decay_type="step", warmup_steps=0, end_learning_rate=0.0)), 0.1, 10)
   with pytest.raises(ValueError, match="warmup_steps=10"):
-    training.make_schedule(ml_collections.ConfigDict(dict(
+    recipe.make_schedule(ml_collections.ConfigDict(dict(
         decay_type="cosine", warmup_steps=10, end_learning_rate=0.0)), 0.1, 10)
 
 
@@ -78,11 +78,11 @@ def test_losses_match_numpy(loss, smoothing):
   if loss == "softmax":
     log_p = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))
     expected = -np.sum(targets * log_p, axis=1)
-    got = jax.jit(training.softmax_cross_entropy)(logits.astype(np.float32), labels, smoothing)
+    got = jax.jit(recipe.softmax_cross_entropy)(logits.astype(np.float32), labels, smoothing)
   else:
     expected = -np.sum(targets * np_log_sigmoid(logits)
                        + (1 - targets) * np_log_sigmoid(-logits), axis=1)
-    got = jax.jit(training.sigmoid_cross_entropy)(logits.astype(np.float32), labels, smoothing)
+    got = jax.jit(recipe.sigmoid_cross_entropy)(logits.astype(np.float32), labels, smoothing)
   assert got.shape == (6,)
   np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=1e-5)
 
@@ -100,7 +100,7 @@ def optimizer_config(name, clip):
                          ids=["adam-clipped", "adam", "sgd-momentum-clipped"])
 def test_optimizer_matches_numpy(name, clip):
   train = optimizer_config(name, clip)
-  tx, schedule = training.make_optimizer(train)
+  tx, schedule = recipe.make_optimizer(train)
   rng = np.random.default_rng(1)
   params = {"dense": {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=(2,))}}
   grads = [{"dense": {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=(2,))}}
@@ -141,7 +141,7 @@ def test_unknown_optimizer():
   train = optimizer_config("adam", None)
   train.optimizer.name = "lamb"
   with pytest.raises(ValueError, match="adam"):
-    training.make_optimizer(train)
+    recipe.make_optimizer(train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_gradient_accumulation_equals_whole_batch():
     config.train.schedule.warmup_steps = 0  # the first update has a non-zero learning rate
     mesh = parallel.make_mesh(jax.devices()[:1])
     model = training.build_model(config, 10)
-    tx, schedule = training.make_optimizer(config.train)
+    tx, schedule = recipe.make_optimizer(config.train)
     state = training.init_state(model, tx, config)
     step = training.make_train_step(model, tx, schedule, config.train, mesh)
     batch = parallel.global_batch(random_batch(config, 16), mesh)
@@ -174,7 +174,7 @@ def test_gradient_accumulation_equals_whole_batch():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
   config = tiny_config()
   initial = training.init_state(training.build_model(config, 10),
-                                training.make_optimizer(config.train)[0], config).params
+                                recipe.make_optimizer(config.train)[0], config).params
   assert not np.allclose(p1["head"]["kernel"], initial["head"]["kernel"])
 
 
@@ -185,7 +185,7 @@ def test_bfloat16_step_is_close_to_float32():
     config.train.schedule.warmup_steps = 0
     mesh = parallel.make_mesh(jax.devices()[:1])
     model = training.build_model(config, 10)
-    tx, schedule = training.make_optimizer(config.train)
+    tx, schedule = recipe.make_optimizer(config.train)
     step = training.make_train_step(model, tx, schedule, config.train, mesh)
     state = training.init_state(model, tx, config)
     batch = parallel.global_batch(random_batch(config, 16), mesh)
@@ -204,12 +204,12 @@ def test_sharded_step_equals_single_device():
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
       from tests.test_training import tiny_config, random_batch
-      from vit_repr import parallel, training
+      from vit_repr import parallel, recipe, training
       assert jax.device_count() == 8
       config = tiny_config(accum_steps=2)
       config.train.schedule.warmup_steps = 0
       model = training.build_model(config, 10)
-      tx, schedule = training.make_optimizer(config.train)
+      tx, schedule = recipe.make_optimizer(config.train)
       out = {}
       for n in (1, 8):
         mesh = parallel.make_mesh(jax.devices()[:n])
@@ -237,7 +237,7 @@ def test_one_step_on_embedded_data(tmp_path):
   config.train.schedule.warmup_steps = 0
   result = training.run(config, str(tmp_path))
   assert result.step == 1
-  records = training.read_metrics(str(tmp_path))
+  records = metrics_log.read_metrics(str(tmp_path))
   assert [(r["split"], r["step"]) for r in records] == [("train", 1), ("eval", 1)]
   train, evaluation = records
   # Without warmup the first update uses the base rate; the zero-initialised head gives
@@ -283,7 +283,7 @@ def test_one_step_on_mock_tfds(fake_cifar10, tmp_path):
   config.data.update(dict(name="cifar10", data_dir=fake_cifar10, eval_num_examples=16,
                           eval_global_batch_size=8))
   result = training.run(config, str(tmp_path / "work"))
-  train = [r for r in training.read_metrics(str(tmp_path / "work")) if r["split"] == "train"]
+  train = [r for r in metrics_log.read_metrics(str(tmp_path / "work")) if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2] and train[1]["learning_rate"] > 0
   assert result.final_eval["num_examples"] == 16
   assert result.params["head"]["kernel"].shape == (16, 10)
@@ -296,7 +296,7 @@ def test_loss_goes_down(tmp_path):
   config.train.optimizer.learning_rate = 1e-2
   config.train.schedule.warmup_steps = 5
   training.run(config, str(tmp_path))
-  records = training.read_metrics(str(tmp_path))
+  records = metrics_log.read_metrics(str(tmp_path))
   losses = [r["loss"] for r in records if r["split"] == "train"]
   # Chance level is loss log(10) = 2.303 and accuracy 0.1.
   assert losses[0] > 2.2 and losses[-1] < losses[0] - 0.1, losses
@@ -317,8 +317,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
   assert resumed.step == 7
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(reference.params),
                jax.device_get(resumed.params))
-  full_log = training.read_metrics(str(tmp_path / "full"))
-  resumed_log = training.read_metrics(str(tmp_path / "resumed"))
+  full_log = metrics_log.read_metrics(str(tmp_path / "full"))
+  resumed_log = metrics_log.read_metrics(str(tmp_path / "resumed"))
   assert [r["step"] for r in resumed_log] == [r["step"] for r in full_log]
   assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
   # A finished run is reused as is.
@@ -339,13 +339,13 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  make_schedule = training.make_schedule
+  make_schedule = recipe.make_schedule
 
   def poisoned(schedule, base, total):
     fn = make_schedule(schedule, base, total)
     return lambda step: jnp.where(step >= 4, jnp.nan, fn(step))  # update 5 uses NaN
 
-  monkeypatch.setattr(training, "make_schedule", poisoned)
+  monkeypatch.setattr(recipe, "make_schedule", poisoned)
   config = tiny_config(total_steps=6, checkpoint_every=2, log_every=3)
   with pytest.raises(FloatingPointError, match=r"at step 5 .*checkpoint is step 4"):
     training.run(config, str(tmp_path))
@@ -353,14 +353,14 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [2, 4]
   monkeypatch.undo()
   model = training.build_model(config, 10)
-  tx, _ = training.make_optimizer(config.train)
+  tx, _ = recipe.make_optimizer(config.train)
   abstract = jax.eval_shape(lambda: training.init_state(model, tx, config))
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.CheckpointManager(str(ckpt_dir)) as manager:
     state = manager.restore(4, args=ocp.args.StandardRestore(abstract))
   assert int(state.step) == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
-  records = training.read_metrics(str(tmp_path))
+  records = metrics_log.read_metrics(str(tmp_path))
   assert max(r["step"] for r in records) == 4  # the bad window was never written
 
 
@@ -388,7 +388,7 @@ def test_configs_build_their_models(arg):
   size = config.data.image_size
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   assert jax.tree.leaves(shapes)
-  training.make_optimizer(config.train)
+  recipe.make_optimizer(config.train)
   digest, _ = training.config_fingerprint(config)
   assert len(digest) == 64
   if arg == "vit_noskip,block=1":
@@ -431,7 +431,7 @@ def test_experiment_main_runs_runlocal(tmp_path):
       """)
   assert "OK" in run_python(code).stdout
   assert (tmp_path / "params").exists() and (tmp_path / "config.json").exists()
-  assert len(training.read_metrics(str(tmp_path))) == 6
+  assert len(metrics_log.read_metrics(str(tmp_path))) == 6
 
 
 def test_workdir_orbax_cannot_write_is_refused_before_training():
@@ -461,11 +461,11 @@ def scalar_events(contents: bytes) -> list[tuple[str, int, float]]:
 def test_metrics_and_tensorboard_events_reach_a_uri_workdir():
   """A URI work directory (ram:// here, gs:// on a pod) gets metrics.jsonl and the TensorBoard
   event file, whose scalars are the ones written; no local folder named after the URI."""
-  writer = training._MetricsWriter("ram://metrics_run", start_step=0)
+  writer = metrics_log.MetricsWriter("ram://metrics_run", start_step=0)
   writer.write("train", 1, {"loss": 2.5})
   writer.write("eval", 2, {"accuracy": 0.75})
   writer.close()
-  assert [r["step"] for r in training.read_metrics("ram://metrics_run")] == [1, 2]
+  assert [r["step"] for r in metrics_log.read_metrics("ram://metrics_run")] == [1, 2]
   events = [p for p in files.walk_files("ram://metrics_run") if "/tensorboard/" in p]
   assert len(events) == 1, events
   assert scalar_events(files.read_bytes(events[0])) == [("train/loss", 1, 2.5),

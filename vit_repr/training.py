@@ -1,27 +1,15 @@
-"""Training and fine-tuning of the studied models: optax, data-parallel jit, resumable with orbax.
+"""Training and fine-tuning of the studied models: data-parallel jit, resumable with orbax.
 
 Trains any `vit_repr.models` model (ViT with a CLS or GAP head and chosen skip connections
 removed, BiT ResNet-v2, MLP-Mixer) from scratch or from a checkpoint, on any dataset of
 `vit_repr.data`, for the controlled-change studies of Raghu et al., "Do Vision Transformers See
 Like Convolutional Neural Networks?" (NeurIPS 2021): skip connections (Fig. 8), CLS vs GAP
-(Figs 9-11) and pretraining data scale (Figs 12-13). The recipe pieces are those of the
-original training code, ViT (Dosovitskiy et al., ICLR 2021; google-research/vision_transformer
-and big_vision) and BiT (Kolesnikov et al., ECCV 2020):
+(Figs 9-11) and pretraining data scale (Figs 12-13). The recipe (optimizer, learning-rate
+schedule and losses of the original ViT and BiT training code) is in `vit_repr.recipe`.
 
-* optimizer (`make_optimizer`): gradients clipped to a global norm, then Adam with decoupled
-  weight decay (the update gets `+ wd * param` before the learning rate scales it, as in
-  `optax.adamw` and the original `flax.optim.Adam`) or SGD with momentum with L2 weight decay
-  (`wd * param` added to the gradient before the momentum, as BiT). Decay applies to the
-  parameters whose '/'-joined path matches `weight_decay_pattern` (default: kernels).
-* schedule (`make_schedule`), with base rate b, warmup w, total T and end rate e:
-  lr(s) = b * s / w for s < w, else e + (b - e) * d(p) with p = min(1, (s - w) / (T - w)) and
-  d(p) = (1 + cos(pi p)) / 2 ('cosine'), 1 - p ('linear') or 1 ('constant').
-* losses: softmax cross-entropy against label-smoothed targets (1 - a) * onehot + a / C, or
-  sigmoid cross-entropy summed over the C classes (big_vision's 'sigmoid_xent'); both averaged
-  over the examples.
-* one step is one optimizer update on one global batch. With `accum_steps = k` the batch is
-  split into k equal micro-batches whose gradients a `lax.scan` averages: the same update as
-  the whole batch, with a k-th of the activation memory.
+Steps: one step is one optimizer update on one global batch. With `accum_steps = k` the batch
+is split into k equal micro-batches whose gradients a `lax.scan` averages: the same update as
+the whole batch, with a k-th of the activation memory.
 
 Distribution: one `jit`-compiled step over a one-axis mesh (`vit_repr.parallel`), parameters and
 optimizer state replicated, the batch sharded over `parallel.DATA_AXIS`; the same code runs on
@@ -40,18 +28,15 @@ stops the run naming its first bad step. The final parameters are also saved alo
 `<workdir>/params` (`vit_repr.checkpoints.restore`), where every study loads them.
 
 Metrics: training loss, accuracy, learning rate, gradient norm, images/s and ETA are logged
-(absl), written for TensorBoard in `<workdir>/tensorboard` (tensorboardX, no TensorFlow) and
-appended to `<workdir>/metrics.jsonl`, as are the periodic evaluations on the held-out split.
+(absl) and written to the run's metrics log (`vit_repr.metrics_log`: `<workdir>/metrics.jsonl`
+and TensorBoard events in `<workdir>/tensorboard`), as are the periodic evaluations on the
+held-out split.
 """
 
 import dataclasses
 import functools
 import hashlib
 import json
-import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -64,17 +49,12 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import tensorboardX
 from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vit_repr import checkpoints, data, files, models, parallel
+from vit_repr import checkpoints, data, files, metrics_log, models, parallel, recipe
 
-LOSSES = ("softmax_xent", "sigmoid_xent")
-OPTIMIZERS = ("adam", "sgd")
-DECAY_TYPES = ("cosine", "linear", "constant")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Config entries that change how a run is carried out or reported but not its parameters:
 # they may differ between a run and its resumption.
 RUN_ONLY_KEYS = ("data.data_dir", "data.eval_split", "data.eval_num_examples",
@@ -82,7 +62,6 @@ RUN_ONLY_KEYS = ("data.data_dir", "data.eval_split", "data.eval_num_examples",
                  "train.log_every", "train.eval_every", "train.checkpoint_every",
                  "train.keep_checkpoints", "train.stop_after_steps")
 FINGERPRINT_FILE = "config_fingerprint.json"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_URI_SCHEMES = ("gs://", "s3://")  # Object stores Orbax (TensorStore) writes.
 
 
@@ -120,140 +99,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure pieces: schedule, optimizer, losses, steps.
-
-
-def make_schedule(schedule: ml_collections.ConfigDict, base_learning_rate: float,
-                  total_steps: int) -> Callable[[jax.typing.ArrayLike], jax.Array]:
-  """Linear warmup from 0, then cosine, linear or no decay to `end_learning_rate`.
-
-  Args:
-    schedule: `decay_type` ('cosine' | 'linear' | 'constant'), `warmup_steps`,
-      `end_learning_rate`.
-    base_learning_rate: the rate b reached at the end of the warmup.
-    total_steps: T, the step at which the decay reaches the end rate.
-
-  Returns:
-    step `[]` -> learning rate `[]` float32 (see the module docstring for the formula).
-
-  Raises:
-    ValueError: unknown decay type or warmup not shorter than the run.
-  """
-  if schedule.decay_type not in DECAY_TYPES:
-    raise ValueError(f"Unknown schedule.decay_type {schedule.decay_type!r}; use one of "
-                     f"{DECAY_TYPES}.")
-  warmup, end = int(schedule.warmup_steps), float(schedule.end_learning_rate)
-  if not 0 <= warmup < total_steps:
-    raise ValueError(f"schedule.warmup_steps={warmup} must be in [0, total_steps="
-                     f"{total_steps}); shorten the warmup or train longer.")
-
-  def learning_rate(step):
-    step = jnp.asarray(step, jnp.float32)
-    progress = jnp.clip((step - warmup) / (total_steps - warmup), 0.0, 1.0)
-    if schedule.decay_type == "cosine":
-      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    elif schedule.decay_type == "linear":
-      decay = 1.0 - progress
-    else:
-      decay = jnp.ones_like(progress)
-    decayed = end + (base_learning_rate - end) * decay
-    if warmup == 0:
-      return decayed
-    return jnp.where(step < warmup, base_learning_rate * step / warmup, decayed)
-
-  return learning_rate
-
-
-def _decay_mask(pattern: str) -> Callable[[Any], Any]:
-  regex = re.compile(pattern)
-
-  def mask(params):
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return traverse_util.unflatten_dict(
-        {k: bool(regex.fullmatch(k)) for k in flat}, sep="/")
-
-  return mask
-
-
-def make_optimizer(train: ml_collections.ConfigDict
-                   ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
-  """The run's optax optimizer and its learning-rate schedule.
-
-  Args:
-    train: the config's `train` section: `total_steps`, `optimizer` (`name` 'adam' | 'sgd',
-      `learning_rate`, `b1`, `b2`, `eps`, `momentum`, `nesterov`, `weight_decay`,
-      `weight_decay_pattern`, `grad_clip_norm` (None: no clipping), `mu_dtype` (None or
-      'bfloat16' for the first moment / momentum)) and `schedule` (see `make_schedule`).
-
-  Returns:
-    (gradient transformation, schedule step -> learning rate).
-
-  Raises:
-    ValueError: unknown optimizer name or a bad schedule.
-  """
-  opt = train.optimizer
-  if opt.name not in OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer.name {opt.name!r}; use one of {OPTIMIZERS}.")
-  if opt.mu_dtype not in (None, *DTYPES):
-    raise ValueError(f"optimizer.mu_dtype must be None or one of {sorted(DTYPES)}; got "
-                     f"{opt.mu_dtype!r}.")
-  schedule = make_schedule(train.schedule, opt.learning_rate, train.total_steps)
-  mu_dtype = None if opt.mu_dtype is None else DTYPES[opt.mu_dtype]
-  parts = []
-  if opt.grad_clip_norm is not None:
-    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  decay = ([optax.add_decayed_weights(opt.weight_decay, _decay_mask(opt.weight_decay_pattern))]
-           if opt.weight_decay else [])
-  if opt.name == "adam":
-    parts += [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps, mu_dtype=mu_dtype)]
-    parts += decay
-  else:
-    parts += decay
-    parts += [optax.trace(decay=opt.momentum, nesterov=opt.nesterov, accumulator_dtype=mu_dtype)]
-  parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts), schedule
-
-
-def softmax_cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
-                          label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy against label-smoothed one-hot targets.
-
-  Args:
-    logits: `[batch, classes]`.
-    labels: int `[batch]`.
-    label_smoothing: a; targets are (1 - a) * onehot + a / classes.
-
-  Returns:
-    float32 `[batch]`.
-  """
-  logits = jnp.asarray(logits, jnp.float32)
-  num_classes = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, num_classes) * (1.0 - label_smoothing)
-  targets += label_smoothing / num_classes
-  return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
-
-
-def sigmoid_cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
-                          label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example sigmoid (independent binary) cross-entropy summed over classes.
-
-  Args:
-    logits: `[batch, classes]`.
-    labels: int `[batch]`.
-    label_smoothing: a; targets are (1 - a) * onehot + a / classes.
-
-  Returns:
-    float32 `[batch]`: sum_c -(t_c log sigmoid(z_c) + (1 - t_c) log sigmoid(-z_c)).
-  """
-  logits = jnp.asarray(logits, jnp.float32)
-  num_classes = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, num_classes) * (1.0 - label_smoothing)
-  targets += label_smoothing / num_classes
-  per_class = -(targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits))
-  return jnp.sum(per_class, axis=-1)
-
-
-_LOSS_FNS = {"softmax_xent": softmax_cross_entropy, "sigmoid_xent": sigmoid_cross_entropy}
+# The train and eval steps.
 
 
 def _micro_batches(batch: Mapping[str, jax.Array], accum_steps: int, mesh: Mesh) -> Any:
@@ -279,7 +125,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   Args:
     model: the Flax module; called as `model.apply({'params': p}, images, train=True,
       rngs={'dropout': key})`.
-    tx: the optimizer (`make_optimizer`).
+    tx: the optimizer (`recipe.make_optimizer`).
     schedule: its learning-rate schedule (reported in the metrics).
     train: the config's `train` section (`loss`, `label_smoothing`, `accum_steps`).
     mesh: the mesh; the state is replicated, the batch sharded over `parallel.DATA_AXIS`.
@@ -290,7 +136,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     'learning_rate', 'grad_norm', 'param_norm' and bool 'finite' (loss, gradient norm and new
     parameter norm all finite).
   """
-  loss_fn = _LOSS_FNS[train.loss]
+  loss_fn = recipe.LOSS_FNS[train.loss]
   accum_steps = int(train.accum_steps)
 
   def micro_loss(params, images, labels, key):
@@ -334,7 +180,7 @@ def make_eval_step(model: nn.Module, loss: str, mesh: Mesh
 
   The loss is unsmoothed; divide the sums over an eval pass by 'count'.
   """
-  loss_fn = _LOSS_FNS[loss]
+  loss_fn = recipe.LOSS_FNS[loss]
 
   def eval_fn(params, batch):
     logits = model.apply({"params": params}, batch["image"], train=False)
@@ -357,11 +203,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   `num_classes` and `image_size` default to the dataset's classes and `config.data.image_size`;
   `dtype` comes from `config.train.dtype` ('float32' | 'bfloat16').
   """
-  if config.train.dtype not in DTYPES:
-    raise ValueError(f"train.dtype must be one of {sorted(DTYPES)}; got {config.train.dtype!r}.")
-  return models.create_from_config(
-      config.model.name, {**config.model.overrides.to_dict(), "dtype": DTYPES[config.train.dtype]},
-      num_classes=num_classes, image_size=config.data.image_size)
+  if config.train.dtype not in recipe.DTYPES:
+    raise ValueError(f"train.dtype must be one of {sorted(recipe.DTYPES)}; got "
+                     f"{config.train.dtype!r}.")
+  overrides = {**config.model.overrides.to_dict(), "dtype": recipe.DTYPES[config.train.dtype]}
+  return models.create_from_config(config.model.name, overrides, num_classes=num_classes,
+                                   image_size=config.data.image_size)
 
 
 def make_train_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -437,8 +284,8 @@ def check_checkpoint_dir(workdir: str) -> None:
 
 def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   train = config.train
-  if train.loss not in LOSSES:
-    raise ValueError(f"Unknown train.loss {train.loss!r}; use one of {LOSSES}.")
+  if train.loss not in recipe.LOSSES:
+    raise ValueError(f"Unknown train.loss {train.loss!r}; use one of {recipe.LOSSES}.")
   if not 0.0 <= train.label_smoothing < 1.0:
     raise ValueError(f"train.label_smoothing must be in [0, 1); got {train.label_smoothing}.")
   if train.total_steps < 1:
@@ -455,64 +302,7 @@ def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics output.
-
-
-class _MetricsWriter:
-  """Records in `<workdir>/metrics.jsonl` (rewritten atomically on every write: object stores
-  have no append) and TensorBoard event files in `<workdir>/tensorboard`; process 0 only.
-
-  tensorboardX writes local files only (its gs:// writer needs a GCS client library), so for a
-  URI work directory the events go to a local temporary folder and are copied through
-  `vit_repr.files` after every write.
-  """
-
-  def __init__(self, workdir: str, start_step: int):
-    self._active = jax.process_index() == 0
-    if not self._active:
-      return
-    self._path = files.join(workdir, METRICS_FILE)
-    self._lines = []
-    if files.exists(self._path):  # Drop records a killed run wrote after its checkpoint.
-      self._lines = [line for line in files.read_text(self._path).splitlines(keepends=True)
-                     if json.loads(line)["step"] <= start_step]
-    self._events_dir = files.join(workdir, "tensorboard")
-    self._local_dir = (tempfile.mkdtemp(prefix="vit_repr_tensorboard_")
-                       if files.is_uri(workdir) else self._events_dir)
-    self._tensorboard = tensorboardX.SummaryWriter(self._local_dir, purge_step=start_step + 1)
-
-  def write(self, split: str, step: int, values: Mapping[str, float]) -> None:
-    if not self._active:
-      return
-    self._lines.append(json.dumps({"split": split, "step": step, **values}) + "\n")
-    files.write_text(self._path, "".join(self._lines))
-    for name, value in values.items():
-      self._tensorboard.add_scalar(f"{split}/{name}", value, step)
-    self._tensorboard.flush()
-    self._copy_events()
-
-  def _copy_events(self) -> None:
-    """Copies the local event files to a URI work directory (nothing for a local one)."""
-    if self._local_dir == self._events_dir:
-      return
-    for name in os.listdir(self._local_dir):
-      with open(os.path.join(self._local_dir, name), "rb") as events:
-        files.write_bytes(files.join(self._events_dir, name), events.read())
-
-  def close(self) -> None:
-    if self._active:
-      self._tensorboard.close()
-      self._copy_events()
-      if self._local_dir != self._events_dir:
-        shutil.rmtree(self._local_dir)
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of `<workdir>/metrics.jsonl` ('split': 'train' | 'eval', 'step', values), the
-  same on every host (`files.read_shared`: every process calls it); [] without the file."""
-  contents = files.read_shared(files.join(workdir, METRICS_FILE))
-  return [] if contents is None else [json.loads(line)
-                                      for line in contents.decode("utf-8").splitlines()]
+# Evaluation.
 
 
 def _evaluate(eval_step: Callable[..., dict[str, jax.Array]], params: Any,
@@ -558,7 +348,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   train = config.train
   info = data.dataset_info(config.data.name, config.data.data_dir)
   model = build_model(config, info.num_classes)
-  tx, schedule = make_optimizer(train)
+  tx, schedule = recipe.make_optimizer(train)
   ckpt_dir = files.join(files.absolute(workdir), "checkpoints")
   params_dir = files.join(files.absolute(workdir), "params")
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
@@ -582,7 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                     out_shardings=replicated)(params)
   try:
     if int(state.step) < train.total_steps:
-      writer = _MetricsWriter(workdir, int(state.step))
+      writer = metrics_log.MetricsWriter(workdir, int(state.step))
       try:
         state = _train_loop(config, model, tx, schedule, mesh, manager, writer, state, info)
       finally:
@@ -594,7 +384,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   step = int(state.step)
   if step == train.total_steps and not files.exists(params_dir):
     checkpoints.save(params_dir, state.params)
-  evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]
+  evals = [r for r in metrics_log.read_metrics(workdir) if r["split"] == "eval"]
   final_eval = {k: v for k, v in evals[-1].items() if k != "split"} if evals else {}
   return TrainResult(model=model, params=state.params, step=step, final_eval=final_eval)
 
@@ -608,7 +398,7 @@ def _first_bad_step(records: list[dict[str, Any]], first_step: int) -> int | Non
 
 def _train_loop(config: ml_collections.ConfigDict, model: nn.Module,
                 tx: optax.GradientTransformation, schedule: Callable[[jax.Array], jax.Array],
-                mesh: Mesh, manager: ocp.CheckpointManager, writer: _MetricsWriter,
+                mesh: Mesh, manager: ocp.CheckpointManager, writer: metrics_log.MetricsWriter,
                 state: TrainState, info: data.DatasetInfo) -> TrainState:
   """Runs steps `state.step + 1 .. total_steps` (or to `stop_after_steps`); returns the state."""
   train, cfg_data = config.train, config.data

@@ -74,14 +74,14 @@ def model_setup(name: str, size: int) -> tuple[Callable, dict, dict[str, tuple[i
       model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
   shapes = features.intermediate_shapes(model, size)
   names = features.select_names(list(shapes), _LAYERS[name.split("-")[0]])
-  patch = getattr(model, "patch_size", None)
+  tokens = model.token_layout()
 
   def fn(p, x):
     _, sown = model.apply({"params": p}, x, mutable=["intermediates"])
     return flatten_intermediates(sown)
 
-  options = dict(image_size=size, token_grid=None if patch is None else (size // patch,) * 2,
-                 num_prefix_tokens=int(features.has_cls_token(model)))
+  options = dict(image_size=size, token_grid=None if tokens is None else tokens.grid,
+                 num_prefix_tokens=0 if tokens is None else tokens.num_prefix_tokens)
   return fn, params, {n: shapes[n][1:] for n in names}, options
 
 

@@ -1,7 +1,7 @@
 """Records what every saved figure shows on its axes, for tests that run a main in a subprocess.
 
-`install()` wraps `matplotlib.figure.Figure.savefig`: beside each `<stem>.png` it writes
-`<stem>.png.axes.json`, per visible axes its title, axis labels and tick labels. `run_module`
+`install()` wraps `vit_repr.plotting.save_figure`: beside each `<stem>.png` it writes
+`<stem>.png.axes.json` (a local path), per visible axes its title, axis labels and tick labels. `run_module`
 runs an absl main (`python -m <module> <argv>`) with the spy installed.
 """
 
@@ -11,9 +11,12 @@ import sys
 
 import matplotlib.figure
 
+from vit_repr import plotting
+
 
 def describe(figure: matplotlib.figure.Figure) -> list[dict]:
-  """Per visible axes: title, axis labels and tick labels (draw the figure first)."""
+  """Per visible axes: title, axis labels and tick labels."""
+  figure.draw_without_rendering()  # Tick labels are filled in when the figure is drawn.
   return [{"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
            "xticks": [t.get_text() for t in ax.get_xticklabels()],
            "yticks": [t.get_text() for t in ax.get_yticklabels()]}
@@ -21,17 +24,16 @@ def describe(figure: matplotlib.figure.Figure) -> list[dict]:
 
 
 def install() -> None:
-  """Wraps `Figure.savefig` to record the axes of every PNG it writes."""
-  savefig = matplotlib.figure.Figure.savefig
+  """Wraps `plotting.save_figure` to record the axes of every figure it saves."""
+  save_figure = plotting.save_figure
 
-  def recording_savefig(self, fname, *args, **kwargs):
-    if str(fname).endswith(".png"):
-      self.canvas.draw()  # Tick labels are filled in when the figure is drawn.
-      with open(f"{fname}.axes.json", "w") as f:
-        json.dump(describe(self), f)
-    return savefig(self, fname, *args, **kwargs)
+  def recording_save_figure(fig, stem):
+    paths = save_figure(fig, stem)
+    with open(f"{stem}.png.axes.json", "w") as f:
+      json.dump(describe(fig), f)
+    return paths
 
-  matplotlib.figure.Figure.savefig = recording_savefig
+  plotting.save_figure = recording_save_figure
 
 
 def run_module(module: str, argv: list[str]) -> None:

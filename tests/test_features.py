@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vit_repr import features
-from vit_repr.models import create, flatten_intermediates
+from vit_repr.models import TokenLayout, create, flatten_intermediates
 
 IMAGE_SIZE = 32
 
@@ -102,6 +102,19 @@ def test_gap_model_has_no_cls_token():
   extractor = features.FeatureExtractor(tiny_vit("gap"), r"Transformer/encoderblock_0/out",
                                         image_size=IMAGE_SIZE, token_mode="spatial")
   assert extractor.feature_sizes == {"Transformer/encoderblock_0/out": 16 * 192}
+
+
+def test_reduce_tokens_follows_the_token_layout():
+  x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
+  tokens = TokenLayout(grid=(2, 2), patch_size=8, prefix=("cls",))
+  np.testing.assert_array_equal(features.reduce_tokens(x, "cls", token_layout=tokens), x[:, 0])
+  np.testing.assert_array_equal(features.reduce_tokens(x, "spatial", token_layout=tokens),
+                                x[:, 1:].reshape(2, 12))
+  np.testing.assert_allclose(features.reduce_tokens(x, "mean", token_layout=tokens),
+                             x[:, 1:].mean(1))
+  for wrong in (None, TokenLayout(grid=(2, 2), patch_size=8)):
+    with pytest.raises(ValueError, match="token layout"):
+      features.reduce_tokens(x, "mean", token_layout=wrong)
 
 
 def test_feature_maps_mean_over_locations():

@@ -6,6 +6,7 @@ import pytest
 from tests import figure_spy
 from tests.layer_order import out_of_order
 from vit_repr import plotting
+from vit_repr.models.layout import display_name
 
 
 @pytest.fixture
@@ -15,7 +16,6 @@ def drawn(monkeypatch):
   save = plotting.save_figure
 
   def recording_save(fig, stem):
-    fig.canvas.draw()
     figures.append(figure_spy.describe(fig))
     return save(fig, stem)
 
@@ -52,7 +52,7 @@ def test_curves_of_different_architectures_use_relative_depth(drawn, tmp_path):
   plotting.plot_layer_curves([panel], str(tmp_path / "curves"))
   (axes,) = drawn[0]
   assert axes["xlabel"].startswith("relative depth")
-  labels = {plotting.short_layer_name(n) for n in vit_names(12) + RESNET_NAMES}
+  labels = {display_name(n) for n in vit_names(12) + RESNET_NAMES}
   assert axes["xticks"] and not labels & set(axes["xticks"])
 
 

@@ -143,6 +143,8 @@ def _order_errors_in_figures(workdir: str) -> dict[str, list[str]]:
   errors = {}
   for root, _, files in os.walk(workdir):
     for file in files:
+      if file.endswith(".png"):
+        assert f"{file}.axes.json" in files, f"{root}/{file}: the figure spy recorded no axes"
       if not file.endswith(".axes.json"):
         continue
       with open(os.path.join(root, file)) as f:

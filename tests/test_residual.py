@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_python
-from vit_repr import features, models, residual
+from vit_repr import models, residual
 
 
 def reference_ratios(zs, fs, has_cls):
@@ -73,7 +73,7 @@ def test_streamed_batches_match_numpy_float64(shape, has_cls):
 def test_vit_sublayers_pair_stream_and_branch_and_skip_removed_blocks():
   model = models.create("ViT-Ti/16", image_size=16, patch_size=8, depth=3, hidden_size=8,
                         num_heads=2, mlp_dim=8, num_classes=3, remove_skips=(1,))
-  layers = residual.sublayers(features.intermediate_shapes(model, 16), model.remove_skips)
+  layers = model.residual_sublayers()
   block = "Transformer/encoderblock_{}/"
   assert [(layer.name, layer.stream, layer.branch, layer.block) for layer in layers] == [
       (block.format(i) + kind, block.format(i) + stream, block.format(i) + branch, i)
@@ -85,7 +85,7 @@ def test_vit_sublayers_pair_stream_and_branch_and_skip_removed_blocks():
 def test_mixer_sublayers():
   model = models.create("Mixer-S/32", image_size=16, patch_size=8, depth=2, hidden_size=8,
                         tokens_mlp_dim=4, channels_mlp_dim=8, num_classes=3)
-  layers = residual.sublayers(features.intermediate_shapes(model, 16))
+  layers = model.residual_sublayers()
   assert [(layer.name, layer.stream, layer.branch) for layer in layers[:2]] == [
       ("MixerBlock_0/token_mixing", "MixerBlock_0/in", "MixerBlock_0/token_mixing_branch"),
       ("MixerBlock_0/channel_mixing", "MixerBlock_0/mid",
@@ -96,7 +96,7 @@ def test_mixer_sublayers():
 def test_resnet_identity_and_projection_shortcuts():
   model = models.create("BiT-R50x1", image_size=32, units_per_stage=(2, 1, 1, 1),
                         width_factor=0.5, num_classes=3, remove_skips=(3,))
-  layers = residual.sublayers(features.intermediate_shapes(model, 32), model.remove_skips)
+  layers = model.residual_sublayers()
   assert [(layer.name, layer.stream, layer.identity_shortcut) for layer in layers] == [
       ("block1/unit01", "block1/unit01/out", False),
       ("block1/unit02", "block1/unit01/out", True),
@@ -106,16 +106,19 @@ def test_resnet_identity_and_projection_shortcuts():
   rng = np.random.default_rng(2)
   inter = {n: rng.normal(size=(2, 2, 2, 4)) for n in
            ("block1/unit01/out", "block1/unit01/branch", "block1/unit02/branch")}
-  streams, branches = residual.streams_and_branches(layers[:2], inter)
+  streams, branches = models.streams_and_branches(layers[:2], inter)
   np.testing.assert_array_equal(
       streams["block1/unit01"], inter["block1/unit01/out"] - inter["block1/unit01/branch"])
   np.testing.assert_array_equal(streams["block1/unit02"], inter["block1/unit01/out"])
   np.testing.assert_array_equal(branches["block1/unit02"], inter["block1/unit02/branch"])
 
 
-def test_no_residual_blocks_is_an_error():
-  with pytest.raises(ValueError, match="No residual blocks"):
-    residual.sublayers({"logits": (1, 3)})
+def test_a_model_without_skip_connections_has_nothing_to_measure():
+  model = models.create("Mixer-S/32", image_size=16, patch_size=8, depth=2, hidden_size=8,
+                        tokens_mlp_dim=4, channels_mlp_dim=8, num_classes=3, remove_skips=(0, 1))
+  assert model.residual_sublayers() == ()
+  with pytest.raises(ValueError, match="at least one sub-layer"):
+    residual.NormRatio().init({}, has_cls=False)
 
 
 def test_nonfinite_values_name_the_layer():

@@ -9,7 +9,7 @@ import pytest
 
 from configs import common
 from configs import skip_connections as skip_configs
-from vit_repr import checkpoints, data, features, models, parallel, residual, results
+from vit_repr import checkpoints, data, features, models, parallel, results
 from vit_repr.studies import skip_connections
 
 LN_EPS = 1e-6
@@ -131,7 +131,7 @@ def test_bad_configs_fail_before_training(tmp_path, ablation, match):
 def direct_norm_ratios(model, params, config):
   """ratio_of_means of every sub-layer recomputed on the host in float64 from `params`."""
   cfg = config.data
-  layers = residual.sublayers(features.intermediate_shapes(model, cfg.image_size))
+  layers = model.residual_sublayers()
   names = sorted({n for layer in layers for n in (layer.stream, layer.branch)})
   extractor = features.FeatureExtractor(model, names, image_size=cfg.image_size)
   sums = np.zeros((2, len(layers), 2))

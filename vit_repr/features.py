@@ -5,14 +5,17 @@ of `vit_repr.models` sows (names and shapes in each model's docstring). `Feature
 selects them by exact name or regular expression and reduces their tokens inside one jitted
 function, so the intermediates nobody asked for are dead code that XLA never materialises.
 
-Token treatments (`token_mode`), for a ViT representation `[b, T, D]` (T tokens, the first
-the CLS token when the model's classifier is 'token') or a feature map `[b, h, w, C]`:
+Token treatments (`token_mode`), for a token sequence `[b, T, D]` (ViT, Mixer: the prefix
+tokens, e.g. CLS, then N patch tokens, as the model's `token_layout()` says) or a feature map
+`[b, h, w, C]` (ResNet):
 
   'all'      every token/location, flattened to `[b, T * D]` / `[b, h * w * C]`: the paper's
              choice for CKA (each example's representation flattened).
   'cls'      the CLS token `[b, D]` (token-classifier ViTs only).
-  'spatial'  the patch tokens without CLS, flattened `[b, N * D]`; for feature maps as 'all'.
-  'mean'     the mean over patch tokens (CLS excluded) / spatial locations `[b, D]` / `[b, C]`.
+  'spatial'  the patch tokens without prefix tokens, flattened `[b, N * D]`; for feature maps
+             as 'all'.
+  'mean'     the mean over patch tokens (prefix tokens excluded) / spatial locations `[b, D]` /
+             `[b, C]`.
 
 Representations that are not token sequences or feature maps (`pre_logits` `[b, D]`,
 `logits`, `attn_probs` `[b, H, T, T]`, ...) are flattened per example for 'all' and rejected for
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_repr.models import flatten_intermediates
+from vit_repr.models import TokenLayout, flatten_intermediates
 
 TOKEN_MODES = ("all", "cls", "spatial", "mean")
 
@@ -88,39 +91,44 @@ def select_names(available: Sequence[str], patterns: Sequence[str] | str) -> lis
   return [n for n in available if n in selected]
 
 
-def reduce_tokens(x: jax.Array, mode: str, *, has_cls: bool, name: str = "") -> jax.Array:
+def reduce_tokens(x: jax.Array, mode: str, *, token_layout: TokenLayout | None,
+                  name: str = "") -> jax.Array:
   """Applies a token treatment (see the module docstring) to one representation.
 
   Args:
     x: `[b, T, D]` tokens, `[b, h, w, C]` feature map, or any `[b, ...]` array ('all' only).
     mode: one of `TOKEN_MODES`.
-    has_cls: whether token 0 of a `[b, T, D]` representation is the CLS token.
+    token_layout: the model's `token_layout()`, which says where the prefix (CLS) tokens of a
+      `[b, T, D]` representation are; None for a model without token sequences (a ResNet).
     name: the representation's name, for error messages.
 
   Returns:
     `[b, features]`.
+
+  Raises:
+    ValueError: an unknown mode, a mode that does not apply to `x`, or tokens that do not
+      match `token_layout`.
   """
   if mode not in TOKEN_MODES:
     raise ValueError(f"Unknown token_mode {mode!r}; use one of {TOKEN_MODES}.")
   if mode == "all":
     return x.reshape(x.shape[0], -1)
   if x.ndim == 3:  # [b, T, D] tokens.
+    if token_layout is None or x.shape[1] != token_layout.num_tokens:
+      raise ValueError(f"token_mode={mode!r}: {name or 'the representation'} has {x.shape[1]} "
+                       f"tokens, but the model's token layout is {token_layout}; pass the "
+                       "token_layout() of the model that made it, or use 'all'.")
     if mode == "cls":
-      if not has_cls:
+      if not token_layout.has_cls:
         raise ValueError(f"token_mode='cls' but {name or 'the model'} has no CLS token "
                          "(classifier='gap' or not a ViT); use 'mean' or 'all'.")
-      return x[:, 0]
-    patches = x[:, 1:] if has_cls else x
+      return x[:, token_layout.prefix.index("cls")]
+    patches = x[:, token_layout.num_prefix_tokens:]
     return patches.reshape(x.shape[0], -1) if mode == "spatial" else patches.mean(axis=1)
   if x.ndim == 4 and mode in ("spatial", "mean"):  # [b, h, w, C] feature map.
     return x.reshape(x.shape[0], -1) if mode == "spatial" else x.mean(axis=(1, 2))
   raise ValueError(f"token_mode={mode!r} does not apply to {name or 'a representation'} of "
                    f"shape {x.shape}; use 'all'.")
-
-
-def has_cls_token(model: nn.Module) -> bool:
-  """Whether the model's token representations start with a CLS token."""
-  return getattr(model, "classifier", None) == "token"
 
 
 class FeatureExtractor:
@@ -134,6 +142,7 @@ class FeatureExtractor:
   Attributes:
     names: the selected intermediate names, in model order.
     shapes: `{name: per-example shape}` of the selected intermediates before token reduction.
+    token_layout: the model's `token_layout()` (None for a ResNet).
     feature_sizes: `{name: features per example}` after the token treatment.
   """
 
@@ -145,17 +154,19 @@ class FeatureExtractor:
     self.names = select_names(list(all_shapes), patterns)
     self.shapes = {n: all_shapes[n][1:] for n in self.names}
     self.token_mode = token_mode
-    has_cls = has_cls_token(model)
-    names = tuple(self.names)
+    self.token_layout = model.token_layout()
+    token_layout, names = self.token_layout, tuple(self.names)
 
     def extract(params: Any, images: jax.Array) -> dict[str, jax.Array]:
       _, state = model.apply({"params": params}, images, mutable=["intermediates"])
       flat = flatten_intermediates(state)
-      return {n: reduce_tokens(flat[n], token_mode, has_cls=has_cls, name=n) for n in names}
+      return {n: reduce_tokens(flat[n], token_mode, token_layout=token_layout, name=n)
+              for n in names}
 
     # Validates the token treatment of every selected layer once, at construction.
     reduced = jax.eval_shape(
-        lambda x: {n: reduce_tokens(x[n], token_mode, has_cls=has_cls, name=n) for n in names},
+        lambda x: {n: reduce_tokens(x[n], token_mode, token_layout=token_layout, name=n)
+                   for n in names},
         {n: jax.ShapeDtypeStruct((1, *self.shapes[n]), jnp.float32) for n in names})
     self.feature_sizes = {n: int(np.prod(reduced[n].shape[1:])) for n in names}
     self._extract = jax.jit(extract)

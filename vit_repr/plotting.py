@@ -1,32 +1,39 @@
 """Figures of the paper's layout, drawn from result arrays (no model or data access here).
 
 Every function takes arrays (as written by the studies) and an output path stem, and saves
-both `<stem>.png` and `<stem>.pdf`, returning the two paths.
+both `<stem>.png` and `<stem>.pdf`, returning the two paths. Layer axes are labelled with each
+model family's short names (`vit_repr.models.layout.display_name`: '3/mid', '2.03').
 """
 
 import dataclasses
 import io
-import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
+from matplotlib.figure import Figure
 
 from vit_repr import files
+from vit_repr.models.layout import display_name
 
 
-def save_figure(fig: plt.Figure, stem: str) -> tuple[str, str]:
+def _subplots(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float],
+              layout: str | None = None, **subplots_kwargs) -> tuple[Figure, Any]:
+  """A figure and its axes, made without pyplot: no global figure registry and no backend
+  switch, so plotting neither leaks figures nor changes a notebook's backend."""
+  fig = Figure(figsize=figsize, layout=layout)
+  return fig, fig.subplots(rows, columns, **subplots_kwargs)
+
+
+def save_figure(fig: Figure, stem: str) -> tuple[str, str]:
   """Saves `fig` as `<stem>.png` (150 dpi) and `<stem>.pdf` (local or URI, process 0 only,
-  atomically; `vit_repr.files`), closes it, returns the paths."""
+  atomically; `vit_repr.files`), returns the paths."""
   paths = (f"{stem}.png", f"{stem}.pdf")
   for path in paths:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=path.rsplit(".", 1)[1], dpi=150, bbox_inches="tight")
     files.write_bytes(path, buffer.getvalue())
-  plt.close(fig)
   return paths
 
 
@@ -47,7 +54,7 @@ def plot_montage(montage: np.ndarray, stem: str, *, row_labels: Sequence[str] = 
   if montage.ndim != 3 or montage.shape[-1] != 3:
     raise ValueError(f"montage must be [rows * H, columns * W, 3]; got {montage.shape}.")
   height, width = montage.shape[:2]
-  fig, ax = plt.subplots(figsize=(min(12.0, 0.02 * width + 1.5), min(12.0, 0.02 * height + 1.0)))
+  fig, ax = _subplots(figsize=(min(12.0, 0.02 * width + 1.5), min(12.0, 0.02 * height + 1.0)))
   ax.imshow(np.clip(montage, 0.0, 1.0), interpolation="nearest")
   ax.set_xticks([])
   if row_labels:
@@ -80,26 +87,11 @@ class HeatmapPanel:
   title: str = ""
 
 
-_SHORT_NAMES = (
-    (re.compile(r"Transformer/encoderblock_(\d+)/"), r"\1/"),  # ViT: '3/mid'.
-    (re.compile(r"MixerBlock_(\d+)/"), r"\1/"),                # Mixer: '3/out'.
-    (re.compile(r"block(\d)/unit(\d+)/out"), r"\1.\2"),        # ResNet: stage.unit '2.03'.
-)
-
-
-def short_layer_name(name: str) -> str:
-  """A compact axis label: 'Transformer/encoderblock_3/mid' -> '3/mid', 'block2/unit03/out'
-  -> '2.03'; other names unchanged."""
-  for pattern, replacement in _SHORT_NAMES:
-    name = pattern.sub(replacement, name)
-  return name
-
-
 def _layer_ticks(names: Sequence[str], max_ticks: int = 16) -> tuple[np.ndarray, list[str]]:
-  """Every k-th layer position and its short name, at most `max_ticks` of them."""
+  """Every k-th layer position and its short name (`display_name`), at most `max_ticks`."""
   step = max(1, int(np.ceil(len(names) / max_ticks)))
   positions = np.arange(0, len(names), step)
-  return positions, [short_layer_name(names[i]) for i in positions]
+  return positions, [display_name(names[i]) for i in positions]
 
 
 def plot_heatmaps(panels: Sequence[HeatmapPanel], stem: str, *, vmin: float = 0.0,
@@ -121,8 +113,8 @@ def plot_heatmaps(panels: Sequence[HeatmapPanel], stem: str, *, vmin: float = 0.
   """
   if not panels:
     raise ValueError("plot_heatmaps needs at least one panel.")
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.0, 4.0),
-                           squeeze=False, layout="constrained")
+  fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.0, 4.0),
+                        squeeze=False, layout="constrained")
   image = None
   for ax, panel in zip(axes[0], panels):
     values = np.asarray(panel.values, np.float64)
@@ -178,8 +170,8 @@ def plot_norm_ratios(panels: Sequence[NormRatioPanel], stem: str, *,
   """
   if not panels:
     raise ValueError("plot_norm_ratios needs at least one panel.")
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False,
-                           sharey=True, layout="constrained")
+  fig, axes = _subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False,
+                        sharey=True, layout="constrained")
   for ax, panel in zip(axes[0], panels):
     size = len(panel.names)
     columns = {"cls": panel.cls, "spatial": panel.spatial,
@@ -233,8 +225,8 @@ def plot_attention_distance(distance: np.ndarray, layer_labels: Sequence[str], s
                      f"{distance.shape} and {len(layer_labels)} labels.")
   ordered = np.sort(distance, axis=1)
   layers, heads = ordered.shape
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * layers + 2.0), 3.6), layout="constrained")
-  colours = plt.get_cmap("viridis")(np.linspace(0.0, 1.0, heads))
+  fig, ax = _subplots(figsize=(max(4.0, 0.35 * layers + 2.0), 3.6), layout="constrained")
+  colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 1.0, heads))
   for head in range(heads):
     ax.scatter(np.arange(layers), ordered[:, head], s=14, color=colours[head],
                label=f"head {head} (sorted)" if heads <= 16 else None)
@@ -274,16 +266,16 @@ def plot_head_cka_vs_distance(head_distance: np.ndarray, head_cka: np.ndarray,
                      f"{len(resnet_names)}); got {head_cka.shape}.")
   blocks = np.asarray(head_block)
   panels = len(resnet_names)
-  fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels + 1.0, 3.2), squeeze=False,
-                           sharey=True, layout="constrained")
-  colours = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, max(1, len(np.unique(blocks)))))
+  fig, axes = _subplots(1, panels, figsize=(3.2 * panels + 1.0, 3.2), squeeze=False,
+                        sharey=True, layout="constrained")
+  colours = matplotlib.colormaps["plasma"](np.linspace(0.0, 0.85, max(1, len(np.unique(blocks)))))
   for ax, column, name in zip(axes[0], head_cka.T, resnet_names):
     for colour, block in zip(colours, np.unique(blocks)):
       chosen = blocks == block
       ax.scatter(head_distance[chosen], column[chosen], s=16, color=colour,
                  label=f"block {block}")
     ax.set_xlabel("Mean attention distance (pixels)")
-    ax.set_title(f"ResNet {short_layer_name(name)}", fontsize=9)
+    ax.set_title(f"ResNet {display_name(name)}", fontsize=9)
   axes[0][0].set_ylabel("CKA (head vs ResNet layer)")
   axes[0][-1].legend(fontsize=6)
   if title:
@@ -307,8 +299,8 @@ def plot_receptive_fields(panels: Sequence[tuple[str, np.ndarray, Sequence[str]]
     raise ValueError("plot_receptive_fields needs at least one model's maps.")
   columns = min(max_columns, max(len(labels) for _, _, labels in panels))
   rows_of = [int(np.ceil(len(labels) / columns)) for _, _, labels in panels]
-  fig, axes = plt.subplots(sum(rows_of), columns, figsize=(1.3 * columns, 1.5 * sum(rows_of)),
-                           squeeze=False, layout="constrained")
+  fig, axes = _subplots(sum(rows_of), columns, figsize=(1.3 * columns, 1.5 * sum(rows_of)),
+                        squeeze=False, layout="constrained")
   for ax in axes.ravel():
     ax.axis("off")
   row = 0
@@ -366,8 +358,8 @@ def plot_localization(rows: Sequence[LocalizationRow], stem: str, *,
                      f"{[len(r.positions) for r in rows]}.")
   if column_titles and len(column_titles) != columns:
     raise ValueError(f"{len(column_titles)} column titles for {columns} columns.")
-  fig, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns + 1.6, 1.8 * len(rows)),
-                           squeeze=False, layout="constrained")
+  fig, axes = _subplots(len(rows), columns, figsize=(1.9 * columns + 1.6, 1.8 * len(rows)),
+                        squeeze=False, layout="constrained")
   image = None
   for r, row in enumerate(rows):
     maps = np.asarray(row.maps, np.float64)
@@ -431,8 +423,8 @@ def plot_layer_curves(panels: Sequence[CurvePanel], stem: str, *, columns: int |
     raise ValueError("plot_layer_curves needs at least one panel.")
   columns = columns or len(panels)
   rows = int(np.ceil(len(panels) / columns))
-  fig, axes = plt.subplots(rows, columns, figsize=(3.8 * columns, 3.0 * rows), squeeze=False,
-                           layout="constrained")
+  fig, axes = _subplots(rows, columns, figsize=(3.8 * columns, 3.0 * rows), squeeze=False,
+                        layout="constrained")
   for ax in axes.ravel()[len(panels):]:
     ax.set_visible(False)
   for ax, panel in zip(axes.ravel(), panels):

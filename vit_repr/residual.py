@@ -16,15 +16,11 @@ Both are accumulated; `ratio_of_means` is the default statistic of the study (it
 off by the rare token whose branch output is almost zero). A group a layer does not have (CLS
 in a Mixer, a GAP ViT or a ResNet) is NaN.
 
-Sub-layers (`sublayers`) are found from the sown intermediate names of `vit_repr.models`:
-  ViT   'Transformer/encoderblock_{i}/attn': z = '.../in',  f = '.../attn_branch'
-        'Transformer/encoderblock_{i}/mlp':  z = '.../mid', f = '.../mlp_branch'
-  Mixer 'MixerBlock_{i}/token_mixing':       z = '.../in',  f = '.../token_mixing_branch'
-        'MixerBlock_{i}/channel_mixing':     z = '.../mid', f = '.../channel_mixing_branch'
-  ResNet 'block{s}/unit{uu}': f = '.../branch'; z = the unit's input (the previous unit's
-        'out') when the shortcut is the identity, else the projected shortcut
-        proj(input) = out - branch (flagged by `identity_shortcut`).
-Blocks (ResNet units) without skip connections (`remove_skips`) have no z and are left out.
+This module takes arrays only: `{sub-layer name: z}` and `{sub-layer name: f(z)}`. Which
+intermediates are z and f(z) is for the model to say: each model of `vit_repr.models` lists
+its sub-layers (`model.residual_sublayers()`; ViT attn and mlp, Mixer token and channel mixing,
+ResNet units with identity or projected shortcuts; blocks without skip connections left out),
+and `vit_repr.models.streams_and_branches` picks those arrays from the model's intermediates.
 
 `NormRatio` accumulates the per-batch sums in a small jitted pytree state (init / update /
 result, like optax): the batch arrives sharded over the mesh's data axis and the sums over
@@ -34,7 +30,6 @@ result does not depend on the device count.
 
 import dataclasses
 import functools
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -50,98 +45,6 @@ GROUPS = ("cls", "spatial")
 STATISTICS = ("ratio_of_means", "mean_of_ratios")
 # Accumulated sums, in this order, per layer and group.
 _SUMS = ("norm_stream", "norm_branch", "ratio")
-
-_VIT_BLOCK = re.compile(r"(.*encoderblock_\d+)/attn_branch")
-_MIXER_BLOCK = re.compile(r"(.*MixerBlock_\d+)/token_mixing_branch")
-_RESNET_UNIT = re.compile(r"(.*block\d+/unit\d+)/branch")
-
-
-@dataclasses.dataclass(frozen=True)
-class SubLayer:
-  """One residual sub-layer: out = z + f(z).
-
-  Attributes:
-    name: e.g. 'Transformer/encoderblock_3/attn', 'MixerBlock_0/channel_mixing', 'block2/unit02'.
-    stream: intermediate name of z; or, with `stream_minus_branch`, of the sub-layer output.
-    branch: intermediate name of f(z).
-    block: 0-based index of the block (ResNet: of the unit, over all stages) it belongs to.
-    stream_minus_branch: z = intermediates[stream] - intermediates[branch] (ResNet projection
-      shortcuts, whose z is the projected input).
-  """
-  name: str
-  stream: str
-  branch: str
-  block: int
-  stream_minus_branch: bool = False
-
-  @property
-  def identity_shortcut(self) -> bool:
-    return not self.stream_minus_branch
-
-
-def sublayers(shapes: Mapping[str, Sequence[int]],
-              remove_skips: Sequence[int] = ()) -> tuple[SubLayer, ...]:
-  """The residual sub-layers of a `vit_repr.models` model, in model order.
-
-  Args:
-    shapes: `{intermediate name: shape}` of every sown intermediate in model order, as
-      `vit_repr.features.intermediate_shapes` returns.
-    remove_skips: the model's `remove_skips` (0-based blocks, or ResNet units over all stages,
-      without skip connections); their sub-layers are left out.
-
-  Returns:
-    The `SubLayer`s (see the module docstring for the names).
-
-  Raises:
-    ValueError: the names hold no ViT, Mixer or ResNet residual block.
-  """
-  names = list(shapes)
-  removed = set(int(i) for i in remove_skips)
-  found: list[SubLayer] = []
-  blocks = [m.group(1) for n in names if (m := _VIT_BLOCK.fullmatch(n))]
-  kinds = (("attn", "in", "attn_branch"), ("mlp", "mid", "mlp_branch"))
-  if not blocks:
-    blocks = [m.group(1) for n in names if (m := _MIXER_BLOCK.fullmatch(n))]
-    kinds = (("token_mixing", "in", "token_mixing_branch"),
-             ("channel_mixing", "mid", "channel_mixing_branch"))
-  if blocks:
-    for index, block in enumerate(blocks):
-      if index not in removed:
-        found += [SubLayer(f"{block}/{kind}", f"{block}/{stream}", f"{block}/{branch}", index)
-                  for kind, stream, branch in kinds]
-    return tuple(found)
-  units = [m.group(1) for n in names if (m := _RESNET_UNIT.fullmatch(n))]
-  if not units:
-    raise ValueError("No residual blocks among the intermediates (expected ViT "
-                     "'.../encoderblock_i/attn_branch', Mixer 'MixerBlock_i/token_mixing_branch' "
-                     f"or ResNet 'block{{s}}/unit{{uu}}/branch'); got {names}.")
-  for index, unit in enumerate(units):
-    if index in removed:
-      continue
-    branch, out = f"{unit}/branch", f"{unit}/out"
-    previous = f"{units[index - 1]}/out" if index else None
-    if previous is not None and tuple(shapes[previous]) == tuple(shapes[branch]):
-      found.append(SubLayer(unit, previous, branch, index))
-    else:
-      found.append(SubLayer(unit, out, branch, index, stream_minus_branch=True))
-  return tuple(found)
-
-
-def streams_and_branches(layers: Sequence[SubLayer], intermediates: Mapping[str, jax.Array]
-                         ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """`({sub-layer name: z}, {sub-layer name: f(z)})` from a model's intermediates.
-
-  Args:
-    layers: from `sublayers`.
-    intermediates: `{intermediate name: [b, ...]}` holding every `stream` and `branch` name.
-  """
-  streams, branches = {}, {}
-  for layer in layers:
-    branch = intermediates[layer.branch]
-    stream = intermediates[layer.stream]
-    streams[layer.name] = stream - branch if layer.stream_minus_branch else stream
-    branches[layer.name] = branch
-  return streams, branches
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -239,12 +142,12 @@ class NormRatio:
   """Streaming norm ratios ||z|| / ||f(z)|| of residual sub-layers, jitted and sharded.
 
   Example:
-    layers = residual.sublayers(features.intermediate_shapes(model, 224))
+    layers = model.residual_sublayers()   # model: a vit_repr.models ViT
     estimator = residual.NormRatio(mesh)
     state = None
     for batch in batches:
-      streams, branches = residual.streams_and_branches(layers, intermediates(batch))
-      state = state or estimator.init(streams, has_cls=True)
+      streams, branches = models.streams_and_branches(layers, intermediates(batch))
+      state = state or estimator.init(streams, has_cls=model.token_layout().has_cls)
       state = estimator.update(state, streams, branches)
     result = estimator.result(state)   # result.ratio_of_means: [L, 2] (cls, spatial)
 

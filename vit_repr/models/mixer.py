@@ -35,6 +35,11 @@ Intermediates, sown into the 'intermediates' collection (names are module path +
 
 Blocks listed in `remove_skips` drop both residual additions. Sown values have the compute dtype
 (float32 or bfloat16), except the float32 logits; parameters are always float32.
+
+The model describes itself (`vit_repr.models.layout`): `token_layout()` (the
+(image_size / patch_size)^2 patches, row-major, no prefix token) and `residual_sublayers()`
+(per block 'token_mixing': z = in, f = token_mixing_branch; 'channel_mixing': z = mid,
+f = channel_mixing_branch; blocks in `remove_skips` left out).
 """
 
 from collections.abc import Sequence
@@ -45,8 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_repr.models import variants
-
+from vit_repr.models import layout, variants
 from vit_repr.models.vit import LAYER_NORM_EPS
 
 # Mixer sizes (Table 1 of the Mixer paper): width, depth, token-MLP width, channel-MLP width.
@@ -149,6 +153,31 @@ class MlpMixer(nn.Module):
     variants.check_remove_skips(self.remove_skips, self.depth)
     variants.check_dtype(self.dtype)
     super().__post_init__()
+
+  @nn.nowrap
+  def token_layout(self) -> layout.TokenLayout:
+    """The tokens `[N, D]` of every block: the `image_size / patch_size` square grid of
+    patches, row-major, without prefix tokens."""
+    side = int(self.image_size // self.patch_size)
+    return layout.TokenLayout(grid=(side, side), patch_size=int(self.patch_size))
+
+  @nn.nowrap
+  def residual_sublayers(self) -> tuple[layout.SubLayer, ...]:
+    """The residual sub-layers in computation order: per block i (but those of
+    `remove_skips`) 'MixerBlock_{i}/token_mixing' (z = '.../in', f =
+    '.../token_mixing_branch') and '.../channel_mixing' (z = '.../mid', f =
+    '.../channel_mixing_branch')."""
+    removed = set(self.remove_skips)
+    found = []
+    for i in range(self.depth):
+      if i in removed:
+        continue
+      block = f"MixerBlock_{i}"
+      found.append(layout.SubLayer(f"{block}/token_mixing", f"{block}/in",
+                                   f"{block}/token_mixing_branch", i))
+      found.append(layout.SubLayer(f"{block}/channel_mixing", f"{block}/mid",
+                                   f"{block}/channel_mixing_branch", i))
+    return tuple(found)
 
   @nn.compact
   def __call__(self, images: jax.typing.ArrayLike, *, train: bool = False) -> jax.Array:

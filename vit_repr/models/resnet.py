@@ -38,6 +38,10 @@ Intermediates, sown into the 'intermediates' collection (names are module path +
 z, the skip path, is the unit's input (the previous `out`, or `root_block/out`) except in the
 projecting units (`unit01` of every stage with a changed width or stride), where z = out - branch.
 Sown values have the compute dtype (float32 or bfloat16); parameters are always float32.
+
+The model describes itself (`vit_repr.models.layout`): `residual_sublayers()` lists every unit
+but those of `remove_skips` with that z and f = branch; `token_layout()` is None, as the
+representations are feature maps, not token sequences.
 """
 
 from collections.abc import Sequence
@@ -47,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_repr.models import variants
+from vit_repr.models import layout, variants
 
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-5
@@ -79,6 +83,11 @@ def standardize_weight(kernel: jax.typing.ArrayLike,
   centred = kernel - jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
   variance = jnp.mean(jnp.square(centred), axis=(0, 1, 2), keepdims=True)
   return centred * jax.lax.rsqrt(variance + eps)
+
+
+def _projects_shortcut(in_width: int, out_width: int, strides: int) -> bool:
+  """Whether a unit's shortcut is projected (`a/proj`): its width or resolution changes."""
+  return in_width != out_width or strides != 1
 
 
 def _same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -204,7 +213,7 @@ class BottleneckUnit(nn.Module):
     """`x` `[b, h, w, cin]` -> `[b, h/strides, w/strides, 4 cmid]`; sows `branch` and `out`."""
     x = jnp.asarray(x)
     cout = 4 * self.cmid
-    project = self.skip and (x.shape[-1] != cout or self.strides != 1)
+    project = self.skip and _projects_shortcut(x.shape[-1], cout, self.strides)
     y, shortcut = PreActConv(self.cmid, 1, proj_features=cout if project else None,
                              proj_strides=self.strides, dtype=self.dtype, name="a")(x)
     y, _ = PreActConv(self.cmid, 3, self.strides, dtype=self.dtype, name="b")(y)
@@ -312,6 +321,36 @@ class ResNet(nn.Module):
                   self.dtype, self.remove_skips)
     super().__post_init__()
 
+  @nn.nowrap
+  def _stages(self) -> list[tuple[int, int]]:
+    """(cmid, strides) of each stage `block{s}`: cmid = 64wf * 2^(s-1), strides 1, 2, 2, ..."""
+    width = int(64 * self.width_factor)
+    return [(width * 2**s, 1 if s == 0 else 2) for s in range(len(self.units_per_stage))]
+
+  @nn.nowrap
+  def token_layout(self) -> None:
+    """None: the representations are feature maps `[h, w, C]` (no token sequence), with a
+    grid that differs per stage and is read from their shapes."""
+    return None
+
+  @nn.nowrap
+  def residual_sublayers(self) -> tuple[layout.SubLayer, ...]:
+    """The residual sub-layers in computation order: every unit 'block{s}/unit{uu}' but those of
+    `remove_skips`, f = '.../branch'; z = the unit's input (the previous unit's 'out') for an
+    identity shortcut, else the projected shortcut '.../out' - '.../branch'."""
+    removed = set(self.remove_skips)
+    found = []
+    previous, in_width, index = "root_block/out", int(64 * self.width_factor), 0
+    for s, (num_units, (cmid, strides)) in enumerate(zip(self.units_per_stage, self._stages())):
+      for u in range(num_units):
+        unit = f"block{s + 1}/unit{u + 1:02d}"
+        project = _projects_shortcut(in_width, 4 * cmid, strides if u == 0 else 1)
+        if index not in removed:
+          found.append(layout.SubLayer(unit, f"{unit}/out" if project else previous,
+                                       f"{unit}/branch", index, stream_minus_branch=project))
+        previous, in_width, index = f"{unit}/out", 4 * cmid, index + 1
+    return tuple(found)
+
   @nn.compact
   def __call__(self, images: jax.typing.ArrayLike, *, train: bool = False) -> jax.Array:
     """Classifies `images`.
@@ -329,13 +368,12 @@ class ResNet(nn.Module):
     del train
     images = jnp.asarray(images)
     variants.check_images(images, self.image_size, "BiT ResNet")
-    width = int(64 * self.width_factor)
     removed = set(self.remove_skips)
-    x = RootBlock(width, self.dtype, name="root_block")(images)
+    x = RootBlock(int(64 * self.width_factor), self.dtype, name="root_block")(images)
     first_unit = 0
-    for s, num_units in enumerate(self.units_per_stage):
+    for s, (num_units, (cmid, strides)) in enumerate(zip(self.units_per_stage, self._stages())):
       skips = tuple(first_unit + i not in removed for i in range(num_units))
-      x = Stage(width * 2**s, 1 if s == 0 else 2, skips, self.dtype, name=f"block{s + 1}")(x)
+      x = Stage(cmid, strides, skips, self.dtype, name=f"block{s + 1}")(x)
       first_unit += num_units
     x = nn.relu(GroupNorm(dtype=self.dtype, name="group_norm")(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

@@ -52,6 +52,11 @@ Sown values have the compute dtype (float32 or bfloat16), except the float32 log
 are always float32. `pre_logits` is a parameter pytree of the top-level module rather than a
 submodule so that the sown tag can carry the same name (Flax forbids a sown variable named like a
 submodule of the same scope); its parameter paths are those of the checkpoints.
+
+The model describes itself (`vit_repr.models.layout`): `token_layout()` (CLS for
+classifier='token', then the (image_size / patch_size)^2 patches, row-major) and
+`residual_sublayers()` (per block 'attn': z = in, f = attn_branch; 'mlp': z = mid,
+f = mlp_branch; blocks in `remove_skips` left out).
 """
 
 from collections.abc import Sequence
@@ -62,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_repr.models import variants
+from vit_repr.models import layout, variants
 
 LAYER_NORM_EPS = 1e-6
 CLASSIFIERS = ("token", "gap")
@@ -355,6 +360,29 @@ class VisionTransformer(nn.Module):
     variants.check_remove_skips(self.remove_skips, self.depth)
     variants.check_dtype(self.dtype)
     super().__post_init__()
+
+  @nn.nowrap
+  def token_layout(self) -> layout.TokenLayout:
+    """The tokens `[T, D]` of every block: the CLS token ('token' classifier), then the
+    `image_size / patch_size` square grid of patches, row-major."""
+    side = int(self.image_size // self.patch_size)
+    return layout.TokenLayout(grid=(side, side), patch_size=int(self.patch_size),
+                              prefix=("cls",) if self.classifier == "token" else ())
+
+  @nn.nowrap
+  def residual_sublayers(self) -> tuple[layout.SubLayer, ...]:
+    """The residual sub-layers in computation order: per block i (but those of
+    `remove_skips`) 'Transformer/encoderblock_{i}/attn' (z = '.../in', f = '.../attn_branch')
+    and '.../mlp' (z = '.../mid', f = '.../mlp_branch')."""
+    removed = set(self.remove_skips)
+    found = []
+    for i in range(self.depth):
+      if i in removed:
+        continue
+      block = f"Transformer/encoderblock_{i}"
+      found.append(layout.SubLayer(f"{block}/attn", f"{block}/in", f"{block}/attn_branch", i))
+      found.append(layout.SubLayer(f"{block}/mlp", f"{block}/mid", f"{block}/mlp_branch", i))
+    return tuple(found)
 
   @nn.compact
   def __call__(self, images: jax.typing.ArrayLike, *, train: bool = False) -> jax.Array:

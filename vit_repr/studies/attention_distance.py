@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import attention, cka, data, features, files, parallel, plotting, results
-from vit_repr.models import flatten_intermediates
+from vit_repr.models import display_name, flatten_intermediates
 from vit_repr.studies import loading, resume
 
 STATE_FILE = "attention_state.npz"
@@ -99,18 +99,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                      num_classes=info.num_classes, mesh=mesh)
   shapes = features.intermediate_shapes(model, image_size)
   names = attention_layers(config.model.name, shapes, list(config.model.layers))
-  _, num_heads, num_tokens, _ = shapes[names[0]]
-  has_cls = features.has_cls_token(model)
-  prefix = int(has_cls)
-  side = image_size // model.patch_size
-  if num_tokens != prefix + side * side:
-    raise ValueError(f"{config.model.name} has {num_tokens} tokens, not {prefix} + {side}x{side} "
-                     "patches; attention distance needs a square patch grid.")
+  num_heads = shapes[names[0]][1]
+  tokens = model.token_layout()
   distance = attention.MeanAttentionDistance(
-      names, num_heads=num_heads, grid=(side, side), patch_size=model.patch_size,
-      num_prefix_tokens=prefix, renormalize=analysis.renormalize, mesh=mesh)
+      names, num_heads=num_heads, grid=tokens.grid, patch_size=tokens.patch_size,
+      num_prefix_tokens=tokens.num_prefix_tokens, renormalize=analysis.renormalize, mesh=mesh)
   logging.info("%s: %d attention layers x %d heads on a %dx%d grid of %d px patches.",
-               config.model.name, len(names), num_heads, side, side, model.patch_size)
+               config.model.name, len(names), num_heads, *tokens.grid, tokens.patch_size)
 
   with_resnet = bool(config.resnet.name)
   head_names, head_sources, states = [], {}, {"distance": distance.init()}
@@ -137,7 +132,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _, sown = model.apply({"params": params}, images, mutable=["intermediates"])
     flat = flatten_intermediates(sown)
     state = distance.fold(state, {n: flat[n] for n in names}, valid)
-    heads = {n: features.reduce_tokens(flat[src][:, :, h], token_mode, has_cls=has_cls, name=n)
+    heads = {n: features.reduce_tokens(flat[src][:, :, h], token_mode, token_layout=tokens,
+                                       name=n)
              for n, (src, h) in head_sources.items()}
     return state, heads
 
@@ -177,15 +173,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   figures = files.join(workdir, "figures")
   plotting.plot_attention_distance(
-      result.distance, [plotting.short_layer_name(n) for n in names],
+      result.distance, [display_name(n) for n in names],
       files.join(figures, "attention_distance"),
       title=f"{config.model.name}: mean attention distance", image_size=image_size)
   metadata = {
       "config": config.to_dict(),
       "models": {"model": loading.describe(config.model)},
       "num_examples": result.num_examples,
-      "patch_grid": [side, side], "patch_size": model.patch_size, "image_size": image_size,
-      "num_prefix_tokens": prefix,
+      "patch_grid": list(tokens.grid), "patch_size": tokens.patch_size, "image_size": image_size,
+      "num_prefix_tokens": tokens.num_prefix_tokens,
       "renormalize": analysis.renormalize,
       "definition": "per head: mean over query patches of sum_j A[i, j] * ||p_i - p_j|| (patch "
                     "centres in pixels), averaged over images; prefix (CLS) tokens excluded as "
@@ -218,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         title=f"{config.model.name} heads vs {config.resnet.name}")
     valid = np.isfinite(head_distance)
     summary["distance_cka_correlation"] = {
-        plotting.short_layer_name(r): round(float(np.corrcoef(
+        display_name(r): round(float(np.corrcoef(
             head_distance[valid], similarity.cka[valid, j])[0, 1]), 3)
         for j, r in enumerate(similarity.names_y)}
   results.write_results(workdir, "attention_distance", arrays, metadata)

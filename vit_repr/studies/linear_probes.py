@@ -55,23 +55,22 @@ from vit_repr.studies import loading, resume
 TOKEN = "token"  # The per-token feature kind.
 
 
-def _kinds(model: nn.Module, modes: Sequence[str], per_token: bool, name: str) -> list[str]:
-  """The feature kinds probed for `model`: its applicable modes, then 'token'."""
+def _kinds(has_cls: bool, modes: Sequence[str], per_token: bool, name: str) -> list[str]:
+  """The feature kinds probed for model `name`: its applicable modes, then 'token'."""
   unknown = [m for m in modes if m not in ("cls", "mean", "all")]
   if unknown:
     raise ValueError(f"Unknown probe modes {unknown}; use 'cls', 'mean' and/or 'all' "
                      "(per-token probes are switched on by probes.per_token).")
   kinds = []
   for mode in modes:
-    if mode == "cls" and not features.has_cls_token(model):
+    if mode == "cls" and not has_cls:
       logging.warning("%s has no CLS token: mode 'cls' skipped for it.", name)
       continue
     kinds.append(mode)
   return kinds + ([TOKEN] if per_token else [])
 
 
-def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], has_cls: bool,
-                mesh: Mesh):
+def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], mesh: Mesh):
   """Jitted `(params, images, labels) -> {'<kind>:<layer>': array, 'label': labels}`,
   replicated."""
   shapes = extractor.shapes
@@ -85,7 +84,8 @@ def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], has_
         if kind == TOKEN:
           out[f"{kind}:{name}"] = x.reshape(x.shape[0], *probes.token_layout(shapes[name], name))
         else:
-          out[f"{kind}:{name}"] = features.reduce_tokens(x, kind, has_cls=has_cls, name=name)
+          out[f"{kind}:{name}"] = features.reduce_tokens(
+              x, kind, token_layout=extractor.token_layout, name=name)
     return out
 
   return jax.jit(fn, out_shardings=parallel.replicated(mesh))
@@ -158,11 +158,10 @@ def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequenc
   """
   extractor = features.FeatureExtractor(model, list(layers), image_size=image_size,
                                         token_mode="all")
-  has_cls = features.has_cls_token(model)
   if TOKEN in kinds:
     for name in extractor.names:
       probes.token_layout(extractor.shapes[name], name)
-  fn = _feature_fn(extractor, kinds, has_cls, mesh)
+  fn = _feature_fn(extractor, kinds, mesh)
   shapes = jax.eval_shape(fn, params,
                           jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32),
                           jax.ShapeDtypeStruct((1,), np.int32))
@@ -206,7 +205,9 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
   cfg_data, cfg_probes, cfg_linear = config.data, config.probes, config.linear
   model, params = loading.load_model(spec, image_size=cfg_data.image_size,
                                      num_classes=info.num_classes, mesh=mesh)
-  kinds = _kinds(model, cfg_probes.modes, cfg_probes.per_token, key)
+  tokens = model.token_layout()
+  kinds = _kinds(tokens is not None and tokens.has_cls, cfg_probes.modes, cfg_probes.per_token,
+                 key)
 
   def batches(split, num_examples):
     return data.eval_batches(cfg_data.name, split, image_size=cfg_data.image_size,
@@ -252,7 +253,8 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
       arrays[f"{key}/linear_holdout/{kind}"] = stack([r.holdout_accuracy for r in linear])
       arrays[f"{key}/linear_best_step/{kind}"] = stack([r.best_step for r in linear])
   metadata = {"model": loading.describe(spec), "kinds": kinds,
-              "has_cls_token": features.has_cls_token(model),
+              "has_cls_token": tokens is not None and tokens.has_cls,
+              "num_prefix_tokens": 0 if tokens is None else tokens.num_prefix_tokens,
               "num_train_examples": int(len(train_labels)),
               "num_test_examples": int(len(test_labels)),
               "feature_sizes": {k: list(v.shape[1:]) for k, v in train.items()}}
@@ -337,8 +339,8 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], mode
   token_panels = []
   for key, meta in models.items():
     per_token = arrays[f"{key}/fewshot/{TOKEN}"][:, -1].mean(1)  # [layers, T]
-    first_spatial = 1 if meta["has_cls_token"] else 0
-    curves = {"spatial tokens (mean)": np.nanmean(per_token[:, first_spatial:], axis=-1)}
+    curves = {"spatial tokens (mean)": np.nanmean(per_token[:, meta["num_prefix_tokens"]:],
+                                                  axis=-1)}
     if meta["has_cls_token"]:
       curves = {"CLS token": per_token[:, 0], **curves}
     token_panels.append(plotting.CurvePanel(

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, features, files, localization, parallel, plotting, results
+from vit_repr.models import display_name
 from vit_repr.studies import loading, resume
 
 STATE_FILE = "localization_state.npz"
@@ -70,9 +71,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                              num_classes=info.num_classes, mesh=mesh)
     extractors[name] = features.FeatureExtractor(model, list(spec.layers),
                                                  image_size=cfg_data.image_size)
+    tokens = model.token_layout()
     accumulators[name] = localization.LocalizationCKA(
         extractors[name].shapes, image_size=cfg_data.image_size,
-        has_cls=features.has_cls_token(model), mesh=mesh, grams=analysis.grams,
+        has_cls=tokens is not None and tokens.has_cls, mesh=mesh, grams=analysis.grams,
         gram_blocks=analysis.gram_blocks)
     for grid in set(accumulators[name].grids.values()):
       _resolve_positions(analysis.positions, grid)  # Fails early on a bad position.
@@ -121,7 +123,7 @@ def _write(config: ml_collections.ConfigDict, workdir: str,
       arrays[f"own_patch/{name}/{layer}"] = localization.own_patch_similarity(maps)
       summaries[name][layer] = {"grid": res.grids[layer], **_layer_summary(maps)}
       rows.append(plotting.LocalizationRow(
-          label=f"{name}\n{plotting.short_layer_name(layer)}", maps=maps,
+          label=f"{name}\n{display_name(layer)}", maps=maps,
           positions=_resolve_positions(positions, res.grids[layer])))
   first = next(iter(found.values()))
   metadata = {
@@ -144,7 +146,7 @@ def _write(config: ml_collections.ConfigDict, workdir: str,
   plotting.plot_localization(rows, files.join(workdir, "figures", "localization"),
                              column_titles=[str(p) for p in positions])
   return {"num_examples": first.num_examples, "num_minibatches": first.num_batches,
-          "layers": {n: {plotting.short_layer_name(l): {k: v for k, v in s.items()
+          "layers": {n: {display_name(l): {k: v for k, v in s.items()
                                                         if k != "other_patch_cka"}
                          for l, s in layer_summaries.items()}
                      for n, layer_summaries in summaries.items()},

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, features, files, parallel, plotting, receptive_field, results
-from vit_repr.models import flatten_intermediates
+from vit_repr.models import display_name, flatten_intermediates
 from vit_repr.studies import loading, resume
 
 
@@ -40,7 +40,7 @@ def _estimator(model, spec: ml_collections.ConfigDict, config: ml_collections.Co
   image_size = config.data.image_size
   shapes = features.intermediate_shapes(model, image_size)
   names = features.select_names(list(shapes), list(spec.layers))
-  patch = getattr(model, "patch_size", None)
+  tokens = model.token_layout()
 
   def representations(params, images):
     _, sown = model.apply({"params": params}, images, mutable=["intermediates"])
@@ -49,8 +49,8 @@ def _estimator(model, spec: ml_collections.ConfigDict, config: ml_collections.Co
   analysis = config.analysis
   return receptive_field.ReceptiveField(
       representations, {n: shapes[n][1:] for n in names}, image_size=image_size,
-      token_grid=None if patch is None else (image_size // patch,) * 2,
-      num_prefix_tokens=int(features.has_cls_token(model)), center=analysis.center,
+      token_grid=None if tokens is None else tokens.grid,
+      num_prefix_tokens=0 if tokens is None else tokens.num_prefix_tokens, center=analysis.center,
       estimator=analysis.estimator, channel_chunk=analysis.channel_chunk,
       max_channels=analysis.max_channels, channel_seed=analysis.channel_seed,
       layer_groups=analysis.layer_groups, mesh=mesh)
@@ -91,10 +91,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     arrays.update({f"maps_{key}": result.maps, f"raw_maps_{key}": result.raw_maps,
                    f"radius_{key}": result.radius, f"centres_{key}": result.centres,
                    f"names_{key}": np.asarray(result.names, dtype=str)})
-    panels.append((spec.name, result.maps, [plotting.short_layer_name(n) for n in result.names]))
+    panels.append((spec.name, result.maps, [display_name(n) for n in result.names]))
     summary[spec.name] = {
         "num_examples": result.num_examples,
-        "radius_px": {plotting.short_layer_name(n): round(float(r), 2)
+        "radius_px": {display_name(n): round(float(r), 2)
                       for n, r in zip(result.names, result.radius)},
         "examples_per_second": progress.examples_per_second}
     models_meta[key] = {**loading.describe(spec), "num_examples": result.num_examples,

@@ -8,12 +8,13 @@ uniform CKA structure of the model around that block and costs accuracy (Fig 8).
 
 (a) Norm ratios: for each model of `config.norm_ratio.models` (model specs, e.g. public
     checkpoints) and each trained model named in `config.norm_ratio.trained`, one pass over
-    `config.data`, accumulating ||z|| / ||f(z)|| of every residual sub-layer
-    (`vit_repr.residual.NormRatio`; definitions there) in one jitted step per batch (forward
-    pass and accumulation fused, batch sharded over the mesh). Writes `norm_ratios.{npz,json}`
-    (per model: `<key>/ratio_of_means`, `<key>/mean_of_ratios`, `<key>/norm_stream`,
-    `<key>/norm_branch` `[L, 2]` with columns (cls, spatial), `<key>/names`, `<key>/blocks`,
-    `<key>/identity_shortcut`) and `figures/norm_ratios`.
+    `config.data`, accumulating ||z|| / ||f(z)|| of every residual sub-layer the model lists
+    (its `residual_sublayers()`; `vit_repr.residual.NormRatio`, definitions there) in one
+    jitted step per batch (forward pass and accumulation fused, batch sharded over the mesh).
+    Writes `norm_ratios.{npz,json}` (per model: `<key>/ratio_of_means`,
+    `<key>/mean_of_ratios`, `<key>/norm_stream`, `<key>/norm_branch` `[L, 2]` with columns
+    (cls, spatial), `<key>/names`, `<key>/blocks`, `<key>/identity_shortcut`) and
+    `figures/norm_ratios`.
 (b) Ablation: trains (or reuses) `config.ablation.reference` and every model of
     `config.ablation.models` with `training.run` into `<models_dir>/<name>`, then runs Study 1
     (`vit_repr.studies.representation.run`) once per ablated model with model A = the ablated
@@ -36,8 +37,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import (data, features, files, models, parallel, plotting, residual, results,
-                      training)
+from vit_repr import data, files, models, parallel, plotting, residual, results, training
 from vit_repr.studies import loading, representation, resume
 
 
@@ -85,7 +85,7 @@ def _norm_ratio_specs(config: ml_collections.ConfigDict, models_dir: str
 def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                 mesh: jax.sharding.Mesh, state_path: str
                 ) -> tuple[residual.NormRatioResult | resume.Progress,
-                           tuple[residual.SubLayer, ...]]:
+                           tuple[models.SubLayer, ...]]:
   """Norm ratios of every residual sub-layer of one model over `config.data`, resumably.
 
   Args:
@@ -102,12 +102,12 @@ def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDi
   info = data.dataset_info(cfg.name, cfg.data_dir)
   model, params = loading.load_model(spec, image_size=cfg.image_size,
                                      num_classes=info.num_classes, mesh=mesh)
-  layers = residual.sublayers(features.intermediate_shapes(model, cfg.image_size),
-                              getattr(model, "remove_skips", ()))
+  layers = model.residual_sublayers()
+  tokens = model.token_layout()
 
   def streams_and_branches(params, images):
     _, state = model.apply({"params": params}, images, mutable=["intermediates"])
-    return residual.streams_and_branches(layers, models.flatten_intermediates(state))
+    return models.streams_and_branches(layers, models.flatten_intermediates(state))
 
   estimator = residual.NormRatio(mesh)
 
@@ -122,7 +122,7 @@ def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDi
   streams, _ = jax.eval_shape(streams_and_branches, params, images)
   # eval_shape returns the dict with sorted keys: the state's rows follow the model's order.
   state = estimator.init({layer.name: streams[layer.name] for layer in layers},
-                         has_cls=features.has_cls_token(model))
+                         has_cls=tokens is not None and tokens.has_cls)
   batches = resume.study_batches(cfg, global_batch_size=batch_size, mesh=mesh)
   state, progress = resume.accumulate(
       state, lambda state, batch: step(state, params, batch["image"]), lambda _: batches,

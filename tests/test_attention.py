@@ -134,16 +134,16 @@ def test_resnet_has_no_attention_distance():
                   width_factor=0.5)
   shapes = features.intermediate_shapes(resnet, 32)
   with pytest.raises(ValueError, match="not a Transformer"):
-    attention_distance.attention_layers("BiT-R50x1", shapes, [".*"])
+    attention_distance.attention_layers("BiT-R50x1", resnet, shapes, [".*"])
 
 
 def test_unknown_layer_lists_available_names():
   vit = create("ViT-Ti/16", image_size=32, patch_size=8, depth=2, num_classes=10)
   shapes = features.intermediate_shapes(vit, 32)
   with pytest.raises(ValueError, match="Available names: .*encoderblock_1/attn_probs"):
-    attention_distance.attention_layers("ViT", shapes, ["Transformer/encoderblock_5/attn_probs"])
+    attention_distance.attention_layers("ViT", vit, shapes, ["Transformer/encoderblock_5/attn_probs"])
   with pytest.raises(ValueError, match="not attention maps"):
-    attention_distance.attention_layers("ViT", shapes, ["Transformer/encoderblock_0/out"])
+    attention_distance.attention_layers("ViT", vit, shapes, ["Transformer/encoderblock_0/out"])
 
 
 def test_config_args():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from vit_repr import features
-from vit_repr.models import SubLayer, TokenLayout, create, display_name
+from vit_repr.models import AttentionLayer, SubLayer, TokenLayout, create, display_name
 
 IMAGE_SIZE = 224
 NARROW = {
@@ -125,6 +125,26 @@ def test_bit_r50x1_residual_sublayers_and_projection_shortcuts(removed):
   # A projected shortcut is exactly a unit with projection parameters `a/proj`.
   projected = {p.split("/a/proj/")[0] for p in param_paths(model) if "/a/proj/" in p}
   assert projected == {layer.name for layer in layers if layer.stream_minus_branch}
+
+
+@pytest.mark.parametrize("name", ["ViT-B/16", "ViT-H/14"])
+def test_vit_attention_layers_at_full_depth(name):
+  model = create(name, num_classes=10, image_size=IMAGE_SIZE, hidden_size=32, mlp_dim=8,
+                 num_heads=4)
+  depth = {"ViT-B/16": 12, "ViT-H/14": 32}[name]
+  expected = [AttentionLayer(i, f"Transformer/encoderblock_{i}/attn_probs",
+                             f"Transformer/encoderblock_{i}/head_outputs") for i in range(depth)]
+  assert list(model.attention_layers()) == expected
+  shapes = features.intermediate_shapes(model, IMAGE_SIZE)
+  tokens = model.token_layout().num_tokens
+  for layer in expected:  # [b, heads, queries, keys] and [b, T, heads, head_dim].
+    assert shapes[layer.probs] == (1, 4, tokens, tokens), layer
+    assert shapes[layer.heads] == (1, tokens, 4, 8), layer
+
+
+@pytest.mark.parametrize("name", ["Mixer-B/16", "BiT-R50x1"])
+def test_models_without_self_attention_have_no_attention_layers(name):
+  assert narrow(name).attention_layers() == ()
 
 
 DISPLAY_NAMES = {

@@ -143,13 +143,13 @@ def test_more_shots_than_examples_names_the_numbers():
 
 @pytest.mark.parametrize("shape,expected", [((17, 64), (17, 64)), ((4, 4, 32), (16, 32))],
                          ids=["vit_tokens", "resnet_map"])
-def test_token_layout(shape, expected):
-  assert probes.token_layout(shape) == expected
+def test_tokens_and_width(shape, expected):
+  assert probes.tokens_and_width(shape) == expected
 
 
 def test_per_token_probe_on_layer_without_tokens_is_refused():
   with pytest.raises(ValueError, match=r"spatial tokens.*pre_logits.*\(64,\)"):
-    probes.token_layout((64,), "pre_logits")
+    probes.tokens_and_width((64,), "pre_logits")
 
 
 def test_per_token_results_of_resnet_stages_are_nan_padded():

@@ -34,7 +34,7 @@ Figs 12-13). This module takes feature arrays (no models, no data access) and im
 Per-token probes take `[n, tokens, width]` features and fit one independent probe per token
 position (`jax.vmap`), e.g. a ViT's `[b, 1 + N, D]` block output (token 0 the CLS token for
 CLS-classifier models) or a ResNet feature map `[b, h, w, C]` seen as `h * w` tokens
-(`token_layout`).
+(`tokens_and_width`).
 """
 
 import dataclasses
@@ -56,7 +56,7 @@ BIAS_CONSTANT = 100.0
 STD_EPS = 1e-5
 
 
-def token_layout(shape: Sequence[int], name: str = "") -> tuple[int, int]:
+def tokens_and_width(shape: Sequence[int], name: str = "") -> tuple[int, int]:
   """(tokens, width) of a per-example representation shape, for per-token probes.
 
   Args:

@@ -10,6 +10,7 @@ of `vit_repr.models` describes itself with the plain values of this module:
                                 (a ResNet, whose representations are feature maps `[h, w, C]`
                                 with a different grid per stage, read from their shapes);
   `model.residual_sublayers()`  its `SubLayer`s in computation order;
+  `model.attention_layers()`    its self-attention `AttentionLayer`s (none for ResNet, Mixer);
   `display_name(name)`          the short figure label of any family's sown name.
 
 The display rules live here, keyed by family, rather than beside each family's modules: a
@@ -97,6 +98,21 @@ class SubLayer:
   def identity_shortcut(self) -> bool:
     """Whether z is the sub-layer's input itself (not a projection of it)."""
     return not self.stream_minus_branch
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayer:
+  """One self-attention layer of a model and the names of what it sows.
+
+  Attributes:
+    block: 0-based index of the block it belongs to.
+    probs: intermediate name of its attention weights `[b, heads, queries, keys]`.
+    heads: intermediate name of its per-head outputs `[b, T, heads, head_dim]` (the
+      attention-weighted values before the output projection).
+  """
+  block: int
+  probs: str
+  heads: str
 
 
 def streams_and_branches(sublayers: Sequence[SubLayer], intermediates: Mapping[str, Any]

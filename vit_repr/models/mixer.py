@@ -162,6 +162,11 @@ class MlpMixer(nn.Module):
     return layout.TokenLayout(grid=(side, side), patch_size=int(self.patch_size))
 
   @nn.nowrap
+  def attention_layers(self) -> tuple[layout.AttentionLayer, ...]:
+    """Empty: this model has no self-attention."""
+    return ()
+
+  @nn.nowrap
   def residual_sublayers(self) -> tuple[layout.SubLayer, ...]:
     """The residual sub-layers in computation order: per block i (but those of
     `remove_skips`) 'MixerBlock_{i}/token_mixing' (z = '.../in', f =

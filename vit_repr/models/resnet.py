@@ -334,6 +334,11 @@ class ResNet(nn.Module):
     return None
 
   @nn.nowrap
+  def attention_layers(self) -> tuple[layout.AttentionLayer, ...]:
+    """Empty: this model has no self-attention."""
+    return ()
+
+  @nn.nowrap
   def residual_sublayers(self) -> tuple[layout.SubLayer, ...]:
     """The residual sub-layers in computation order: every unit 'block{s}/unit{uu}' but those of
     `remove_skips`, f = '.../branch'; z = the unit's input (the previous unit's 'out') for an

@@ -56,7 +56,8 @@ submodule of the same scope); its parameter paths are those of the checkpoints.
 The model describes itself (`vit_repr.models.layout`): `token_layout()` (CLS for
 classifier='token', then the (image_size / patch_size)^2 patches, row-major) and
 `residual_sublayers()` (per block 'attn': z = in, f = attn_branch; 'mlp': z = mid,
-f = mlp_branch; blocks in `remove_skips` left out).
+f = mlp_branch; blocks in `remove_skips` left out) and `attention_layers()` (per block its
+attn_probs and head_outputs).
 """
 
 from collections.abc import Sequence
@@ -368,6 +369,14 @@ class VisionTransformer(nn.Module):
     side = int(self.image_size // self.patch_size)
     return layout.TokenLayout(grid=(side, side), patch_size=int(self.patch_size),
                               prefix=("cls",) if self.classifier == "token" else ())
+
+  @nn.nowrap
+  def attention_layers(self) -> tuple[layout.AttentionLayer, ...]:
+    """Every block's self-attention: 'Transformer/encoderblock_{i}/attn_probs' and
+    '.../head_outputs'."""
+    return tuple(layout.AttentionLayer(i, f"Transformer/encoderblock_{i}/attn_probs",
+                                       f"Transformer/encoderblock_{i}/head_outputs")
+                 for i in range(self.depth))
 
   @nn.nowrap
   def residual_sublayers(self) -> tuple[layout.SubLayer, ...]:

@@ -26,41 +26,40 @@ sorted by distance per layer, Fig 3) and, with a ResNet, `figures/head_cka_vs_di
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from vit_repr import attention, cka, data, features, files, parallel, plotting, results
-from vit_repr.models import display_name, flatten_intermediates
+from vit_repr.models import display_name, flatten_intermediates, layout
 from vit_repr.studies import loading, resume
 
 STATE_FILE = "attention_state.npz"
-_ATTENTION_TAG = "attn_probs"
-_HEAD_TAG = "head_outputs"
 HEAD_TOKEN_MODES = ("spatial", "all")
 
 
-def attention_layers(model_name: str, shapes: dict[str, tuple[int, ...]],
-                     patterns: Any) -> list[str]:
-  """The attention-probability layers of a model selected by `patterns`.
+def attention_layers(model_name: str, model: nn.Module, shapes: dict[str, tuple[int, ...]],
+                     patterns: Any) -> list[layout.AttentionLayer]:
+  """The self-attention layers of `model` (`model.attention_layers()`) whose attention
+  probabilities `patterns` select, in model order.
 
   Raises:
-    ValueError: the model sows no attention maps (e.g. a ResNet), a pattern matches nothing
+    ValueError: the model has no self-attention (e.g. a ResNet), a pattern matches nothing
       (the available names are listed), or a selected name is not an attention map.
   """
-  available = [n for n in shapes if n.endswith(f"/{_ATTENTION_TAG}")]
+  available = {a.probs: a for a in model.attention_layers()}
   if not available:
-    raise ValueError(f"{model_name} sows no attention probabilities ('.../{_ATTENTION_TAG}'), "
-                     "so it has no attention distance: it is not a Transformer (e.g. a ResNet or "
-                     "Mixer). Use a ViT model for `model`, and put a ResNet in `resnet` for the "
-                     "per-head CKA.")
+    raise ValueError(f"{model_name} has no self-attention, so it has no attention distance: it "
+                     "is not a Transformer (e.g. a ResNet or Mixer). Use a ViT model for "
+                     "`model`, and put a ResNet in `resnet` for the per-head CKA.")
   names = features.select_names(list(shapes), patterns)
   wrong = [n for n in names if n not in available]
   if wrong:
-    raise ValueError(f"Layers {wrong} of {model_name} are not attention maps; select names "
-                     f"ending in '/{_ATTENTION_TAG}', e.g. {available[0]!r}.")
-  return names
+    raise ValueError(f"Layers {wrong} of {model_name} are not attention maps; select attention "
+                     f"probabilities such as {next(iter(available))!r}.")
+  return [available[n] for n in names]
 
 
 def _head_blocks(config: ml_collections.ConfigDict, depth: int) -> list[int]:
@@ -98,7 +97,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model, params = loading.load_model(config.model, image_size=image_size,
                                      num_classes=info.num_classes, mesh=mesh)
   shapes = features.intermediate_shapes(model, image_size)
-  names = attention_layers(config.model.name, shapes, list(config.model.layers))
+  layers = attention_layers(config.model.name, model, shapes, list(config.model.layers))
+  names = [a.probs for a in layers]
   num_heads = shapes[names[0]][1]
   tokens = model.token_layout()
   distance = attention.MeanAttentionDistance(
@@ -110,12 +110,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with_resnet = bool(config.resnet.name)
   head_names, head_sources, states = [], {}, {"distance": distance.init()}
   if with_resnet:
-    for block in _head_blocks(config, model.depth):
-      source = f"Transformer/encoderblock_{block}/{_HEAD_TAG}"
-      features.select_names(list(shapes), source)
+    attention_of_block = {a.block: a for a in model.attention_layers()}
+    for block in _head_blocks(config, len(attention_of_block)):
       for head in range(num_heads):
         head_names.append(f"block{block}/head{head}")
-        head_sources[head_names[-1]] = (source, head)
+        head_sources[head_names[-1]] = (attention_of_block[block], head)
     resnet, resnet_params = loading.load_model(config.resnet, image_size=image_size,
                                                num_classes=info.num_classes, mesh=mesh)
     resnet_extractor = features.FeatureExtractor(resnet, list(config.resnet.layers),
@@ -132,8 +131,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _, sown = model.apply({"params": params}, images, mutable=["intermediates"])
     flat = flatten_intermediates(sown)
     state = distance.fold(state, {n: flat[n] for n in names}, valid)
-    heads = {n: features.reduce_tokens(flat[src][:, :, h], token_mode, token_layout=tokens,
-                                       name=n)
+    heads = {n: features.reduce_tokens(flat[src.heads][:, :, h], token_mode,
+                                       token_layout=tokens, name=n)
              for n, (src, h) in head_sources.items()}
     return state, heads
 
@@ -192,10 +191,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if with_resnet:
     similarity = estimator.result(states["cka"])
     row_of = {n: i for i, n in enumerate(names)}
-    head_distance = np.asarray([
-        result.distance[row_of[src.replace(_HEAD_TAG, _ATTENTION_TAG)], h]
-        if src.replace(_HEAD_TAG, _ATTENTION_TAG) in row_of else np.nan
-        for src, h in head_sources.values()])
+    head_distance = np.asarray([result.distance[row_of[src.probs], h]
+                                if src.probs in row_of else np.nan
+                                for src, h in head_sources.values()])
     head_block = np.asarray([int(n.split("/")[0][len("block"):]) for n in head_names])
     arrays.update(head_cka=similarity.cka, head_cka_stderr=similarity.stderr,
                   head_distance=head_distance, head_block=head_block,

@@ -82,7 +82,7 @@ def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], mesh
       x = flat[name].reshape(images.shape[0], *shapes[name])
       for kind in kinds:
         if kind == TOKEN:
-          out[f"{kind}:{name}"] = x.reshape(x.shape[0], *probes.token_layout(shapes[name], name))
+          out[f"{kind}:{name}"] = x.reshape(x.shape[0], *probes.tokens_and_width(shapes[name], name))
         else:
           out[f"{kind}:{name}"] = features.reduce_tokens(
               x, kind, token_layout=extractor.token_layout, name=name)
@@ -160,7 +160,7 @@ def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequenc
                                         token_mode="all")
   if TOKEN in kinds:
     for name in extractor.names:
-      probes.token_layout(extractor.shapes[name], name)
+      probes.tokens_and_width(extractor.shapes[name], name)
   fn = _feature_fn(extractor, kinds, mesh)
   shapes = jax.eval_shape(fn, params,
                           jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32),

@@ -11,7 +11,8 @@ With the peers interpreter present, the same study runs as the PyTorch stack wou
 (timm's vit_base_patch16_224 and resnetv2_50x1_bit, random weights, the same 24 + 16 layers
 hooked: ViT block outputs and the LayerNorm of each block's mid-point, ResNet unit outputs;
 pytorch-cka's `compute_cka` over a DataLoader of the same number of minibatches of random
-images) in a separate process, and the end-to-end ratio is printed.
+images) in a separate process, and the end-to-end ratio is printed, with the peer's parts
+(each model's forward pass timed alone; the rest is its CKA) beside vit_repr's.
 
   python -m benchmarks.study_bench                     # minibatch 32
   python -m benchmarks.study_bench --minibatch=64 --steps=3
@@ -57,11 +58,19 @@ def run(num):
   with torch.inference_mode():
     return compute_cka(vit, bit, loader, layers=vit_layers, model2_layers=bit_layers,
                        device="cpu", progress=False)
+def forward_seconds(model):
+  with torch.inference_mode():
+    start = time.perf_counter()
+    for step in range(steps):
+      model(images[b * step:b * (step + 1)])
+  return (time.perf_counter() - start) / steps
 run(1)
 start, cpu = time.perf_counter(), time.process_time()
 run(steps)
-print(json.dumps({"seconds": (time.perf_counter() - start) / steps,
-                  "cpu_seconds": (time.process_time() - cpu) / steps,
+seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+print(json.dumps({"seconds": seconds / steps, "cpu_seconds": cpu_seconds / steps,
+                  "forward_seconds": {"ViT-B/16": forward_seconds(vit),
+                                      "BiT-R50x1": forward_seconds(bit)},
                   "layers": [len(vit_layers), len(bit_layers)],
                   "versions": [timm.__version__, torch.__version__]}))
 """
@@ -144,6 +153,14 @@ def main(argv):
           f"{peer['layers'][0]} + {peer['layers'][1]} layers: {peer['seconds']:.2f} s per "
           f"minibatch ({b / peer['seconds']:.2f} examples/s); peer / vit_repr: "
           f"{peer['seconds'] / total:.2f}x")
+    # The peer's parts: each model's forward pass timed alone (no hooks), the rest is its CKA
+    # (hooks, feature copies and HSIC).
+    peer_parts = dict(peer["forward_seconds"])
+    peer_parts["CKA"] = peer["seconds"] - sum(peer_parts.values())
+    print(f"{'part':>10} {'vit_repr s':>11} {'peer s':>8} {'peer / vit_repr':>16}")
+    for part, seconds in median.items():
+      print(f"{part:>10} {seconds:>11.2f} {peer_parts[part]:>8.2f} "
+            f"{peer_parts[part] / seconds:>15.2f}x")
 
 
 if __name__ == "__main__":

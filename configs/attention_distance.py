@@ -19,7 +19,10 @@ Compute: one forward pass per image (ViT-B/16 ~17.6 GFLOPs, L/16 ~61.6, H/14 ~16
 add R50 forwards and the per-head Grams (2 b^2 p FLOPs per head per minibatch, p = 196 x 64).
 Each device's batch of `analysis.minibatch_size` images is one CKA minibatch (250: 5,000 images
 are 20 minibatches; the paper found minibatch 128 as good as 1024).
-`runlocal`: tiny randomly initialised ViT and BiT on the embedded 'digits' data (seconds).
+`runlocal`: alone, tiny randomly initialised ViT and BiT on the embedded 'digits' data
+(seconds); after a paper setting (e.g. 'vit_b16+r50,runlocal'), that setting with random narrow
+weights at the paper's depth, grid and resolution on a few embedded images
+(`configs/common.smoke_test`).
 
 Settings the paper does not state (recorded in the metadata): `analysis.renormalize` (True:
 each patch query's patch-to-patch weights are renormalised after dropping CLS; public
@@ -51,7 +54,8 @@ RESNETS = ("r50",)
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: 'runlocal' or '<vit>[+r50]' (see the module docstring)."""
+  """Returns the config for `arg`: '[<vit>[+r50]][,runlocal]' (see the module docstring)."""
+  parsed = common.parse_arg(arg, models="", runlocal=False)
   config = ml_collections.ConfigDict()
   config.model = common.model_spec()        # The ViT (any model sowing attn_probs).
   config.resnet = common.model_spec()       # name '' = no per-head CKA.
@@ -67,7 +71,7 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
   config.checkpoint_every = 20   # Batches between saves of the accumulated state.
   config.log_every = 10
   config.stop_after_batches = config_dict.placeholder(int)  # Simulated preemption.
-  if arg == "runlocal":
+  if not parsed.models and parsed.runlocal:
     config.model = common.model_spec("ViT-Ti/16", layers=_ATTENTION, overrides=dict(
         patch_size=8, depth=4))
     config.resnet = common.model_spec("BiT-R50x1", layers=_RESNET_LOWER, overrides=dict(
@@ -77,11 +81,11 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     config.checkpoint_every = 3
     config.log_every = 3
     return config
-  vit, _, resnet = arg.partition("+")
+  vit, _, resnet = parsed.models.partition("+")
   if vit not in PAPER_VITS or (resnet and resnet not in RESNETS):
     raise ValueError(f"Bad attention_distance config arg {arg!r}: use 'runlocal' or one of "
                      f"{sorted(PAPER_VITS)}, optionally followed by '+r50'.")
   config.model = common.model_spec(*PAPER_VITS[vit], layers=_ATTENTION)
   if resnet:
     config.resnet = common.public_model(resnet, _RESNET_LOWER)
-  return config
+  return common.smoke_test(config) if parsed.runlocal else config

@@ -11,8 +11,10 @@ The arg names model A and optionally model B joined by '+': `vit_b32`, `vit_b16`
 ViT-L/16, Fig 1), `vit_b16+r50` (Fig 2). Paper variants read ImageNet validation images with
 the public ImageNet-21k checkpoints (the paper's JFT-300M checkpoints are not public) from the
 vision_transformer and big_transfer buckets; point `model_a.checkpoint` at a local copy if you
-have one. `runlocal`: tiny randomly initialised ViT and BiT on the embedded 'digits' data
-(seconds).
+have one. `runlocal`: alone, tiny randomly initialised ViT and BiT on the embedded 'digits' data
+(seconds); after a paper setting (e.g. 'vit_b16+r50,runlocal'), that setting with random narrow
+weights at the paper's depth, grid and resolution on a few embedded images
+(`configs/common.smoke_test`).
 
 Layers: ViT, the representation after each sub-layer's residual addition ('mid' after
 attention, 'out' after the MLP) of every block; Mixer likewise; ResNet, every unit's output.
@@ -40,7 +42,6 @@ MIXER_LAYERS = (r"MixerBlock_\d+/(mid|out)",)
 RESNET_LAYERS = (r"block\d/unit\d+/out",)
 LAYERS = {"ViT": VIT_LAYERS, "BiT": RESNET_LAYERS, "Mixer": MIXER_LAYERS}
 MODELS = ("vit_b32", "vit_b16", "vit_l16", "vit_h14", "r50", "r152", "mixer_b16")
-OPTIONS = ("cheap",)
 
 
 def paper_model(key: str) -> ml_collections.ConfigDict:
@@ -77,9 +78,13 @@ def use_cheap_estimator(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: 'runlocal' or '<model>[+<model>][,cheap]' (module docstring)."""
+  """Returns the config for `arg`: '[<model>[+<model>]][,cheap][,runlocal]' (module docstring)."""
+  parsed = common.parse_arg(arg, models="", cheap=False, runlocal=False)
   config = get_base()
-  if arg == "runlocal":
+  if not parsed.models:
+    if not parsed.runlocal:
+      raise ValueError(f"Bad cka_heatmap config arg {arg!r}: name one or two of {list(MODELS)} "
+                       "joined by '+', or use 'runlocal'.")
     config.model_a = common.model_spec("ViT-Ti/16", layers=VIT_LAYERS, overrides=dict(
         patch_size=8, depth=4))
     config.model_b = common.model_spec("BiT-R50x1", layers=RESNET_LAYERS, overrides=dict(
@@ -89,14 +94,12 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     config.checkpoint_every = 5
     config.log_every = 3
     return config
-  models, options = common.parse_arg(arg)
-  names = models.split("+")
-  if (any(n not in MODELS for n in names) or not 1 <= len(names) <= 2
-      or set(options) - set(OPTIONS)):
+  names = parsed.models.split("+")
+  if any(n not in MODELS for n in names) or not 1 <= len(names) <= 2:
     raise ValueError(f"Bad cka_heatmap config arg {arg!r}: use 'runlocal' or one or two of "
                      f"{list(MODELS)} joined by '+', optionally followed by ',cheap'.")
   for key, name in zip(("model_a", "model_b"), names):
     config[key] = paper_model(name)
-  if "cheap" in options:
+  if parsed.cheap:
     use_cheap_estimator(config)
-  return config
+  return common.smoke_test(config) if parsed.runlocal else config

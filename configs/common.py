@@ -16,6 +16,8 @@ main job), every step's dataset name, TFDS directory and splits are linked to th
 anywhere sets it everywhere.
 """
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -106,7 +108,111 @@ def link_data(section: ml_collections.ConfigDict, job: ml_collections.ConfigDict
   section[_eval_split(section)] = job.get_ref(_eval_split(job))
 
 
-def parse_arg(arg: str) -> tuple[str, dict[str, str]]:
-  """'<setting>,key=value,flag' -> ('<setting>', {'key': 'value', 'flag': ''})."""
-  setting, *options = [part.strip() for part in arg.split(",") if part.strip()] or [""]
-  return setting, dict(option.partition("=")[::2] for option in options)
+# `runlocal` on a paper setting (`common.smoke_test`): the width each family shrinks to (depth,
+# patch size and resolution stay: ViT-B/16 keeps 12 blocks on a 14x14 grid) and the counts that
+# make every study, training run and main job a CPU smoke test on the embedded data. A leaf
+# whose dotted path ends in a key here takes its value.
+SMOKE_WIDTHS = {"ViT": dict(hidden_size=96, mlp_dim=192),
+                "BiT": dict(width_factor=0.5),
+                "Mixer": dict(hidden_size=96, tokens_mlp_dim=48, channels_mlp_dim=192)}
+SMOKE_COUNTS = {
+    "data.num_examples": 16, "analysis.minibatch_size": 8, "analysis.num_passes": 2,
+    "analysis.max_channels": 4, "norm_ratio.global_batch_size": 8,
+    "data.train_num_examples": 200, "data.test_num_examples": 40, "data.global_batch_size": 40,
+    "summary.num_examples": 40,
+    "train.global_batch_size": 8, "train.accum_steps": 1, "train.total_steps": 2,
+    "schedule.warmup_steps": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
+    "train.log_every": 1, "data.eval_num_examples": 16, "data.eval_global_batch_size": 8,
+}
+_SPEC_FIELDS = {"name", "checkpoint", "layers", "overrides", "seed"}
+
+
+def parse_arg(arg: str | None, **fields) -> ml_collections.ConfigDict:
+  """The arg after a config file's colon, in the one grammar of every config in configs/.
+
+  Comma-separated items, each `key=value` or a bare `flag` (a bool field set to True); the first
+  item may also be a bare value of the first field (the setting: models joined by '+', a
+  recipe, 'local' or 'paper'). `runlocal` is a flag of every config and composes with every
+  setting, e.g. 'vit_b16+r50,cheap', 'vit_b16+r50,runlocal', 'imagenet_vit_b16,fraction=0.1'.
+
+  Args:
+    arg: the text after the colon (None or '': every field at its default).
+    **fields: name -> default (its type types the value given), or a type for a field with no
+      default (None unless given). Order matters: the first field takes a bare first item.
+
+  Returns:
+    A ConfigDict with one entry per field.
+
+  Raises:
+    ValueError: an unknown or repeated field, a value of the wrong type, or a bare item that is
+      neither the first item nor a flag (the message lists the fields).
+  """
+  defaults = {k: None if isinstance(v, type) else v for k, v in fields.items()}
+  kinds = {k: v if isinstance(v, type) else type(v) for k, v in fields.items()}
+  usage = ", ".join(f"{k}=<{kinds[k].__name__}>" if kinds[k] is not bool else k for k in fields)
+  values, given = dict(defaults), set()
+  items = [item.strip() for item in (arg or "").split(",") if item.strip()]
+  for index, item in enumerate(items):
+    key, has_value, value = item.partition("=")
+    if not has_value:
+      if kinds.get(item) is bool:
+        key, value = item, "True"
+      elif index == 0 and fields:
+        key, value = next(iter(fields)), item
+      else:
+        raise ValueError(f"Config arg {arg!r}: {item!r} is not an option; the grammar is "
+                         f"'[<{next(iter(fields), 'setting')}>][,option...]' with options "
+                         f"{usage}.")
+    if key not in fields:
+      raise ValueError(f"Config arg {arg!r}: unknown option {key!r}; options are {usage}.")
+    if key in given:
+      raise ValueError(f"Config arg {arg!r}: option {key!r} is given twice.")
+    given.add(key)
+    values[key] = _typed(value, kinds[key], key, arg)
+  return ml_collections.ConfigDict(values)
+
+
+def _typed(value: str, kind: type, key: str, arg: str) -> Any:
+  """`value` as a `kind`, or a ValueError that names the option."""
+  if kind is bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"Config arg {arg!r}: option {key!r} is a flag; write '{key}' or "
+                       f"'{key}=false', not {value!r}.")
+    return value.lower() in ("true", "1")
+  try:
+    return kind(value)
+  except ValueError:
+    raise ValueError(f"Config arg {arg!r}: option {key!r} needs a value of type {kind.__name__}, got "
+                     f"{value!r}.") from None
+
+
+def smoke_test(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`runlocal` of a paper setting, in place: the same study, models, layers, depth, token grid
+  and resolution, on the embedded 'digits' data with a few examples and training steps, every
+  model randomly initialised at a narrow width (`SMOKE_WIDTHS`): a CPU smoke test of the exact
+  setting that downloads nothing. Returns `config`."""
+  def visit(node: ml_collections.ConfigDict, path: str) -> None:
+    if _SPEC_FIELDS <= set(node.keys()) and node.name:  # A model spec.
+      node.checkpoint = ""
+      _narrow(node.overrides, node.name)
+    if {"model", "train", "init"} <= set(node.keys()):  # A configs/train.py config.
+      node.init.checkpoint = None
+      _narrow(node.model.overrides, node.model.name)
+    if "name" in node and "image_size" in node and "data_dir" in node:  # A data section.
+      node.name = "digits"
+    for key in list(node.keys()):
+      leaf = f"{path}.{key}" if path else key
+      if isinstance(node[key], ml_collections.ConfigDict):
+        visit(node[key], leaf)
+      elif small := [v for k, v in SMOKE_COUNTS.items() if leaf == k or leaf.endswith("." + k)]:
+        node[key] = small[0]
+
+  visit(config, "")
+  return config
+
+
+def _narrow(overrides: ml_collections.ConfigDict, name: str) -> None:
+  """Sets the width fields of model `name`'s family (`SMOKE_WIDTHS`) in its `overrides`."""
+  for field, value in SMOKE_WIDTHS.get(name.partition("-")[0], {}).items():
+    if field in overrides:
+      overrides[field] = value

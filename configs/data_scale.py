@@ -22,9 +22,11 @@ Args after the colon: a setting, then comma-separated options.
                     schedule for the subset models is unknown here: they train for the same
                     number of steps as the full model (override per model with
                     --config.models.<name>.train.total_steps).
-  runlocal          the local steps shrunk to a smoke test (configs/train.py runlocal models,
-                    one 30% subset, a few training steps, a small CKA and probe run).
-Options: `fractions=a/b/...` (subset fractions in (0, 1); the full-data reference is added).
+Options: `fractions=a/b/...` (subset fractions in (0, 1); the full-data reference is added);
+`runlocal`, alone or after `local`: the local steps shrunk to a smoke test (configs/train.py
+runlocal models, one 30% subset, a few training steps, a small CKA and probe run); after
+`imagenet_vit_b16`: that setting with random narrow ViT-B/16s at full depth, a few embedded
+images and training steps (`configs/common.smoke_test`).
 
 One dataset for the whole study: the models' training data, the CKA data and the probes' data
 are linked to `config.data` (name, data_dir, train_split, eval_split), so
@@ -44,9 +46,9 @@ from configs import common
 from configs import linear_probes
 from configs import train as train_configs
 
-SETTINGS = ("local", "imagenet_vit_b16", "runlocal")
-_DEFAULT_FRACTIONS = {"local": (0.1, 0.3), "imagenet_vit_b16": (0.03, 0.1, 0.3),
-                      "runlocal": (0.3,)}
+SETTINGS = ("local", "imagenet_vit_b16")
+_DEFAULT_FRACTIONS = {"local": (0.1, 0.3), "imagenet_vit_b16": (0.03, 0.1, 0.3)}
+_SMOKE_FRACTIONS = (0.3,)  # 'local,runlocal'.
 _VIT_LAYERS = (r"Transformer/encoderblock_\d+/out",)
 
 
@@ -55,28 +57,32 @@ def model_name(recipe: str, fraction: float) -> str:
   return f"{recipe}_fraction{fraction:g}".replace(".", "p")
 
 
-def _fractions(setting: str, options: dict[str, str]) -> tuple[float, ...]:
-  if "fractions" not in options:
-    return _DEFAULT_FRACTIONS[setting]
+def _fractions(parsed: ml_collections.ConfigDict) -> tuple[float, ...]:
+  if parsed.fractions is None:
+    local_smoke = parsed.setting == "local" and parsed.runlocal
+    return _SMOKE_FRACTIONS if local_smoke else _DEFAULT_FRACTIONS[parsed.setting]
   try:
-    fractions = tuple(float(f) for f in options["fractions"].split("/"))
+    fractions = tuple(float(f) for f in parsed.fractions.split("/"))
   except ValueError:
     fractions = ()
   if not fractions or not all(0.0 < f < 1.0 for f in fractions):
-    raise ValueError(f"Bad fractions={options['fractions']!r}: give subset fractions in (0, 1) "
+    raise ValueError(f"Bad fractions={parsed.fractions!r}: give subset fractions in (0, 1) "
                      "joined by '/', e.g. fractions=0.1/0.3.")
   return fractions
 
 
 def get_config(arg: str = "local") -> ml_collections.ConfigDict:
-  """Returns the data-scale config for `arg` ('<setting>[,fractions=a/b]', module docstring)."""
-  setting, options = common.parse_arg(arg)
-  if setting not in SETTINGS or set(options) - {"fractions"}:
-    raise ValueError(f"Bad data_scale config arg {arg!r}: settings are {SETTINGS}, option "
-                     "'fractions=a/b/...'.")
-  fractions = _fractions(setting, options)
+  """Returns the data-scale config for `arg`: '[<setting>][,fractions=a/b][,runlocal]' (module
+  docstring)."""
+  parsed = common.parse_arg(arg, setting="local", fractions=str, runlocal=False)
+  setting = parsed.setting
+  if setting not in SETTINGS:
+    raise ValueError(f"Bad data_scale config arg {arg!r}: settings are {SETTINGS}, options "
+                     "'fractions=a/b/...' and 'runlocal'.")
+  fractions = _fractions(parsed)
+  local_smoke = setting == "local" and parsed.runlocal
   recipe = "imagenet_vit_b16" if setting == "imagenet_vit_b16" else "vit_cls"
-  suffix = ",runlocal" if setting == "runlocal" else ""
+  suffix = ",runlocal" if local_smoke else ""
   config = ml_collections.ConfigDict()
   config.data = ml_collections.ConfigDict(dict(
       name="imagenet2012" if setting == "imagenet_vit_b16" else "digits",
@@ -102,7 +108,7 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
     config.probes.probes.update(modes=("cls", "mean"), per_token=False)
   config.cka.model_a = common.model_spec()
   config.cka.model_b = common.model_spec()
-  if setting == "runlocal":
+  if local_smoke:
     config.cka.data.num_examples = 120
     config.cka.analysis.num_passes = 1
     config.probes.probes.update(shots=(1, 5), seeds=(0,))
@@ -111,4 +117,4 @@ def get_config(arg: str = "local") -> ml_collections.ConfigDict:
   for section in (config.cka.data, config.probes.data,
                   *(train_config.data for train_config in config.models.values())):
     common.link_data(section, config.data)
-  return config
+  return common.smoke_test(config) if parsed.runlocal and not local_smoke else config

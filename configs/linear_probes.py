@@ -28,8 +28,11 @@ layer (605 kB per example per layer for B/16): lower `data.train_num_examples` o
 layers for them. The extracted features are saved in the workdir as they stream
 (`checkpoint_every` batches), so a killed run resumes where it stopped.
 
-`runlocal`: a tiny randomly initialised CLS-token ViT and a GAP ViT on the embedded 'digits'
-data (~75 s of CPU time on 2 cores, mostly compiling one probe per feature shape). Settings
+`runlocal`: alone, a tiny randomly initialised CLS-token ViT and a GAP ViT on the embedded
+'digits' data (~75 s of CPU time on 2 cores, mostly compiling one probe per feature shape);
+after a paper setting (e.g. 'vit_b16,runlocal'), that setting with random narrow
+weights at the paper's depth, grid and resolution on a few embedded images
+(`configs/common.smoke_test`). Settings
 the paper does not state are fields below, recorded in the metadata: the probed pool and test
 sizes, the token modes, the few-shot seeds (big_vision averages 3), and every setting of the
 full probes (held-out fraction, optimiser, early stopping).
@@ -55,7 +58,6 @@ PAPER_MODELS = {
                      "sd_0.0.npz", _VIT_LAYERS),
     "r50": (*common.PUBLIC_CHECKPOINTS["r50"], _RESNET_LAYERS),
 }
-OPTIONS = ("full",)
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -102,9 +104,10 @@ def use_full_probes(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: 'runlocal' or '<model>[+<model>...][,full]' (docstring)."""
+  """Returns the config for `arg`: '[<model>[+<model>...]][,full][,runlocal]' (docstring)."""
+  parsed = common.parse_arg(arg, models="", full=False, runlocal=False)
   config = _base()
-  if arg == "runlocal":
+  if not parsed.models and parsed.runlocal:
     tiny = dict(patch_size=8, hidden_size=32, depth=3, num_heads=2, mlp_dim=64)
     config.specs = ml_collections.ConfigDict(dict(
         vit_cls=common.model_spec("ViT-Ti/16", layers=_VIT_LAYERS, overrides=dict(tiny)),
@@ -121,14 +124,13 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     config.checkpoint_every = 3
     config.log_every = 3
     return config
-  models, options = common.parse_arg(arg)
-  names = models.split("+")
-  if any(n not in PAPER_MODELS for n in names) or set(options) - set(OPTIONS):
+  names = parsed.models.split("+")
+  if any(n not in PAPER_MODELS for n in names):
     raise ValueError(f"Bad linear_probes config arg {arg!r}: use 'runlocal' or models of "
                      f"{sorted(PAPER_MODELS)} joined by '+', optionally followed by ',full'.")
   for name in names:
     model, checkpoint, layers = PAPER_MODELS[name]
     config.specs[name] = common.model_spec(model, checkpoint, layers)
-  if "full" in options:
+  if parsed.full:
     use_full_probes(config)
-  return config
+  return common.smoke_test(config) if parsed.runlocal else config

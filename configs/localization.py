@@ -15,8 +15,10 @@ CLS-token heads; for the paper's GAP comparison, option `gap=<params dir>` adds 
 `configs/train.py:imagenet_vit_b16 --config.model.overrides.classifier=gap` (its
 `<workdir>/params`; the row's overrides are that recipe's `classifier='gap',
 representation_size=768`). Option `cheap`: the public minibatch-CKA code's estimator settings
-(see configs/cka_heatmap.py). `runlocal`: tiny randomly initialised ViT-CLS, ViT-GAP and BiT on
-the embedded 'digits' data at 32 px (seconds).
+(see configs/cka_heatmap.py). `runlocal`: alone, tiny randomly initialised ViT-CLS, ViT-GAP and
+BiT on the embedded 'digits' data at 32 px (seconds); after a paper setting (e.g. 'vit_b16+r50,runlocal'), that setting with random narrow
+weights at the paper's depth, grid and resolution on a few embedded images
+(`configs/common.smoke_test`).
 
 `models` maps a row name to a model spec (`vit_repr.studies.loading`); rows are drawn in
 sorted name order. Each spec's `layers` are the layers whose maps are computed; the figure
@@ -40,7 +42,6 @@ _VIT_L_LAYERS = (r"Transformer/encoderblock_(0|11|23)/out",)
 _RESNET_LAYERS = ("block3/out", "block4/out")
 MODELS = {"vit_b32": _VIT_B_LAYERS, "vit_b16": _VIT_B_LAYERS, "vit_l16": _VIT_L_LAYERS,
           "r50": _RESNET_LAYERS, "r152": _RESNET_LAYERS}
-OPTIONS = ("gap", "cheap")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -63,10 +64,10 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: 'runlocal' or '<model>[+<model>...][,gap=<dir>][,cheap]'."""
+  """Returns the config for `arg`: '[<model>[+<model>...]][,gap=<dir>][,cheap][,runlocal]'."""
+  parsed = common.parse_arg(arg, models="", gap=str, cheap=False, runlocal=False)
   config = _base()
-  models, options = common.parse_arg(arg)
-  if models == "runlocal" and not options:
+  if not parsed.models and parsed.runlocal:
     vit = dict(patch_size=8, depth=4)
     config.models.vit_cls = common.model_spec(
         "ViT-Ti/16", layers=(r"Transformer/encoderblock_(0|3)/out",), overrides=vit)
@@ -81,20 +82,19 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     config.checkpoint_every = 3
     config.log_every = 3
     return config
-  names = models.split("+")
+  names = parsed.models.split("+")
   unknown = [n for n in names if n not in MODELS]
-  if unknown or len(set(names)) != len(names) or set(options) - set(OPTIONS) or (
-      "gap" in options and not options["gap"]):
+  if unknown or len(set(names)) != len(names) or parsed.gap == "":
     raise ValueError(f"Bad localization config arg {arg!r}: use 'runlocal' or distinct models "
                      f"of {sorted(MODELS)} joined by '+', optionally followed by "
                      "',gap=<params dir of a ViT-B/16 GAP model>' and ',cheap'.")
   for name in names:
     config.models[name] = common.public_model(name, MODELS[name])
-  if "gap" in options:
+  if parsed.gap is not None:
     # The imagenet_vit_b16 recipe's architecture (tanh pre-logits of width 768), GAP head.
     config.models.vit_gap = common.model_spec(
-        "ViT-B/16", options["gap"], _VIT_B_LAYERS,
+        "ViT-B/16", parsed.gap, _VIT_B_LAYERS,
         overrides=dict(classifier="gap", representation_size=768))
-  if "cheap" in options:
+  if parsed.cheap:
     cka_heatmap.use_cheap_estimator(config)
-  return config
+  return common.smoke_test(config) if parsed.runlocal else config

@@ -9,8 +9,10 @@ The arg names model A and optionally model B joined by '+': `vit_b32` (ViT-B/32,
 appendix figure), `vit_l16`, `vit_b16`, `r50` (BiT-M R50x1) with the public ImageNet-21k
 checkpoints, on ImageNet validation images at 224 px: the paper's 32 random images
 (`data.sample_seed`). Layers: ViT, every block's 'mid' (after the attention residual addition)
-and 'out' (after the MLP one); ResNet, the stem and every unit output. `runlocal`: tiny randomly
-initialised ViT and BiT on the embedded 'digits' data.
+and 'out' (after the MLP one); ResNet, the stem and every unit output. `runlocal`: alone, tiny randomly
+initialised ViT and BiT on the embedded 'digits' data; after a paper setting (e.g. 'vit_b32+r50,runlocal'), that setting with random narrow
+weights at the paper's depth, grid and resolution on a few embedded images
+(`configs/common.smoke_test`).
 
 Compute: the paper's estimator ('mean_abs', |gradient| per channel, averaged) needs one backward
 pass per channel of every layer (ViT-B/32: 24 layers x 768 channels; R50: 17 layers of 64-2048
@@ -38,7 +40,8 @@ MODELS = {"vit_b32": _VIT_LAYERS, "vit_b16": _VIT_LAYERS, "vit_l16": _VIT_LAYERS
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: 'runlocal' or '<model>[+<model>]' (see module docstring)."""
+  """Returns the config for `arg`: '[<model>[+<model>]][,runlocal]' (see module docstring)."""
+  parsed = common.parse_arg(arg, models="", runlocal=False)
   config = ml_collections.ConfigDict()
   config.model_a = common.model_spec()
   config.model_b = common.model_spec()  # name '' = model A only.
@@ -57,7 +60,7 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
   config.checkpoint_every = 1    # Batches between saves of the accumulated maps.
   config.log_every = 1
   config.stop_after_batches = config_dict.placeholder(int)  # Simulated preemption.
-  if arg == "runlocal":
+  if not parsed.models and parsed.runlocal:
     config.model_a = common.model_spec("ViT-Ti/16", layers=_VIT_LAYERS, overrides=dict(
         patch_size=8, depth=4, hidden_size=64, num_heads=4, mlp_dim=128))
     config.model_b = common.model_spec("BiT-R50x1", layers=_RESNET_LAYERS, overrides=dict(
@@ -65,10 +68,10 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     config.data = common.eval_data(name="digits", split="test", image_size=32, num_examples=20)
     config.analysis.update(minibatch_size=10, max_channels=32, channel_chunk=32)
     return config
-  names = arg.split("+")
+  names = parsed.models.split("+")
   if any(n not in MODELS for n in names) or not 1 <= len(names) <= 2:
     raise ValueError(f"Bad receptive_field config arg {arg!r}: use 'runlocal' or one or two of "
                      f"{sorted(MODELS)} joined by '+'.")
   for key, name in zip(("model_a", "model_b"), names):
     config[key] = common.public_model(name, MODELS[name])
-  return config
+  return common.smoke_test(config) if parsed.runlocal else config

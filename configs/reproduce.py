@@ -11,7 +11,10 @@ Args after the colon (run from the repository root: this file imports its siblin
             blocks, 4x4 patches of 8 px with a CLS or GAP head, two of them without one block's
             skip connections, two on 10% and 30% of the data; a BiT ResNet with one unit per
             stage), then every study: under 15 minutes on 2 CPU cores.
-  runlocal  The same steps shrunk to a smoke test (6 training steps, fewer examples).
+  runlocal  A flag. Alone or after `local`: the same steps shrunk to a smoke test (6 training
+            steps, fewer examples). After `paper` ('paper,runlocal'): the paper job with random
+            narrow models at full depth and grid, a few embedded images and training steps
+            (`configs/common.smoke_test`): minutes on a CPU, nothing downloaded.
   paper     The paper's analyses on ImageNet (TFDS 'imagenet2012', prepared in data_dir) with
             the public ImageNet-21k checkpoints of vision_transformer and big_transfer (the
             paper's JFT-300M ones are not public): ViT-B/16 and BiT-M R50x1 for the heatmaps,
@@ -43,6 +46,7 @@ _MODELS = ("vit_cls", "vit_gap", "bit")
 # Training steps of the demo's models per family.
 _DEMO_STEPS = {"ViT": 600, "BiT": 500}
 # The config sections of the studies (each holds a `data` section).
+SETTINGS = ("local", "paper")
 STUDIES = ("representation", "attention", "receptive_fields", "skip_connections",
            "localization", "probes", "data_scale")
 
@@ -56,8 +60,9 @@ def _link_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def _embedded(arg: str) -> ml_collections.ConfigDict:
-  """'local' and 'runlocal': the embedded data, small models trained here."""
+def _embedded(smoke_test: bool) -> ml_collections.ConfigDict:
+  """'local' (and with `smoke_test`, 'runlocal'): the embedded data, small models trained here."""
+  arg = "runlocal" if smoke_test else "local"
   suffix = ",runlocal" if arg == "runlocal" else ""
   config = ml_collections.ConfigDict()
   config.arg = arg                 # The config arg, shown in the report's commands.
@@ -177,9 +182,15 @@ def _paper() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "local") -> ml_collections.ConfigDict:
-  """Returns the reproduction config for `arg`: 'local', 'runlocal' or 'paper'."""
-  if arg == "paper":
+  """Returns the reproduction config for `arg`: '[local|paper][,runlocal]' (module docstring)."""
+  parsed = common.parse_arg(arg, setting="local", runlocal=False)
+  if parsed.setting not in SETTINGS:
+    raise ValueError(f"Unknown reproduce config {arg!r}; the settings are {SETTINGS}, "
+                     "optionally followed by ',runlocal'.")
+  if parsed.setting == "paper" and parsed.runlocal:
+    config = common.smoke_test(_paper())
+    config.arg = "paper,runlocal"
+    return config
+  if parsed.setting == "paper":
     return _paper()
-  if arg not in ("local", "runlocal"):
-    raise ValueError(f"Unknown reproduce config {arg!r}; use 'local', 'runlocal' or 'paper'.")
-  return _embedded(arg)
+  return _embedded(parsed.runlocal)

@@ -32,9 +32,11 @@ Args:
             settings (configs/cka_heatmap.py: minibatch 1024, 20 passes over 10,240 images).
   local     The demo on the embedded 'digits' data: (a) the trained small vit_cls, bit and
             mixer; (b) vit_noskip at blocks 1 and 4 of 6 against vit_cls (1,500 steps each).
-  runlocal  `local` as a smoke test: the `runlocal` training recipes (6 steps, 2-block ViTs),
+  runlocal  Alone or after `local`: `local` as a smoke test: the `runlocal` training recipes (6 steps, 2-block ViTs),
             norm ratios of vit_cls and a random-init ResNet with units (2, 1, 1, 1) over 120
-            images, ablation at block 1 (CKA: one pass over 120 images).
+            images, ablation at block 1 (CKA: one pass over 120 images). After `vit_b16`
+            ('vit_b16,runlocal'): the paper setting with random narrow weights at full
+            depth, a few embedded images and training steps (`configs/common.smoke_test`).
 
 Paper-unknown settings (recorded in the metadata): the averaging of the norm ratio
 (`norm_ratio.statistic`, default 'ratio_of_means': mean ||z|| / mean ||f(z)|| over examples
@@ -50,7 +52,7 @@ from configs import train as train_configs
 
 _VIT_LAYERS = (r"Transformer/encoderblock_\d+/(mid|out)",)
 STATISTICS = ("ratio_of_means", "mean_of_ratios")
-ARGS = ("vit_b16", "local", "runlocal")
+SETTINGS = ("vit_b16", "local")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -92,11 +94,13 @@ def _ablation_models(recipe: str, blocks: tuple[int, ...], suffix: str
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: 'vit_b16', 'local' or 'runlocal' (see module docstring)."""
-  if arg not in ARGS:
-    raise ValueError(f"Bad skip_connections config arg {arg!r}; use one of {ARGS}.")
+  """Returns the config for `arg`: '[vit_b16|local][,runlocal]' (see module docstring)."""
+  parsed = common.parse_arg(arg, setting="local", runlocal=False)
+  if parsed.setting not in SETTINGS:
+    raise ValueError(f"Bad skip_connections config arg {arg!r}; the settings are {SETTINGS}, "
+                     "optionally followed by ',runlocal'.")
   config = _base()
-  if arg == "vit_b16":
+  if parsed.setting == "vit_b16":
     for key in ("vit_b16", "mixer_b16", "r50"):
       config.norm_ratio.models[key] = common.public_model(key)
     reference = train_configs.get_config("imagenet_vit_b16")
@@ -107,22 +111,23 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       config.models[f"imagenet_vit_b16_noskip_block{block}"] = ablated
     config.ablation.update(dict(reference="imagenet_vit_b16", models=tuple(
         f"imagenet_vit_b16_noskip_block{b}" for b in (1, 6, 10))))
-    return _link_data(config)
+    _link_data(config)
+    return common.smoke_test(config) if parsed.runlocal else config
 
-  suffix = ",runlocal" if arg == "runlocal" else ""
+  suffix = ",runlocal" if parsed.runlocal else ""
   config.data.update(dict(name="digits", split="test", image_size=32, num_examples=360))
   config.norm_ratio.global_batch_size = 40
   config.ablation.cka = cka_heatmap.get_config("runlocal")  # 360 digits, 2 passes, batch 40.
   config.ablation.cka.model_a = common.model_spec()
   config.ablation.cka.model_b = common.model_spec()
-  blocks = (1,) if arg == "runlocal" else (1, 4)
-  trained = ("vit_cls",) if arg == "runlocal" else ("vit_cls", "bit", "mixer")
+  blocks = (1,) if parsed.runlocal else (1, 4)
+  trained = ("vit_cls",) if parsed.runlocal else ("vit_cls", "bit", "mixer")
   config.models.update({name: train_configs.get_config(name + suffix) for name in trained})
   config.models.update(_ablation_models("vit_noskip", blocks, suffix))
   config.norm_ratio.trained = trained
   config.ablation.update(dict(reference="vit_cls", models=tuple(
       f"vit_noskip_block{b}" for b in blocks)))
-  if arg == "runlocal":
+  if parsed.runlocal:
     # Beside the trained ViT, a random-init ResNet with an identity-shortcut unit.
     config.norm_ratio.models.resnet = common.model_spec(
         "BiT-R50x1", overrides=dict(units_per_stage=(2, 1, 1, 1), width_factor=0.5))

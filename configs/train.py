@@ -126,12 +126,13 @@ def _set_model(config: ml_collections.ConfigDict, name: str, **overrides) -> Non
       {**common.width_placeholders(name), **overrides})
 
 
-def _embedded(name: str, options: dict[str, str]) -> ml_collections.ConfigDict:
+def _embedded(name: str, parsed: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config = _base()
   if name in ("vit_cls", "vit_gap", "vit_noskip"):
     overrides = dict(_SMALL_VIT, classifier="gap" if name == "vit_gap" else "token")
     if name == "vit_noskip":
-      overrides["remove_skips"] = (int(options.get("block", _SMALL_VIT["depth"] // 2)),)
+      block = _SMALL_VIT["depth"] // 2 if parsed.block is None else parsed.block
+      overrides["remove_skips"] = (block,)
     _set_model(config, "ViT-Ti/16", **overrides)
   elif name == "bit":
     _set_model(config, "BiT-R50x1", **_SMALL_BIT)
@@ -242,21 +243,21 @@ def _runlocal(config: ml_collections.ConfigDict, name: str) -> None:
 
 
 def get_config(arg: str = "vit_cls") -> ml_collections.ConfigDict:
-  """Returns the training config for `arg` ('<recipe>[,runlocal][,block=i][,fraction=f]')."""
-  name, options = common.parse_arg(arg)
-  unknown = set(options) - {"runlocal", "block", "fraction"}
-  if name not in EMBEDDED + REAL or unknown:
+  """Returns the training config for `arg` ('[<recipe>][,runlocal][,block=i][,fraction=f]')."""
+  parsed = common.parse_arg(arg, recipe="vit_cls", runlocal=False, block=int, fraction=float)
+  name = parsed.recipe
+  if name not in EMBEDDED + REAL:
     raise ValueError(f"Bad train config arg {arg!r}: recipes are {EMBEDDED + REAL}, options "
                      "'runlocal', 'block=i' (vit_noskip) and 'fraction=f'.")
-  if "block" in options and name != "vit_noskip":
+  if parsed.block is not None and name != "vit_noskip":
     raise ValueError(f"Option 'block' only applies to vit_noskip, not {name!r}.")
   if name in EMBEDDED:
-    config = _embedded(name, options)
+    config = _embedded(name, parsed)
   else:
     config = {"imagenet_vit_b16": _imagenet_vit_b16, "imagenet_r50": _imagenet_r50,
               "finetune": _finetune}[name]()
-  if "fraction" in options:
-    config.data.subset_fraction = float(options["fraction"])
-  if "runlocal" in options:
+  if parsed.fraction is not None:
+    config.data.subset_fraction = parsed.fraction
+  if parsed.runlocal:
     _runlocal(config, name)
   return config

@@ -10,10 +10,11 @@ import os
 
 import numpy as np
 
-# Narrow widths: what a test substitutes for the registered ones (depth and grid never change).
-WIDTH = {"ViT": dict(hidden_size=96, mlp_dim=192),
-         "BiT": dict(width_factor=0.5),
-         "Mixer": dict(hidden_size=96, tokens_mlp_dim=48, channels_mlp_dim=192)}
+from configs import common
+
+# Narrow widths: what a test substitutes for the registered ones (depth and grid never change),
+# those of a config's `runlocal` smoke test.
+WIDTH = common.SMOKE_WIDTHS
 _VIT_SIZES = {"Ti": (12, 3), "S": (12, 6), "B": (12, 12), "L": (24, 16), "H": (32, 16)}
 _MIXER_DEPTH = {"S": 8, "B": 12, "L": 24}
 _BIT_UNITS = {"R50": (3, 4, 6, 3), "R101": (3, 4, 23, 3), "R152": (3, 8, 36, 3)}

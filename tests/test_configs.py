@@ -9,6 +9,7 @@ import ast
 import importlib
 import itertools
 import os
+import re
 
 import ml_collections
 import pytest
@@ -16,21 +17,26 @@ from absl import flags
 from ml_collections.config_flags import config_flags, config_path
 
 from configs import attention_distance, cka_heatmap, data_scale, linear_probes, localization
-from configs import receptive_field, train
+from configs import common, receptive_field, train
 from tests.conftest import REPO_ROOT
 
 # Every documented arg of every config (model combinations: each model once, and options).
 ARGS = {
-    "cka_heatmap": ["runlocal", *cka_heatmap.MODELS, "vit_b16+r50", "vit_l16,cheap"],
-    "attention_distance": ["runlocal", *attention_distance.PAPER_VITS, "vit_b16+r50"],
-    "receptive_field": ["runlocal", *receptive_field.MODELS, "vit_b32+r50"],
-    "skip_connections": ["vit_b16", "local", "runlocal"],
-    "localization": ["runlocal", *localization.MODELS, "vit_b16+r50,gap=/runs/gap/params,cheap"],
-    "linear_probes": ["runlocal", *linear_probes.PAPER_MODELS, "vit_b16+r50,full"],
-    "data_scale": [*data_scale.SETTINGS, "local,fractions=0.03/0.1/0.3"],
+    "cka_heatmap": ["runlocal", *cka_heatmap.MODELS, "vit_b16+r50", "vit_l16,cheap",
+                    "vit_b16+r50,runlocal"],
+    "attention_distance": ["runlocal", *attention_distance.PAPER_VITS, "vit_b16+r50",
+                           "vit_b16+r50,runlocal"],
+    "receptive_field": ["runlocal", *receptive_field.MODELS, "vit_b32+r50", "vit_b32+r50,runlocal"],
+    "skip_connections": ["vit_b16", "local", "runlocal", "vit_b16,runlocal"],
+    "localization": ["runlocal", *localization.MODELS, "vit_b16+r50,gap=/runs/gap/params,cheap",
+                     "vit_b16+r50,runlocal"],
+    "linear_probes": ["runlocal", *linear_probes.PAPER_MODELS, "vit_b16+r50,full",
+                      "vit_b16+r50,runlocal"],
+    "data_scale": [*data_scale.SETTINGS, "runlocal", "local,fractions=0.03/0.1/0.3",
+                   "imagenet_vit_b16,runlocal"],
     "train": [*train.EMBEDDED, *train.REAL, "vit_noskip,block=2,runlocal", "vit_cls,fraction=0.1",
               "imagenet_vit_b16,runlocal"],
-    "reproduce": ["local", "runlocal", "paper"],
+    "reproduce": ["local", "runlocal", "paper", "paper,runlocal"],
 }
 
 
@@ -126,3 +132,84 @@ def test_one_data_setting_reaches_every_step():
                     {"data.name": "cifar10", "data.data_dir": "/data/tfds"})
     names = [config_path.get_value(p, parsed) for p in _leaves(parsed) if p.endswith("data.name")]
     assert len(names) > 3 and set(names) == {"cifar10"}
+
+
+# The one arg grammar (configs/common.parse_arg) and `runlocal` composed with a paper setting.
+
+
+def test_parse_arg_types_values_and_takes_the_setting_first():
+  parsed = common.parse_arg("vit_b16+r50,cheap,block=3,fraction=0.25,gap=/a/b",
+                            models="", cheap=False, runlocal=False, block=int, fraction=float,
+                            gap=str)
+  assert parsed.to_dict() == dict(models="vit_b16+r50", cheap=True, runlocal=False, block=3,
+                                  fraction=0.25, gap="/a/b")
+  assert common.parse_arg("", models="", runlocal=False).to_dict() == dict(models="",
+                                                                            runlocal=False)
+  assert common.parse_arg("runlocal=false", models="", runlocal=True).runlocal is False
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("vit_b16,colour=red", "unknown option 'colour'; options are models=<str>, runlocal, "
+                           "block=<int>"),
+    ("vit_b16,r50", "'r50' is not an option"),
+    ("vit_b16,block=two", "option 'block' needs a value of type int, got 'two'"),
+    ("vit_b16,runlocal=maybe", "option 'runlocal' is a flag"),
+    ("vit_b16,runlocal,runlocal", "option 'runlocal' is given twice"),
+])
+def test_parse_arg_names_what_is_wrong(arg, match):
+  with pytest.raises(ValueError, match=re.escape(match)):
+    common.parse_arg(arg, models="", runlocal=False, block=int)
+
+
+@pytest.mark.parametrize("name,arg", [
+    (n, a) for n, args in ARGS.items() for a in args if a.endswith(",runlocal") and n != "train"])
+def test_runlocal_of_a_paper_setting_keeps_models_and_layers_and_downloads_nothing(name, arg):
+  module = importlib.import_module(f"configs.{name}")
+  paper = module.get_config(arg.removesuffix(",runlocal")).to_dict()
+  smoke = module.get_config(arg).to_dict()
+  specs = dict(_specs(paper))
+  assert specs, f"{name}:{arg} has no model"
+  smoke_specs = dict(_specs(smoke))
+  assert set(smoke_specs) == set(specs)
+  for path, spec in specs.items():
+    small = smoke_specs[path]
+    # Same model, layers and depth / grid fields; random init at the family's narrow width.
+    assert (small["name"], small["layers"]) == (spec["name"], spec["layers"]), path
+    assert small["checkpoint"] in ("", None), path
+    for field, value in common.SMOKE_WIDTHS[spec["name"].partition("-")[0]].items():
+      assert small["overrides"][field] == value, (path, field)
+    assert {k: v for k, v in small["overrides"].items() if k not in common.WIDTH_FIELDS[
+        spec["name"].partition("-")[0]]} == {k: v for k, v in spec["overrides"].items()
+                                              if k not in common.WIDTH_FIELDS[
+                                                  spec["name"].partition("-")[0]]}, path
+  for path, value in _flat(smoke):
+    assert not str(value).startswith("gs://"), (path, value)
+    if path.endswith("data.name") or path == "data.name":
+      assert value == "digits", path
+    if path.endswith("image_size"):
+      assert value == dict(_flat(paper))[path], path  # The paper's resolution.
+    small = [v for k, v in common.SMOKE_COUNTS.items() if path == k or path.endswith("." + k)]
+    if small:
+      assert value == small[0], path
+
+
+def _flat(node, path=""):
+  if isinstance(node, dict):
+    for key, value in node.items():
+      yield from _flat(value, f"{path}.{key}" if path else key)
+  else:
+    yield path, node
+
+
+def _specs(node, path=""):
+  """(path, model spec or training config's model) of every named model in a config dict."""
+  if not isinstance(node, dict):
+    return
+  if {"name", "checkpoint", "layers", "overrides"} <= set(node) and node["name"]:
+    yield path, node
+  elif {"model", "train", "init"} <= set(node):
+    yield f"{path}.model", {**node["model"], "checkpoint": node["init"]["checkpoint"],
+                            "layers": ()}
+  else:
+    for key, value in node.items():
+      yield from _specs(value, f"{path}.{key}" if path else key)

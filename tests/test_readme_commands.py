@@ -29,20 +29,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from configs import common
 from tests import paper_checkpoints
 from tests.conftest import REPO_ROOT
 from tests.layer_order import layer_key, out_of_order
 
-# Leaf path (or the end of one) -> the small value the test substitutes.
-SMALL_COUNTS = {
-    "data.num_examples": 16, "analysis.minibatch_size": 8, "analysis.num_passes": 2,
-    "analysis.max_channels": 4, "norm_ratio.global_batch_size": 8,
-    "data.train_num_examples": 200, "data.test_num_examples": 40, "data.global_batch_size": 40,
-    "summary.num_examples": 40,
-    "train.global_batch_size": 8, "train.total_steps": 2, "schedule.warmup_steps": 1,
-    "train.eval_every": 2, "train.checkpoint_every": 2, "train.log_every": 1,
-    "data.eval_num_examples": 16, "data.eval_global_batch_size": 8,
-}
+# Leaf path (or the end of one) -> the small value the test substitutes: the counts of a
+# config's `runlocal` smoke test.
+SMALL_COUNTS = common.SMOKE_COUNTS
 # What each main must write, relative to its workdir.
 OUTPUTS = {
     "cka_heatmap": ["cka_heatmap.npz", "figures/cka_heatmap.png"],
@@ -68,6 +62,7 @@ def readme_commands() -> list[list[str]]:
   commands = []
   for block in blocks:
     for command in block.replace("\\\n", " ").splitlines():
+      command = command.strip()  # Blocks inside list items are indented.
       if command.startswith("python -m experiments."):
         commands.append(shlex.split(command)[2:])
   return commands

@@ -49,7 +49,8 @@ def worker_localization(cfg: dict) -> dict:
   feats = {n: jax.random.normal(k, (b, *s)) for (n, s), k in zip(shapes.items(), keys)}
   images = jax.random.uniform(keys[-1], (b, IMAGE_SIZE, IMAGE_SIZE, 3))
   jax.block_until_ready((feats, images))
-  loc = localization.LocalizationCKA(shapes, image_size=IMAGE_SIZE, has_cls=True)
+  loc = localization.LocalizationCKA(shapes, image_size=IMAGE_SIZE, num_prefix_tokens=1,
+                                     token_grid=(GRID, GRID))
   state = loc.init()
   start = time.perf_counter()
   state = jax.block_until_ready(loc.update(state, feats, images))

@@ -54,31 +54,36 @@ def test_image_patches_match_a_loop(grid):
       np.testing.assert_array_equal(patches[:, row * grid + col], expected.reshape(2, -1))
 
 
-@pytest.mark.parametrize("shape,has_cls,grid", [
-    ((17, 8), True, 4), ((16, 8), False, 4), ((2, 2, 5), False, 2), ((1, 1, 5), True, 1),
-], ids=["tokens_cls", "tokens_gap", "feature_map", "feature_map_1x1"])
-def test_layer_grid(shape, has_cls, grid):
-  assert localization.layer_grid(shape, has_cls=has_cls, image_size=32) == grid
+@pytest.mark.parametrize("shape,prefix,grid", [
+    ((17, 8), 1, 4), ((16, 8), 0, 4), ((18, 8), 2, 4), ((2, 2, 5), 0, 2), ((1, 1, 5), 1, 1),
+], ids=["tokens_cls", "tokens_gap", "tokens_two_prefix", "feature_map", "feature_map_1x1"])
+def test_layer_grid(shape, prefix, grid):
+  assert localization.layer_grid(shape, num_prefix_tokens=prefix, token_grid=(grid, grid),
+                                 image_size=32) == grid
   x = np.arange(np.prod(shape) * 2, dtype=np.float32).reshape(2, *shape)
-  tokens = np.asarray(localization.spatial_tokens(x, has_cls=has_cls))
+  tokens = np.asarray(localization.spatial_tokens(x, num_prefix_tokens=prefix))
   assert tokens.shape == (2, grid * grid, shape[-1])
   if len(shape) == 2:
-    np.testing.assert_array_equal(tokens, x[:, 1:] if has_cls else x)
+    np.testing.assert_array_equal(tokens, x[:, prefix:])
   else:  # Row-major: position q = row * grid + column.
     for q in range(grid * grid):
       np.testing.assert_array_equal(tokens[:, q], x[:, q // grid, q % grid])
 
 
-@pytest.mark.parametrize("shape,has_cls,match", [
-    ((64,), False, "no spatial positions"),
-    ((4, 4, 3, 2), False, "no spatial positions"),
-    ((16, 8), True, "not a square grid"),
-    ((3, 2, 8), False, "square one"),
-    ((3, 3, 8), False, "multiple of 3"),
-], ids=["pooled", "attention_probs", "cls_miscount", "non_square_map", "grid_not_dividing"])
-def test_layer_without_a_usable_grid_is_refused(shape, has_cls, match):
+@pytest.mark.parametrize("shape,prefix,token_grid,match", [
+    ((64,), 0, None, "no spatial positions"),
+    ((4, 4, 3, 2), 0, None, "no spatial positions"),
+    ((16, 8), 1, (4, 4), r"16 tokens; expected num_prefix_tokens \(1\) \+ the patches"),
+    ((16, 8), 0, None, "token_grid"),
+    ((13, 8), 1, (3, 4), "square one"),
+    ((3, 2, 8), 0, None, "square one"),
+    ((3, 3, 8), 0, None, "multiple of 3"),
+], ids=["pooled", "attention_probs", "cls_miscount", "tokens_without_grid", "non_square_tokens",
+        "non_square_map", "grid_not_dividing"])
+def test_layer_without_a_usable_grid_is_refused(shape, prefix, token_grid, match):
   with pytest.raises(ValueError, match=match):
-    localization.LocalizationCKA({"layer": shape}, image_size=32, has_cls=has_cls)
+    localization.LocalizationCKA({"layer": shape}, image_size=32, num_prefix_tokens=prefix,
+                                 token_grid=token_grid)
 
 
 def test_positions():
@@ -112,7 +117,8 @@ def test_maps_match_numpy_float64():
       patches4 @ rng.normal(size=(12, 6)) + rng.normal(size=(n, 16, 6))], axis=1)
   fmap = rng.normal(size=(n, 2, 2, 5)).astype(np.float32)
   maps = localization.localization_maps({"tokens": tokens.astype(np.float32), "fmap": fmap},
-                                        images, has_cls=True, batch_size=batch)
+                                        images, num_prefix_tokens=1, token_grid=(4, 4),
+                                        batch_size=batch)
   assert maps["tokens"].shape == (4, 4, 4, 4) and maps["fmap"].shape == (2, 2, 2, 2)
   patches2 = np.asarray(localization.image_patches(images, 2))
   for q in range(16):
@@ -143,13 +149,14 @@ def test_full_grid_matches_numpy_float64():
       patches @ rng.normal(size=(768, width)) * scale + rng.normal(size=(n, 196, width))],
       axis=1).astype(np.float32) for name, scale in zip(names, (0.2, 0.05))}
   loc = localization.LocalizationCKA({name: (197, width) for name in names}, image_size=224,
-                                     has_cls=True)
+                                     num_prefix_tokens=1, token_grid=(14, 14))
   state = loc.init()
-  assert state["14"].names_x == tuple(f"{name}@{q}" for name in names for q in range(196))
+  assert state.per_grid["14"].names_x == tuple(f"{name}@{q}" for name in names
+                                               for q in range(196))
   for s in range(n // batch):
     rows = slice(s * batch, (s + 1) * batch)
     state = loc.update(state, {name: x[rows] for name, x in layers.items()}, images[rows])
-  state = loc.from_numpy(localization.LocalizationCKA.to_numpy(state))  # A saved run loads.
+  state = localization.LocalizationState.from_numpy(state.to_numpy())  # A saved run loads.
   result = loc.result(state)
   assert list(result.maps) == list(names) and result.num_examples == n
   # Every token against its own patch and another one; the named positions against all.
@@ -194,7 +201,8 @@ def test_vit_with_zeroed_blocks_peaks_at_own_patch(zeroed_vit, embedding):
   images = smooth_images(60)
   tokens = np.asarray(extractor(params, images)["Transformer/encoderblock_1/out"])
   maps = localization.localization_maps(
-      {"out": tokens.reshape(60, 17, 192)}, images, has_cls=True, batch_size=20)["out"]
+      {"out": tokens.reshape(60, 17, 192)}, images, num_prefix_tokens=1, token_grid=(4, 4),
+      batch_size=20)["out"]
   own = localization.own_patch_similarity(maps)
   assert np.all(localization.peaks_at_own_patch(maps))
   others = maps.reshape(16, 16)[~np.eye(16, dtype=bool)]
@@ -204,8 +212,13 @@ def test_vit_with_zeroed_blocks_peaks_at_own_patch(zeroed_vit, embedding):
 
 
 def test_update_checks_its_inputs():
-  loc = localization.LocalizationCKA({"t": (5, 3)}, image_size=4, has_cls=True)
+  loc = localization.LocalizationCKA({"t": (5, 3)}, image_size=4, num_prefix_tokens=1,
+                                     token_grid=(2, 2))
   state = loc.init()
+  other = localization.LocalizationCKA({"u": (5, 3)}, image_size=4, num_prefix_tokens=1,
+                                       token_grid=(2, 2))
+  with pytest.raises(ValueError, match=r"other layers than \['u'\]"):
+    other.update(state, {"u": np.zeros((8, 5, 3))}, np.zeros((8, 4, 4, 3)))
   with pytest.raises(ValueError, match="lack layers"):
     loc.update(state, {}, np.zeros((8, 4, 4, 3)))
   with pytest.raises(ValueError, match="15 features per example"):
@@ -302,7 +315,7 @@ images = smooth_images(96, size=8)
 rng = np.random.default_rng(3)
 tokens = rng.normal(size=(96, 4, 5)).astype(np.float32) + np.asarray(
     localization.image_patches(images, 2))[..., :5]
-maps = localization.localization_maps({{"t": tokens}}, images, has_cls=False, batch_size=6,
+maps = localization.localization_maps({{"t": tokens}}, images, token_grid=(2, 2), batch_size=6,
                                       mesh=parallel.make_mesh())
 np.save({str(tmp_path)!r} + "/maps.npy", maps["t"])
 """

@@ -7,15 +7,15 @@ from tests.conftest import run_python
 from vit_repr import models, residual
 
 
-def reference_ratios(zs, fs, has_cls):
-  """(ratio_of_means, mean_of_ratios) `[2]` (cls, spatial) over all batches, float64."""
+def reference_ratios(zs, fs, prefix):
+  """(ratio_of_means, mean_of_ratios) `[2]` (cls = the `prefix` tokens, spatial) over all
+  batches, float64."""
   z = np.concatenate([np.asarray(a, np.float64) for a in zs])
   f = np.concatenate([np.asarray(a, np.float64) for a in fs])
   if z.ndim == 4:
     z, f = z.reshape(z.shape[0], -1, z.shape[-1]), f.reshape(f.shape[0], -1, f.shape[-1])
   nz, nf = np.sqrt((z**2).sum(-1)), np.sqrt((f**2).sum(-1))
-  groups = [(slice(0, 1), slice(1, None))] if has_cls else [(None, slice(None))]
-  cls, spatial = groups[0]
+  cls, spatial = (slice(0, prefix), slice(prefix, None)) if prefix else (None, slice(None))
   of_means, of_ratios = [], []
   for tokens in (cls, spatial):
     if tokens is None:
@@ -27,46 +27,46 @@ def reference_ratios(zs, fs, has_cls):
   return np.array(of_means), np.array(of_ratios)
 
 
-LAYOUTS = {
-    "vit_cls_tokens": ((6, 5, 8), True),
-    "gap_tokens": ((6, 5, 8), False),
-    "feature_map": ((6, 3, 3, 4), False),
+LAYOUTS = {  # (shape, prefix tokens)
+    "vit_cls_tokens": ((6, 5, 8), 1),
+    "gap_tokens": ((6, 5, 8), 0),
+    "two_prefix_tokens": ((6, 5, 8), 2),  # E.g. CLS and a distillation token.
+    "feature_map": ((6, 3, 3, 4), 0),
 }
 
 
-@pytest.mark.parametrize("shape,has_cls", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_known_branch_gives_known_ratio(shape, has_cls):
-  """f(z) = z / 4 on the CLS token and z / 2 elsewhere: the ratio is 4 and 2 exactly."""
+@pytest.mark.parametrize("shape,prefix", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_known_branch_gives_known_ratio(shape, prefix):
+  """f(z) = z / 4 on the prefix (CLS) tokens and z / 2 elsewhere: the ratio is 4 and 2."""
   z = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   f = z / 2
-  if has_cls:
-    f[:, 0] = z[:, 0] / 4
+  f[:, :prefix] = z[:, :prefix] / 4
   estimator = residual.NormRatio()
-  state = estimator.init({"layer": z}, has_cls=has_cls)
+  state = estimator.init({"layer": z}, num_prefix_tokens=prefix)
   result = estimator.result(estimator.update(state, {"layer": z}, {"layer": f}))
-  expected = np.array([4.0 if has_cls else np.nan, 2.0])
+  expected = np.array([4.0 if prefix else np.nan, 2.0])
   for values in (result.ratio_of_means[0], result.mean_of_ratios[0]):
     np.testing.assert_allclose(values, expected, rtol=1e-6)
   assert result.num_examples == shape[0]
 
 
-@pytest.mark.parametrize("shape,has_cls", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_streamed_batches_match_numpy_float64(shape, has_cls):
+@pytest.mark.parametrize("shape,prefix", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_streamed_batches_match_numpy_float64(shape, prefix):
   rng = np.random.default_rng(1)
   batches = [(rng.normal(size=shape).astype(np.float32) * 3,
               rng.normal(size=shape).astype(np.float32)) for _ in range(3)]
   estimator = residual.NormRatio()
-  state = estimator.init({"a": batches[0][0], "b": batches[0][0]}, has_cls=has_cls)
+  state = estimator.init({"a": batches[0][0], "b": batches[0][0]}, num_prefix_tokens=prefix)
   for z, f in batches:
     state = estimator.update(state, {"a": z, "b": f}, {"a": f, "b": z})
   result = estimator.result(state)
   zs, fs = [z for z, _ in batches], [f for _, f in batches]
   for row, (stream, branch) in enumerate(((zs, fs), (fs, zs))):
-    of_means, of_ratios = reference_ratios(stream, branch, has_cls)
+    of_means, of_ratios = reference_ratios(stream, branch, prefix)
     np.testing.assert_allclose(result.ratio_of_means[row], of_means, rtol=1e-5)
     np.testing.assert_allclose(result.mean_of_ratios[row], of_ratios, rtol=1e-5)
   tokens = shape[1] if len(shape) == 3 else shape[1] * shape[2]
-  assert result.num_tokens[0].tolist() == ([1, tokens - 1] if has_cls else [0, tokens])
+  assert result.num_tokens[0].tolist() == [prefix, tokens - prefix]
   assert result.num_examples == 3 * shape[0]
 
 
@@ -118,7 +118,7 @@ def test_a_model_without_skip_connections_has_nothing_to_measure():
                         tokens_mlp_dim=4, channels_mlp_dim=8, num_classes=3, remove_skips=(0, 1))
   assert model.residual_sublayers() == ()
   with pytest.raises(ValueError, match="at least one sub-layer"):
-    residual.NormRatio().init({}, has_cls=False)
+    residual.NormRatio().init({}, num_prefix_tokens=0)
 
 
 def test_nonfinite_values_name_the_layer():
@@ -126,7 +126,7 @@ def test_nonfinite_values_name_the_layer():
   f = z.copy()
   f[1, 2, 0] = np.nan
   estimator = residual.NormRatio()
-  state = estimator.init({"good": z, "bad": z}, has_cls=False)
+  state = estimator.init({"good": z, "bad": z}, num_prefix_tokens=0)
   state = estimator.update(state, {"good": z, "bad": z}, {"good": z, "bad": f})
   with pytest.raises(ValueError, match=r"\['bad'\]"):
     estimator.result(state)
@@ -135,10 +135,11 @@ def test_nonfinite_values_name_the_layer():
 @pytest.mark.parametrize("streams,branches,match", [
     ({"a": np.ones((4, 3, 2))}, {"a": np.ones((4, 3, 3))}, "same shape"),
     ({"a": np.ones((4, 3, 2))}, {"b": np.ones((4, 3, 2))}, "same sub-layers"),
-], ids=["shape_mismatch", "unknown_layer"])
+    ({"a": np.ones((4, 4, 2))}, {"a": np.ones((4, 4, 2))}, r"tokens \(0, 4\), init saw \(0, 3\)"),
+], ids=["shape_mismatch", "unknown_layer", "other_token_count"])
 def test_bad_updates_are_refused(streams, branches, match):
   estimator = residual.NormRatio()
-  state = estimator.init({"a": np.ones((4, 3, 2))}, has_cls=False)
+  state = estimator.init({"a": np.ones((4, 3, 2))}, num_prefix_tokens=0)
   with pytest.raises(ValueError, match=match):
     estimator.update(state, streams, branches)
 
@@ -146,9 +147,11 @@ def test_bad_updates_are_refused(streams, branches, match):
 def test_bad_shapes_and_empty_results_are_refused():
   estimator = residual.NormRatio()
   with pytest.raises(ValueError, match="tokens"):
-    estimator.init({"a": np.ones((4, 3))}, has_cls=False)
+    estimator.init({"a": np.ones((4, 3))}, num_prefix_tokens=0)
+  with pytest.raises(ValueError, match=r"more than num_prefix_tokens \(3\)"):
+    estimator.init({"a": np.ones((4, 3, 2))}, num_prefix_tokens=3)
   with pytest.raises(ValueError, match="No batch"):
-    estimator.result(estimator.init({"a": np.ones((4, 3, 2))}, has_cls=False))
+    estimator.result(estimator.init({"a": np.ones((4, 3, 2))}, num_prefix_tokens=0))
 
 
 _SHARDED = """
@@ -159,7 +162,7 @@ batches = [(rng.normal(size=(16, 5, 8)).astype(np.float32) * 2,
              rng.normal(size=(16, 5, 8)).astype(np.float32)) for _ in range(3)]
 mesh = parallel.make_mesh()
 estimator = residual.NormRatio(mesh)
-state = estimator.init({"x": batches[0][0]}, has_cls=True)
+state = estimator.init({"x": batches[0][0]}, num_prefix_tokens=1)
 for z, f in batches:
   batch = parallel.global_batch({"z": z, "f": f}, mesh)
   state = estimator.update(state, {"x": batch["z"]}, {"x": batch["f"]})
@@ -175,7 +178,7 @@ def test_result_does_not_depend_on_device_count(tmp_path, num_devices):
   rng = np.random.default_rng(3)
   batches = [(rng.normal(size=(16, 5, 8)).astype(np.float32) * 2,
               rng.normal(size=(16, 5, 8)).astype(np.float32)) for _ in range(3)]
-  of_means, of_ratios = reference_ratios([z for z, _ in batches], [f for _, f in batches], True)
+  of_means, of_ratios = reference_ratios([z for z, _ in batches], [f for _, f in batches], 1)
   got = np.load(out)
   np.testing.assert_allclose(got[0, 0], of_means, rtol=1e-5)
   np.testing.assert_allclose(got[1, 0], of_ratios, rtol=1e-5)

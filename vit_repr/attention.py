@@ -19,14 +19,15 @@ CLS is not mistaken for a local one; `renormalize=False` uses the weights as the
 shrinks by the mass on CLS). `AttentionDistanceResult.cls_attention` reports that mass per
 head either way, and the studies record the flag in their metadata.
 
-`MeanAttentionDistance` streams the statistic over data: a small state (per layer and head:
-the sum over images of the per-image distance, its sum of squares, the CLS mass; the example
-count), jitted updates with the batch sharded over a mesh's data axis (the reductions over
-examples are sums inside jit, so the result does not depend on the device count), and
-`fold`, the same update as a pure function to fuse into a jitted model forward pass so the
-attention maps of all layers are never materialised at once.
+`MeanAttentionDistance` (a `vit_repr.streaming.Accumulator`) streams it: a small state (per
+layer and head: the sums over images of the distance, of its square and of the CLS mass; the
+example count), jitted updates of attention maps `[batch, heads, T, T]` sharded over a mesh's
+data axis (sums inside jit: the result does not depend on the device count), and `fold`, the
+same update as a pure function to fuse into a jitted forward pass so the attention maps of all
+layers are never materialised at once.
 """
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vit_repr import parallel
+from vit_repr import parallel, streaming
 
 
 def patch_centres(grid: tuple[int, int], patch_size: float) -> np.ndarray:
@@ -114,7 +115,9 @@ def per_example_distance(attn_probs: jax.typing.ArrayLike, distances: jax.typing
   return weighted.mean(-1), cls_mass.mean(-1)
 
 
-class AttentionDistanceState(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionDistanceState(streaming.State):
   """Streaming sums over examples, per layer and head.
 
   Attributes:
@@ -156,7 +159,7 @@ class MeanAttentionDistance:
                                 num_prefix_tokens=1, mesh=mesh)
     state = mad.init()
     for batch in batches:
-      state = mad.update(state, {name: attn_probs [b, H, T, T] for name in names})
+      state = mad.update(state, {name: attn_probs [batch, H, T, T] for name in names})
     res = mad.result(state)  # res.distance [layers, heads] in pixels
 
   `update` donates the state. `fold` is the same update as a pure function, to call inside
@@ -178,7 +181,7 @@ class MeanAttentionDistance:
       mesh: one-axis mesh over `parallel.DATA_AXIS` (default: one local device).
 
     Raises:
-      ValueError: no layer names, num_heads < 1 or a bad grid.
+      ValueError: no layer names, num_heads < 1, a bad grid or a mesh with other axes.
     """
     if not names:
       raise ValueError("MeanAttentionDistance needs at least one attention layer name.")
@@ -191,17 +194,16 @@ class MeanAttentionDistance:
     self.patch_size = float(patch_size)
     self.num_prefix_tokens = num_prefix_tokens
     self.renormalize = renormalize
-    self.mesh = parallel.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    self.mesh = streaming.data_mesh(mesh, "MeanAttentionDistance")
     self.distances = patch_distances(self.grid, self.patch_size).astype(np.float32)
-    replicated = parallel.replicated(self.mesh)
-    self._update = jax.jit(self.fold, donate_argnums=0, out_shardings=replicated)
+    self._update = jax.jit(self.fold, donate_argnums=0,
+                           out_shardings=parallel.replicated(self.mesh))
 
   def init(self) -> AttentionDistanceState:
     """The zero state, replicated over the mesh."""
-    shape = (len(self.names), self.num_heads)
-    zeros = lambda s, d: jax.device_put(np.zeros(s, d), parallel.replicated(self.mesh))
-    return AttentionDistanceState(zeros(shape, np.float32), zeros(shape, np.float32),
-                                  zeros(shape, np.float32), zeros((), np.int32))
+    zeros = np.zeros((len(self.names), self.num_heads), np.float32)
+    return streaming.replicated(
+        AttentionDistanceState(zeros, zeros, zeros, np.zeros((), np.int32)), self.mesh)
 
   def fold(self, state: AttentionDistanceState, attn_probs: Mapping[str, jax.Array],
            valid: jax.Array | None = None) -> AttentionDistanceState:
@@ -244,8 +246,8 @@ class MeanAttentionDistance:
              valid: jax.Array | None = None) -> AttentionDistanceState:
     """Jitted `fold` (donates `state`); `attn_probs` (and `valid`) arrive sharded over the
     data axis."""
-    return self._update(state, {n: attn_probs[n] for n in self.names if n in attn_probs},
-                        valid)
+    return self._update(streaming.replicated(state, self.mesh),
+                        {n: attn_probs[n] for n in self.names if n in attn_probs}, valid)
 
   def result(self, state: AttentionDistanceState) -> AttentionDistanceResult:
     """Means over the accumulated examples (one host synchronisation).
@@ -253,13 +255,12 @@ class MeanAttentionDistance:
     Raises:
       ValueError: no example accumulated.
     """
-    count = int(state.num_examples)
-    if count == 0:
-      raise ValueError("No example accumulated yet; call update before result.")
-    mean = np.asarray(state.distance_sum, np.float64) / count
-    second = np.asarray(state.distance_sq_sum, np.float64) / count
+    host = state.to_numpy()
+    count = streaming.check_accumulated(host["num_examples"], "example")
+    mean = np.asarray(host["distance_sum"], np.float64) / count
+    second = np.asarray(host["distance_sq_sum"], np.float64) / count
     std = np.sqrt(np.maximum(second - mean ** 2, 0.0) * count / max(count - 1, 1))
     return AttentionDistanceResult(
         distance=mean, distance_std=std, stderr=std / np.sqrt(count),
-        cls_attention=np.asarray(state.cls_sum, np.float64) / count, names=self.names,
+        cls_attention=np.asarray(host["cls_sum"], np.float64) / count, names=self.names,
         num_examples=count)

@@ -11,8 +11,8 @@ Transformers See Like Convolutional Neural Networks?" (NeurIPS 2021):
   Things?", ICLR 2021), the paper's estimator:
   `CKA = mean_i HSIC1(K_i, L_i) / sqrt(mean_i HSIC1(K_i, K_i) * mean_i HSIC1(L_i, L_i))`
   over minibatches i, with K_i = X_i X_iᵀ the linear Gram of minibatch i (each example's
-  features flattened). `MinibatchCKA` streams it (jitted, sharded over a device mesh, with
-  error bars); `minibatch_cka` runs it over whole arrays.
+  features flattened). `MinibatchCKA` streams it (a `vit_repr.streaming.Accumulator`: jitted,
+  sharded over a device mesh, with error bars); `minibatch_cka` runs it over whole arrays.
 
 HSIC1 is computed through U-centring (Székely & Rizzo, "Partial distance correlation", Ann.
 Stat. 2014): with K̃ the Gram with its diagonal zeroed, U(K)_ij = K̃_ij - r_i - r_j + s for
@@ -20,7 +20,7 @@ i != j and 0 on the diagonal (r = K̃ row sums / (n - 2), s = sum(K̃) / ((n - 1
 HSIC1(K, L) = <U(K), U(L)>_F / (n (n - 3)). So one Gram per layer per minibatch and a single
 `[La, b²] x [b², Lb]` product give HSIC1 for every pair of layers. Many layers of one shape (every
 token of a ViT layer, as in `vit_repr.localization`) can be passed stacked, as one group
-`[b, k, ...]` of k layers (`MinibatchCKA.update(..., stacked=True)`): the k Grams are then one
+`[batch, k, ...]` of k layers (`MinibatchCKA.update(..., stacked=True)`): the k Grams are then one
 batched product, and the compiled program grows with the number of groups, not of layers.
 
 Inputs may be NumPy, JAX or any array convertible by `np.asarray` (e.g. PyTorch CPU tensors);
@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 
-from vit_repr import parallel
+from vit_repr import parallel, streaming
 
 Layers = Sequence[jax.typing.ArrayLike] | Mapping[str, jax.typing.ArrayLike]
 
@@ -328,12 +328,9 @@ def rbf_cka(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, sigma_frac: float 
 # Minibatch CKA.
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("shift", "sums", "compensation", "num_batches", "num_examples",
-                                "nonfinite_x", "nonfinite_y", "varied_x", "varied_y"),
-                   meta_fields=("names_x", "names_y"))
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MinibatchCKAState:
+class MinibatchCKAState(streaming.State):
   """Running sums of minibatch CKA; a small pytree whose size does not grow with the data.
 
   For every minibatch and every pair of layers (a of model A, c of model B) the terms
@@ -347,7 +344,7 @@ class MinibatchCKAState:
     sums: `[9, La, Lb]` float32 sums over minibatches of the shifted terms d = t - shift
       (channels xy, xx, yy) then of the products d_xy², d_xx², d_yy², d_xy d_xx, d_xy d_yy,
       d_xx d_yy.
-    compensation: `[9, La, Lb]` Kahan compensation of `sums` (the exact sum is sums - it).
+    compensation: `[9, La, Lb]` Kahan compensation of `sums` (`streaming.kahan_add`).
     num_batches: int32 number of minibatches accumulated.
     num_examples: int32 number of examples accumulated.
     nonfinite_x: `[La]` bool, whether a layer of model A ever had NaN/Inf features.
@@ -355,7 +352,7 @@ class MinibatchCKAState:
     varied_x: `[La]` bool, whether a layer of model A ever varied within a minibatch.
     varied_y: `[Lb]` bool, same for model B.
     names_x: layer names of model A (static).
-    names_y: layer names of model B, or None for a within-model heatmap (static).
+    names_y: layer names of model B, empty for a within-model heatmap (static).
   """
   shift: jax.Array
   sums: jax.Array
@@ -366,31 +363,12 @@ class MinibatchCKAState:
   nonfinite_y: jax.Array
   varied_x: jax.Array
   varied_y: jax.Array
-  names_x: tuple[str, ...]
-  names_y: tuple[str, ...] | None
-
-  def to_numpy(self) -> dict[str, np.ndarray]:
-    """The state as plain NumPy arrays, e.g. for `np.savez(path, **state.to_numpy())`."""
-    arrays = {f: _to_host(getattr(self, f)) for f in _STATE_ARRAYS}
-    arrays["names_x"] = np.asarray(self.names_x, dtype=str)
-    arrays["names_y"] = np.asarray(self.names_y or (), dtype=str)
-    arrays["within"] = np.asarray(self.names_y is None)
-    return arrays
-
-  @classmethod
-  def from_numpy(cls, arrays: Mapping[str, np.ndarray]) -> "MinibatchCKAState":
-    """Inverse of `to_numpy` (accepts the mapping returned by `np.load`)."""
-    missing = (set(_STATE_ARRAYS) | {"names_x", "names_y", "within"}) - set(arrays)
-    if missing:
-      raise ValueError(f"Not a saved MinibatchCKAState: missing {sorted(missing)}.")
-    within = bool(arrays["within"])
-    return cls(**{f: np.asarray(arrays[f]) for f in _STATE_ARRAYS},
-               names_x=tuple(str(n) for n in arrays["names_x"]),
-               names_y=None if within else tuple(str(n) for n in arrays["names_y"]))
+  names_x: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+  names_y: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
 
 
 _STATE_ARRAYS = tuple(f.name for f in dataclasses.fields(MinibatchCKAState)
-                      if not f.name.startswith("names"))
+                      if not f.metadata.get("static"))
 
 
 class CKAResult(NamedTuple):
@@ -410,13 +388,6 @@ class CKAResult(NamedTuple):
   names_y: tuple[str, ...]
   num_batches: int
   num_examples: int
-
-
-def _to_host(a: Any) -> np.ndarray:
-  """A replicated (possibly multi-host) array as NumPy, from this host's copy."""
-  if isinstance(a, jax.Array) and not a.is_fully_addressable:
-    a = a.addressable_data(0)
-  return np.asarray(a)
 
 
 def _gram_blocked(x: jax.Array, blocks: int) -> jax.Array:
@@ -687,11 +658,9 @@ def _update_body(state: dict[str, jax.Array], valid: jax.Array,
       mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec())
   shift, moments, num_minibatches, bad_x, bad_y, varied_x, varied_y = sums_fn(
       state["shift"], state["num_batches"] == 0, valid, xs, ys)
-  # Kahan summation: `compensation` carries the low-order bits lost by the last addition.
-  corrected = moments - state["compensation"]
-  sums = state["sums"] + corrected
+  sums, compensation = streaming.kahan_add(state["sums"], state["compensation"], moments)
   return dict(
-      shift=shift, sums=sums, compensation=(sums - state["sums"]) - corrected,
+      shift=shift, sums=sums, compensation=compensation,
       num_batches=state["num_batches"] + num_minibatches,
       num_examples=state["num_examples"] + num_minibatches * minibatch_size,
       nonfinite_x=state["nonfinite_x"] | bad_x, nonfinite_y=state["nonfinite_y"] | bad_y,
@@ -808,10 +777,7 @@ class MinibatchCKA:
       ValueError: on a mesh without the data axis, an unknown `grams`, 'host' Grams on a
         mesh of accelerators, gram_blocks < 1, feature_chunk < 0 or an unknown precision.
     """
-    mesh = parallel.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
-    if tuple(mesh.axis_names) != (parallel.DATA_AXIS,):
-      raise ValueError(f"MinibatchCKA needs a one-axis mesh named {parallel.DATA_AXIS!r} "
-                       f"(parallel.make_mesh()); got axes {mesh.axis_names}.")
+    mesh = streaming.data_mesh(mesh, "MinibatchCKA")
     on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
     if grams not in GRAMS:
       raise ValueError(f"grams must be one of {GRAMS}; got {grams!r}.")
@@ -831,18 +797,6 @@ class MinibatchCKA:
     self.feature_chunk = feature_chunk
     self.precision = _check_precision(precision)
 
-  def _place(self, state: MinibatchCKAState) -> MinibatchCKAState:
-    """Replicates host (NumPy) leaves of `state` over the mesh, e.g. after a restore."""
-    sharding = parallel.replicated(self.mesh)
-
-    def place(a):
-      if isinstance(a, jax.Array):
-        return a
-      a = np.asarray(a)
-      return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    return jax.tree.map(place, state)
-
   def init(self, xs: Layers, ys: Layers | None = None, *,
            names_x: Sequence[str] | None = None,
            names_y: Sequence[str] | None = None) -> MinibatchCKAState:
@@ -860,8 +814,8 @@ class MinibatchCKA:
       The zero state, replicated over the mesh.
     """
     names_x = _layer_names(xs, names_x, "xs")
-    names_y = None if ys is None else _layer_names(ys, names_y, "ys")
-    la, lb = len(names_x), len(names_x if names_y is None else names_y)
+    names_y = () if ys is None else _layer_names(ys, names_y, "ys")
+    la, lb = len(names_x), len(names_y or names_x)
     zeros = np.zeros((len(_TERMS) + len(_PRODUCTS), la, lb), np.float32)
     state = MinibatchCKAState(
         shift=np.zeros((len(_TERMS), la, lb), np.float32), sums=zeros, compensation=zeros,
@@ -869,7 +823,7 @@ class MinibatchCKA:
         nonfinite_x=np.zeros(la, bool), nonfinite_y=np.zeros(lb, bool),
         varied_x=np.zeros(la, bool), varied_y=np.zeros(lb, bool),
         names_x=names_x, names_y=names_y)
-    return self._place(state)
+    return streaming.replicated(state, self.mesh)
 
   def update(self, state: MinibatchCKAState, xs: Layers, ys: Layers | None = None, *,
              stacked: bool = False,
@@ -902,7 +856,7 @@ class MinibatchCKA:
         add up to the layer count), mismatched example counts, a batch that does not split
         over the devices, or fewer than 4 examples per device.
     """
-    within = state.names_y is None
+    within = not state.names_y
     if within != (ys is None):
       raise ValueError(
           "The state was initialised " + ("without ys (within-model) but ys was given"
@@ -947,7 +901,8 @@ class MinibatchCKA:
     if host_grams:
       arrays_x = _host_grams(arrays_x, stacked, self.mesh)
       arrays_y = arrays_y and _host_grams(arrays_y, stacked, self.mesh)
-    arrays = {f: getattr(self._place(state), f) for f in _STATE_ARRAYS}
+    placed = streaming.replicated(state, self.mesh)
+    arrays = {f: getattr(placed, f) for f in _STATE_ARRAYS}
     arrays = _update(arrays, valid, arrays_x, None if within else arrays_y,
                      minibatch_size=batch // devices, host_grams=host_grams,
                      stacked=stacked, mesh=self.mesh, gram_blocks=self.gram_blocks,
@@ -975,18 +930,16 @@ class MinibatchCKA:
     Raises:
       ValueError: if no minibatch was accumulated, or a layer had NaN/Inf features (named).
     """
-    host = {f: _to_host(getattr(state, f)) for f in _STATE_ARRAYS}
-    names_y = state.names_x if state.names_y is None else state.names_y
-    num_batches = int(host["num_batches"])
-    if num_batches == 0:
-      raise ValueError("No minibatch accumulated yet; call update before result.")
+    host = state.to_numpy()
+    names_y = state.names_y or state.names_x
+    num_batches = streaming.check_accumulated(host["num_batches"], "minibatch")
     bad = [f"model A layer {n!r}" for n, f in zip(state.names_x, host["nonfinite_x"]) if f]
-    if state.names_y is not None:
+    if state.names_y:
       bad += [f"model B layer {n!r}" for n, f in zip(names_y, host["nonfinite_y"]) if f]
     if bad:
       raise ValueError(f"NaN or Inf features in {', '.join(bad)}: CKA is undefined. Check "
                        "these activations (e.g. overflow in float16) before computing CKA.")
-    sums = host["sums"].astype(np.float64) - host["compensation"]
+    sums = streaming.kahan_total(host["sums"], host["compensation"])
     mean_d = sums[:len(_TERMS)] / num_batches
     m_xy, m_xx, m_yy = host["shift"].astype(np.float64) + mean_d
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -1005,7 +958,7 @@ class MinibatchCKA:
     undefined_y = ~host["varied_y"] | ~(m_yy[0, :] > 0)
     for model, names, undefined in (("A", state.names_x, undefined_x),
                                     ("B", names_y, undefined_y)):
-      if undefined.any() and (model == "A" or state.names_y is not None):
+      if undefined.any() and (model == "A" or state.names_y):
         logging.warning(
             "CKA is undefined (NaN) for constant (zero-variance) layers of model %s: %s.",
             model, ", ".join(n for n, u in zip(names, undefined) if u))

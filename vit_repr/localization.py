@@ -2,23 +2,25 @@
 
 Figures 9-10 of "Do Vision Transformers See Like Convolutional Neural Networks?" (NeurIPS 2021)
 ask whether a token at grid position q of a chosen layer still "knows" where it is: for every
-pair (q, p) of grid positions they compare, by CKA over examples, the representation of the
-token at q (`[b, width]`) with the raw pixels of the input patch at p (`[b, patch * patch * 3]`).
-A map `[grid, grid]` over p per query position q peaks at p = q when the token is localized.
+pair (q, p) of grid positions they compare, by CKA over examples, the token at q `[batch, width]`
+with the raw pixels of the input patch at p `[batch, patch * patch * 3]`. A map `[grid, grid]`
+over p per query position q peaks at p = q when the token is localized.
 
-Layers are token sequences `[T, D]` (ViT, Mixer; T = grid² or 1 + grid² with a CLS token, which
-is dropped) or feature maps `[grid, grid, C]` (ResNet: each location is compared with the
-patches of the image split into the same grid, i.e. the `image_size / grid`-pixel region the
-location sits over). Tokens are numbered row-major (q = row * grid + column), as a ViT's
-patch-embedding convolution orders them.
+Layers are token sequences `[batch, T, D]` (ViT, Mixer; T = `num_prefix_tokens` + grid², the
+prefix tokens, e.g. CLS, dropped; the grid is the model's `token_grid`) or feature maps
+`[batch, grid, grid, C]` (ResNet: each location is compared with the patches of the image split
+into the same grid, i.e. the `image_size / grid`-pixel region the location sits over). Tokens are
+numbered row-major (q = row * grid + column), as a ViT's patch-embedding convolution orders them.
 
 Estimator: minibatch linear CKA with the unbiased HSIC (Nguyen, Raghu & Kornblith 2021), the
 paper's estimator, through `vit_repr.cka.MinibatchCKA`: every token of every chosen layer is a
 "layer" of model A and every input patch a "layer" of model B, so one Gram per token and per
-patch per minibatch and one all-pairs product give every map. The tokens of a layer `[b, N, D]`
-and the patches `[b, N, P]` go in as stacked groups (`MinibatchCKA.update(..., stacked=True)`),
-so each group's N Grams are one batched product and the compiled update grows with L, not with
-N. Layers with the same grid share one accumulator (one set of patch Grams).
+patch per minibatch and one all-pairs product give every map. The tokens of a layer
+`[batch, N, D]` and the patches `[batch, N, P]` go in as stacked groups
+(`MinibatchCKA.update(..., stacked=True)`), so each group's N Grams are one batched product and
+the compiled update grows with L, not with N. Layers with the same grid share one CKA state (one
+set of patch Grams): `LocalizationCKA` is a `vit_repr.streaming.Accumulator` whose
+`LocalizationState` holds one per grid.
 
 Cost per minibatch of b examples, for L layers of N = grid² tokens of width D and patches of
 P = patch² · 3 pixels: Grams 2 b² N (L D + P) FLOPs, the all-pairs product 2 L N² b², and
@@ -31,7 +33,7 @@ operand per token compiled for ~70 s), then 0.27 s (b = 32) and 3.9 s (b = 256, 
 ~24 GFLOP/s) per update.
 """
 
-import math
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -40,19 +42,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vit_repr import cka
+from vit_repr import cka, streaming
 
 # Named token positions of a grid (resolved by `position_index`).
 NAMED_POSITIONS = ("corner", "edge", "centre")
 
 
-def layer_grid(shape: Sequence[int], *, has_cls: bool, image_size: int, name: str = "") -> int:
+def layer_grid(shape: Sequence[int], *, image_size: int, num_prefix_tokens: int = 0,
+               token_grid: Sequence[int] | None = None, name: str = "") -> int:
   """The side of the square grid of spatial positions of a layer.
 
   Args:
     shape: per-example shape, `[T, D]` tokens or `[h, w, C]` feature map.
-    has_cls: whether token 0 of a `[T, D]` layer is a CLS token (dropped).
     image_size: side of the square input images, which the grid must divide.
+    num_prefix_tokens: tokens before the patches of a `[T, D]` layer (dropped).
+    token_grid: (rows, columns) of the patch tokens of a `[T, D]` layer.
     name: the layer's name, for error messages.
 
   Returns:
@@ -64,12 +68,15 @@ def layer_grid(shape: Sequence[int], *, has_cls: bool, image_size: int, name: st
   shape = tuple(int(s) for s in shape)
   what = f"Layer {name!r}" if name else "The layer"
   if len(shape) == 2:
-    positions = shape[0] - 1 if has_cls else shape[0]
-    grid = math.isqrt(max(positions, 0))
-    if positions < 1 or grid * grid != positions:
-      raise ValueError(f"{what} has {positions} spatial tokens (shape {shape}, CLS "
-                       f"{'dropped' if has_cls else 'absent'}), not a square grid; localization "
-                       "needs a square grid of patch tokens (square images and patches).")
+    rows, cols = (0, 0) if token_grid is None else (int(n) for n in token_grid)
+    if shape[0] != num_prefix_tokens + rows * cols or rows < 1:
+      raise ValueError(f"{what} has {shape[0]} tokens; expected num_prefix_tokens "
+                       f"({num_prefix_tokens}) + the patches of token_grid ({token_grid}): pass "
+                       "the model's token layout (its prefix tokens and patch grid).")
+    if rows != cols:
+      raise ValueError(f"{what} has a {rows}x{cols} grid of patch tokens; localization needs a "
+                       "square one: use square images and patches.")
+    grid = rows
   elif len(shape) == 3:
     if shape[0] != shape[1]:
       raise ValueError(f"{what} is a {shape[0]}x{shape[1]} feature map; localization needs a "
@@ -86,22 +93,22 @@ def layer_grid(shape: Sequence[int], *, has_cls: bool, image_size: int, name: st
   return grid
 
 
-def spatial_tokens(x: jax.typing.ArrayLike, *, has_cls: bool) -> jax.Array:
-  """The spatial positions of a batch of one layer as `[b, N, D]`, row-major.
+def spatial_tokens(x: jax.typing.ArrayLike, *, num_prefix_tokens: int = 0) -> jax.Array:
+  """The spatial positions of a batch of one layer as `[batch, N, D]`, row-major.
 
   Args:
-    x: `[b, T, D]` tokens (token 0 the CLS token when `has_cls`) or `[b, h, w, C]` map.
-    has_cls: whether to drop token 0 of a token sequence.
+    x: `[batch, T, D]` tokens or a `[batch, h, w, C]` map.
+    num_prefix_tokens: tokens before the patches of a token sequence (dropped).
 
   Returns:
-    `[b, N, D]` with N = T - 1, T, or h * w.
+    `[batch, N, D]` with N = T - num_prefix_tokens, or h * w.
   """
   x = jnp.asarray(x)
   if x.ndim == 3:
-    return x[:, 1:] if has_cls else x
+    return x[:, num_prefix_tokens:]
   if x.ndim == 4:
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
-  raise ValueError(f"Expected [b, T, D] tokens or a [b, h, w, C] feature map; got {x.shape}.")
+  raise ValueError(f"Expected [batch, T, D] tokens or a [batch, h, w, C] map; got {x.shape}.")
 
 
 def image_patches(images: jax.typing.ArrayLike, grid: int) -> jax.Array:
@@ -181,12 +188,34 @@ class LocalizationResult(NamedTuple):
   num_examples: int
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LocalizationState(streaming.State):
+  """The running sums of `LocalizationCKA`: one minibatch-CKA state per grid size.
+
+  Attributes:
+    per_grid: `{str(grid): cka.MinibatchCKAState}` of the tokens `'<layer>@<q>'` of the layers
+      with that grid (model A) against the patches `'patch@<p>'` (model B).
+  """
+  per_grid: dict[str, cka.MinibatchCKAState]
+
+  def to_numpy(self) -> dict[str, np.ndarray]:
+    """Every grid's CKA state as NumPy, keys '<grid>/<field>' (`streaming.prefixed`)."""
+    return streaming.prefixed({g: s.to_numpy() for g, s in self.per_grid.items()})
+
+  @classmethod
+  def from_numpy(cls, arrays: Mapping[str, Any]) -> "LocalizationState":
+    """Inverse of `to_numpy`."""
+    return cls({g: cka.MinibatchCKAState.from_numpy(a)
+                for g, a in streaming.unprefixed(arrays).items()})
+
+
 class LocalizationCKA:
-  """Streaming token-vs-patch minibatch CKA of chosen layers (optax-like init/update/result).
+  """Streaming token-vs-patch minibatch CKA of chosen layers (`streaming.Accumulator`).
 
   Example:
     loc = LocalizationCKA({'Transformer/encoderblock_11/out': (197, 768)}, image_size=224,
-                          has_cls=True, mesh=mesh)
+                          num_prefix_tokens=1, token_grid=(14, 14), mesh=mesh)
     state = loc.init()
     for batch in batches:
       state = loc.update(state, extractor(params, batch['image']), batch['image'])
@@ -204,15 +233,17 @@ class LocalizationCKA:
   """
 
   def __init__(self, layer_shapes: Mapping[str, Sequence[int]], *, image_size: int,
-               has_cls: bool, mesh: Mesh | None = None, grams: str = "auto",
-               gram_blocks: int = 1):
+               num_prefix_tokens: int = 0, token_grid: Sequence[int] | None = None,
+               mesh: Mesh | None = None, grams: str = "auto", gram_blocks: int = 1):
     """Builds the accumulator.
 
     Args:
       layer_shapes: `{layer name: per-example shape}` (`[T, D]` or `[h, w, C]`), e.g.
         `FeatureExtractor.shapes`.
       image_size: side of the square input images.
-      has_cls: whether token 0 of the token layers is a CLS token (dropped).
+      num_prefix_tokens: tokens before the patches of the token layers (dropped; 1 with CLS).
+      token_grid: (rows, columns) of the patch tokens of the token layers (a model's
+        `token_layout().grid`); feature maps carry their grid in their shape.
       mesh: one-axis data mesh (default one local device).
       grams: passed to `cka.MinibatchCKA`.
       gram_blocks: passed to `cka.MinibatchCKA`.
@@ -224,18 +255,19 @@ class LocalizationCKA:
       raise ValueError("No layers given; pass {name: per-example shape} of at least one layer.")
     self.shapes = {str(n): tuple(int(s) for s in shape) for n, shape in layer_shapes.items()}
     self.names = tuple(self.shapes)
-    self.grids = {n: layer_grid(s, has_cls=has_cls, image_size=image_size, name=n)
-                  for n, s in self.shapes.items()}
+    self.grids = {n: layer_grid(s, image_size=image_size, num_prefix_tokens=num_prefix_tokens,
+                                token_grid=token_grid, name=n) for n, s in self.shapes.items()}
     self.image_size = image_size
-    self.has_cls = has_cls
+    self.num_prefix_tokens = num_prefix_tokens
     self._by_grid = {g: tuple(n for n in self.names if self.grids[n] == g)
                      for g in sorted(set(self.grids.values()))}
+    # Per grid: the CKA state's names, its tokens (model A) and patches (model B).
+    self._cka_names = {str(g): (tuple(f"{n}@{q}" for n in names for q in range(g * g)),
+                                tuple(f"patch@{p}" for p in range(g * g)))
+                       for g, names in self._by_grid.items()}
     self._estimator = cka.MinibatchCKA(mesh, grams=grams, gram_blocks=gram_blocks)
     self.mesh = self._estimator.mesh
     self._split = jax.jit(self._split_fn)
-
-  def _token_names(self, grid: int) -> tuple[str, ...]:
-    return tuple(f"{n}@{q}" for n in self._by_grid[grid] for q in range(grid * grid))
 
   def _split_fn(self, features: dict[str, jax.Array], images: jax.Array
                 ) -> dict[str, tuple[tuple[jax.Array, ...], tuple[jax.Array]]]:
@@ -245,25 +277,22 @@ class LocalizationCKA:
     for grid, names in self._by_grid.items():
       tokens = tuple(
           spatial_tokens(features[n].reshape(features[n].shape[0], *self.shapes[n]),
-                         has_cls=self.has_cls) for n in names)
+                         num_prefix_tokens=self.num_prefix_tokens) for n in names)
       out[str(grid)] = (tokens, (image_patches(images, grid),))
     return out
 
-  def init(self) -> dict[str, cka.MinibatchCKAState]:
-    """The zero state: one `MinibatchCKAState` per grid size, keyed by `str(grid)`."""
-    state = {}
-    for grid in self._by_grid:
-      tokens, patches = self._token_names(grid), tuple(f"patch@{p}" for p in range(grid**2))
-      state[str(grid)] = self._estimator.init(tokens, patches, names_x=tokens, names_y=patches)
-    return state
+  def init(self) -> LocalizationState:
+    """The zero state, replicated over the mesh."""
+    return LocalizationState({key: self._estimator.init(x, y, names_x=x, names_y=y)
+                              for key, (x, y) in self._cka_names.items()})
 
-  def update(self, state: dict[str, cka.MinibatchCKAState], features: Mapping[str, Any],
+  def update(self, state: LocalizationState, features: Mapping[str, Any],
              images: jax.typing.ArrayLike,
-             valid: jax.typing.ArrayLike | None = None) -> dict[str, cka.MinibatchCKAState]:
+             valid: jax.typing.ArrayLike | None = None) -> LocalizationState:
     """Folds one global batch into `state` (no host synchronisation).
 
     Args:
-      state: from `init` or a previous `update` (donated).
+      state: from `init` or a previous `update` (donated), or restored with `from_numpy`.
       features: `{layer: [b, ...]}` for every layer of `layer_shapes` (per-example sizes
         matching; e.g. `FeatureExtractor` outputs with token_mode 'all').
       images: `[b, H, W, 3]` the features were computed from.
@@ -273,8 +302,12 @@ class LocalizationCKA:
       The new state.
 
     Raises:
-      ValueError: missing layers, wrong sizes, or images of another size.
+      ValueError: a state of other layers, missing layers, wrong sizes, or images of another
+        size.
     """
+    if {g: (s.names_x, s.names_y) for g, s in state.per_grid.items()} != self._cka_names:
+      raise ValueError(f"The state holds other layers than {list(self.names)}; start from this "
+                       "accumulator's init, or restore a state saved with the same layers.")
     missing = [n for n in self.names if n not in features]
     if missing:
       raise ValueError(f"features lack layers {missing}; pass every layer given at "
@@ -290,14 +323,15 @@ class LocalizationCKA:
                          f"{int(np.prod(self.shapes[n]))} features per example (shape "
                          f"{self.shapes[n]}); got {np.shape(features[n])}.")
     split = self._split({n: features[n] for n in self.names}, images)
-    return {key: self._estimator.update(state[key], *split[key], stacked=True, valid=valid)
-            for key in state}
+    return LocalizationState({
+        key: self._estimator.update(s, *split[key], stacked=True, valid=valid)
+        for key, s in state.per_grid.items()})
 
-  def result(self, state: dict[str, cka.MinibatchCKAState]) -> LocalizationResult:
+  def result(self, state: LocalizationState) -> LocalizationResult:
     """The maps and their standard errors (one host synchronisation per grid)."""
     maps, stderr, counts = {}, {}, set()
     for grid, names in self._by_grid.items():
-      res = self._estimator.result(state[str(grid)])
+      res = self._estimator.result(state.per_grid[str(grid)])
       counts.add((res.num_batches, res.num_examples))
       n = grid * grid
       for i, name in enumerate(names):
@@ -309,34 +343,17 @@ class LocalizationCKA:
                               stderr={n: stderr[n] for n in self.names}, grids=dict(self.grids),
                               num_batches=num_batches, num_examples=num_examples)
 
-  @staticmethod
-  def to_numpy(state: dict[str, cka.MinibatchCKAState]) -> dict[str, np.ndarray]:
-    """The state as flat NumPy arrays (keys '<grid>/<field>'), e.g. for `np.savez`."""
-    return {f"{key}/{k}": v for key, s in state.items() for k, v in s.to_numpy().items()}
-
-  def from_numpy(self, arrays: Mapping[str, np.ndarray]) -> dict[str, cka.MinibatchCKAState]:
-    """Inverse of `to_numpy`, checked against this accumulator's layers."""
-    state = {}
-    for grid in self._by_grid:
-      prefix = f"{grid}/"
-      fields = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-      restored = cka.MinibatchCKAState.from_numpy(fields)
-      if restored.names_x != self._token_names(grid):
-        raise ValueError(f"Saved localization state for grid {grid} holds other layers than "
-                         f"{list(self._by_grid[grid])}; use the config it was saved with.")
-      state[str(grid)] = restored
-    return state
-
 
 def localization_maps(layers: Mapping[str, jax.typing.ArrayLike], images: jax.typing.ArrayLike,
-                      *, has_cls: bool, batch_size: int = 256,
-                      mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+                      *, num_prefix_tokens: int = 0, token_grid: Sequence[int] | None = None,
+                      batch_size: int = 256, mesh: Mesh | None = None) -> dict[str, np.ndarray]:
   """Token-vs-patch minibatch CKA maps over whole arrays, in consecutive minibatches.
 
   Args:
     layers: `{name: [n, T, D] tokens or [n, h, w, C] feature maps}`.
     images: `[n, H, W, C]` square images the layers were computed from.
-    has_cls: whether token 0 of the token layers is a CLS token (dropped).
+    num_prefix_tokens: tokens before the patches of the token layers (dropped).
+    token_grid: (rows, columns) of the patch tokens of the token layers.
     batch_size: minibatch size b >= 4 (per device under a mesh).
     mesh: run under this mesh (default one local device).
 
@@ -353,7 +370,8 @@ def localization_maps(layers: Mapping[str, jax.typing.ArrayLike], images: jax.ty
   if batch_size < 4:
     raise ValueError(f"batch_size must be >= 4 (HSIC1 divides by b - 3); got {batch_size}.")
   loc = LocalizationCKA({n: np.shape(x)[1:] for n, x in layers.items()},
-                        image_size=images.shape[1], has_cls=has_cls, mesh=mesh)
+                        image_size=images.shape[1], num_prefix_tokens=num_prefix_tokens,
+                        token_grid=token_grid, mesh=mesh)
   step = batch_size * loc.mesh.devices.size
   num_steps = images.shape[0] // step
   if num_steps == 0:

@@ -17,8 +17,8 @@ runs `max_channels` = K averages over a fixed random subset of K channels of eac
 layers with at most K channels; the cost of 'mean_abs' is one backward pass per channel used).
 The colour channels of a pixel are summed (any fixed reduction is the same after normalisation).
 
-Representations are ViT token sequences `[b, T, D]` (the first `num_prefix_tokens`, e.g. CLS,
-skipped; patches row-major on `token_grid`) or feature maps `[b, h, w, C]`. The centre
+Representations are ViT token sequences `[batch, T, D]` (the first `num_prefix_tokens`, e.g.
+CLS, skipped; patches row-major on `token_grid`) or feature maps `[batch, h, w, C]`. The centre
 location: for an odd grid the middle cell; for an even grid `center='single'` (default) takes
 cell (rows // 2, cols // 2), the one containing the image-centre pixel (H / 2, W / 2) (0-based,
 i.e. the lower-right of the four central cells), and `center='mean'` averages the ERF maps of
@@ -41,11 +41,13 @@ flight: their backward activations outgrow the caches. `benchmarks/receptive_fie
 measures the cost per model.
 
 Each image's representation depends on that image only (no batch statistics in these models),
-so one VJP of the batch sum gives every image's gradient. `ReceptiveField` accumulates the
-per-layer sums over images in a small state (`[layers, H, W]` + a count), jitted, with the batch
-sharded over a mesh's data axis (sums inside jit: the result does not depend on device count).
+so one VJP of the batch sum gives every image's gradient. `ReceptiveField` (a
+`vit_repr.streaming.Accumulator`) accumulates the per-layer sums over images in a small state
+(`[layers, H, W]` + a count), jitted, with the images `[batch, H, W, 3]` sharded over a mesh's
+data axis (sums inside jit: the result does not depend on device count).
 """
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -54,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vit_repr import parallel
+from vit_repr import parallel, streaming
 
 CENTERS = ("single", "mean")
 ESTIMATORS = ("mean_abs", "abs_of_sum")
@@ -149,7 +151,9 @@ def probe_cotangent(centre: jax.Array, selected: jax.Array, cell: jax.Array,
   return jnp.broadcast_to(cotangent, centre.shape).astype(centre.dtype)
 
 
-class ReceptiveFieldState(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ReceptiveFieldState(streaming.State):
   """Streaming sums over images.
 
   Attributes:
@@ -223,8 +227,8 @@ class ReceptiveField:
         graph (see the module docstring); 1 compiles fastest, len(shapes) wastes no work.
 
     Raises:
-      ValueError: an unknown option, a representation that is neither tokens nor a map, or a
-        token count that does not match the grid.
+      ValueError: an unknown option, a representation that is neither tokens nor a map, a
+        token count that does not match the grid, or a mesh with other axes.
     """
     if not shapes:
       raise ValueError("ReceptiveField needs at least one layer.")
@@ -243,7 +247,7 @@ class ReceptiveField:
     self.max_channels = max_channels
     self.channel_chunk = channel_chunk
     self.layer_groups = layer_groups
-    self.mesh = parallel.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    self.mesh = streaming.data_mesh(mesh, "ReceptiveField")
     self._selectors, self._channels = {}, {}
     centres, cells_and_channels = [], []
     key = jax.random.key(channel_seed)
@@ -289,10 +293,9 @@ class ReceptiveField:
 
   def init(self) -> ReceptiveFieldState:
     """The zero state, replicated over the mesh."""
-    replicated = parallel.replicated(self.mesh)
     shape = (len(self.names), self.image_size, self.image_size)
-    return ReceptiveFieldState(jax.device_put(np.zeros(shape, np.float32), replicated),
-                               jax.device_put(np.zeros((), np.int32), replicated))
+    return streaming.replicated(
+        ReceptiveFieldState(np.zeros(shape, np.float32), np.zeros((), np.int32)), self.mesh)
 
   def _group_sums(self, params: Any, images: jax.Array, valid: jax.Array,
                   names: tuple[str, ...], probes: Probes) -> jax.Array:
@@ -350,7 +353,7 @@ class ReceptiveField:
                        f"got {shape}.")
     if valid is None:
       valid = jnp.ones(shape[0], bool)
-    return self._update(state, params, images, valid)
+    return self._update(streaming.replicated(state, self.mesh), params, images, valid)
 
   def result(self, state: ReceptiveFieldState) -> ReceptiveFieldResult:
     """Mean maps, normalised to max 1 per layer, and their radii (one host synchronisation).
@@ -358,10 +361,9 @@ class ReceptiveField:
     Raises:
       ValueError: no image accumulated.
     """
-    count = int(state.num_examples)
-    if count == 0:
-      raise ValueError("No image accumulated yet; call update before result.")
-    raw = np.asarray(state.sums, np.float64) / count
+    host = state.to_numpy()
+    count = streaming.check_accumulated(host["num_examples"], "image")
+    raw = np.asarray(host["sums"], np.float64) / count
     peak = raw.max(axis=(1, 2), keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
       maps = np.where(peak > 0, raw / peak, 0.0)

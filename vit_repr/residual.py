@@ -8,28 +8,28 @@ ratio of norms ||z|| / ||f(z)||, separately for the CLS token and the spatial to
 Definition used here (the paper does not spell out the averaging; recorded in every result).
 For sub-layer l, example e and token t (a ViT/Mixer token, or a ResNet feature-map location),
   n_z(e, t) = ||z[e, t, :]||_2  and  n_f(e, t) = ||f(z)[e, t, :]||_2   (L2 norm over width),
-and, over the tokens t of a group G (the CLS token; or the spatial tokens, i.e. every token
-but the CLS token, or every location of a feature map) and every example e,
+and, over every example e and the tokens t of a group G ('cls': the `num_prefix_tokens` tokens
+before the patches, i.e. the CLS token; 'spatial': the patch tokens or feature-map locations),
   ratio_of_means = mean_{e, t in G} n_z / mean_{e, t in G} n_f   (the ratio of mean norms),
   mean_of_ratios = mean_{e, t in G} n_z / n_f                     (the mean per-token ratio).
 Both are accumulated; `ratio_of_means` is the default statistic of the study (it is not thrown
 off by the rare token whose branch output is almost zero). A group a layer does not have (CLS
 in a Mixer, a GAP ViT or a ResNet) is NaN.
 
-This module takes arrays only: `{sub-layer name: z}` and `{sub-layer name: f(z)}`. Which
-intermediates are z and f(z) is for the model to say: each model of `vit_repr.models` lists
-its sub-layers (`model.residual_sublayers()`; ViT attn and mlp, Mixer token and channel mixing,
+This module takes arrays only: `{sub-layer name: z}` and `{sub-layer name: f(z)}` (tokens
+`[batch, T, D]` or maps `[batch, h, w, C]`) and the model's number of prefix tokens. Which
+intermediates are z and f(z) is for the model to say: each model of `vit_repr.models` lists its
+sub-layers (`model.residual_sublayers()`; ViT attn and mlp, Mixer token and channel mixing,
 ResNet units with identity or projected shortcuts; blocks without skip connections left out),
 and `vit_repr.models.streams_and_branches` picks those arrays from the model's intermediates.
 
-`NormRatio` accumulates the per-batch sums in a small jitted pytree state (init / update /
-result, like optax): the batch arrives sharded over the mesh's data axis and the sums over
+`NormRatio` (a `vit_repr.streaming.Accumulator`) accumulates the per-batch sums in a small
+jitted pytree state: the batch arrives sharded over the mesh's data axis and the sums over
 examples are plain `jnp.sum`s inside jit, so XLA adds the cross-device reductions and the
 result does not depend on the device count.
 """
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vit_repr import parallel
+from vit_repr import parallel, streaming
 
 GROUPS = ("cls", "spatial")
 STATISTICS = ("ratio_of_means", "mean_of_ratios")
@@ -47,30 +47,28 @@ STATISTICS = ("ratio_of_means", "mean_of_ratios")
 _SUMS = ("norm_stream", "norm_branch", "ratio")
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("sums", "compensation", "num_examples", "nonfinite"),
-                   meta_fields=("names", "tokens", "has_cls"))
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class NormRatioState:
+class NormRatioState(streaming.State):
   """Running sums of the per-token norms; its size does not grow with the data.
 
   Attributes:
     sums: `[3, L, 2]` float32 sums over examples and tokens of n_z, n_f and n_z / n_f (channel
       order `_SUMS`) per layer and group (`GROUPS`).
-    compensation: `[3, L, 2]` Kahan compensation of `sums` (the exact sum is sums - it).
+    compensation: `[3, L, 2]` Kahan compensation of `sums` (`streaming.kahan_add`).
     num_examples: int32 examples accumulated.
     nonfinite: `[L]` bool, whether a layer ever had NaN/Inf in z or f(z).
     names: sub-layer names (static).
     tokens: `((cls tokens, spatial tokens), ...)` per layer (static).
-    has_cls: whether token 0 of a `[b, T, D]` layer is a CLS token (static).
+    num_prefix_tokens: tokens before the patches of a `[batch, T, D]` layer (static).
   """
   sums: jax.Array
   compensation: jax.Array
   num_examples: jax.Array
   nonfinite: jax.Array
-  names: tuple[str, ...]
-  tokens: tuple[tuple[int, int], ...]
-  has_cls: bool
+  names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+  tokens: tuple[tuple[int, int], ...] = dataclasses.field(metadata=dict(static=True))
+  num_prefix_tokens: int = dataclasses.field(metadata=dict(static=True))
 
 
 class NormRatioResult(NamedTuple):
@@ -94,28 +92,30 @@ class NormRatioResult(NamedTuple):
   num_examples: int
 
 
-def _token_norms(x: jax.Array, has_cls: bool, name: str) -> tuple[jax.Array | None, jax.Array]:
-  """(CLS norms `[b]` or None, spatial norms `[b, tokens]`) of tokens or a feature map."""
+def _token_norms(x: jax.Array, prefix: int) -> tuple[jax.Array | None, jax.Array]:
+  """(prefix norms `[batch, prefix]` or None, spatial norms `[batch, tokens]`) of tokens
+  `[batch, T, D]` or a feature map `[batch, h, w, C]`."""
   norms = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
-  if x.ndim == 3:
-    return (norms[:, 0], norms[:, 1:]) if has_cls else (None, norms)
   if x.ndim == 4:
     return None, norms.reshape(norms.shape[0], -1)
-  raise ValueError(f"Sub-layer {name!r}: expected tokens [batch, tokens, width] or a feature "
-                   f"map [batch, height, width, channels]; got shape {x.shape}.")
+  return (norms[:, :prefix], norms[:, prefix:]) if prefix else (None, norms)
 
 
-def _group_tokens(shape: Sequence[int], has_cls: bool) -> tuple[int, int]:
-  if len(shape) == 3:
-    return (1, shape[1] - 1) if has_cls else (0, shape[1])
-  return 0, int(np.prod(shape[1:-1]))
+def _group_tokens(shape: Sequence[int], prefix: int, name: str) -> tuple[int, int]:
+  """(cls, spatial) tokens per example of a sub-layer's `[batch, ...]` shape."""
+  if len(shape) == 4:
+    return 0, int(np.prod(shape[1:-1]))
+  if len(shape) == 3 and shape[1] > prefix:
+    return prefix, shape[1] - prefix
+  raise ValueError(f"Sub-layer {name!r}: expected tokens [batch, tokens, width] with more than "
+                   f"num_prefix_tokens ({prefix}) tokens, or a feature map [batch, height, "
+                   f"width, channels]; got shape {tuple(shape)}.")
 
 
-def _group_sums(stream: jax.Array, branch: jax.Array, has_cls: bool, name: str) -> jax.Array:
+def _group_sums(stream: jax.Array, branch: jax.Array, prefix: int) -> jax.Array:
   """`[3, 2]` batch sums of n_z, n_f, n_z / n_f for the (cls, spatial) groups."""
   sums = []
-  for norms_z, norms_f in zip(_token_norms(stream, has_cls, name),
-                              _token_norms(branch, has_cls, name)):
+  for norms_z, norms_f in zip(_token_norms(stream, prefix), _token_norms(branch, prefix)):
     if norms_z is None:
       sums.append(jnp.zeros(3, jnp.float32))
     else:
@@ -125,14 +125,11 @@ def _group_sums(stream: jax.Array, branch: jax.Array, has_cls: bool, name: str) 
 
 def _update(state: NormRatioState, streams: tuple[jax.Array, ...],
             branches: tuple[jax.Array, ...]) -> NormRatioState:
-  batch_sums = jnp.stack([_group_sums(z, f, state.has_cls, n)
-                          for n, z, f in zip(state.names, streams, branches)], axis=1)
+  batch_sums = jnp.stack([_group_sums(z, f, state.num_prefix_tokens)
+                          for z, f in zip(streams, branches)], axis=1)
   finite = jnp.stack([jnp.isfinite(z).all() & jnp.isfinite(f).all()
                       for z, f in zip(streams, branches)])
-  # Kahan summation over batches.
-  corrected = batch_sums - state.compensation
-  sums = state.sums + corrected
-  compensation = (sums - state.sums) - corrected
+  sums, compensation = streaming.kahan_add(state.sums, state.compensation, batch_sums)
   return dataclasses.replace(state, sums=sums, compensation=compensation,
                              num_examples=state.num_examples + streams[0].shape[0],
                              nonfinite=state.nonfinite | ~finite)
@@ -147,7 +144,8 @@ class NormRatio:
     state = None
     for batch in batches:
       streams, branches = models.streams_and_branches(layers, intermediates(batch))
-      state = state or estimator.init(streams, has_cls=model.token_layout().has_cls)
+      state = state or estimator.init(
+          streams, num_prefix_tokens=model.token_layout().num_prefix_tokens)
       state = estimator.update(state, streams, branches)
     result = estimator.result(state)   # result.ratio_of_means: [L, 2] (cls, spatial)
 
@@ -164,42 +162,38 @@ class NormRatio:
     Raises:
       ValueError: the mesh does not have exactly the data axis.
     """
-    mesh = parallel.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
-    if tuple(mesh.axis_names) != (parallel.DATA_AXIS,):
-      raise ValueError(f"NormRatio needs a one-axis mesh named {parallel.DATA_AXIS!r} "
-                       f"(parallel.make_mesh()); got axes {mesh.axis_names}.")
-    self.mesh = mesh
+    self.mesh = streaming.data_mesh(mesh, "NormRatio")
     self._update = jax.jit(_update, donate_argnums=0,
-                           out_shardings=parallel.replicated(mesh))
+                           out_shardings=parallel.replicated(self.mesh))
 
-  def init(self, streams: Mapping[str, Any], *, has_cls: bool) -> NormRatioState:
+  def init(self, streams: Mapping[str, Any], *, num_prefix_tokens: int) -> NormRatioState:
     """An empty state for the sub-layers of `streams`.
 
     Args:
       streams: `{sub-layer name: z}`; only names and shapes are used (a first batch or
-        `jax.ShapeDtypeStruct`s), `[b, T, D]` tokens or `[b, h, w, C]` feature maps.
-      has_cls: whether token 0 of the `[b, T, D]` layers is a CLS token.
+        `jax.ShapeDtypeStruct`s), `[batch, T, D]` tokens or `[batch, h, w, C]` feature maps.
+      num_prefix_tokens: tokens before the patches of the `[batch, T, D]` layers (the 'cls'
+        group; 1 for a CLS-token ViT, 0 for a GAP ViT or a Mixer).
 
     Returns:
       The zero state, replicated over the mesh.
 
     Raises:
-      ValueError: no sub-layers, or a layer that is neither tokens nor a feature map.
+      ValueError: no sub-layers, a negative num_prefix_tokens, or a layer that is neither
+        tokens (more than the prefix) nor a feature map.
     """
     if not streams:
       raise ValueError("NormRatio.init needs at least one sub-layer; pass {name: z}.")
-    for name, z in streams.items():
-      if len(z.shape) not in (3, 4):
-        raise ValueError(f"Sub-layer {name!r}: expected tokens [batch, tokens, width] or a "
-                         f"feature map [batch, height, width, channels]; got shape {z.shape}.")
-    sharding = parallel.replicated(self.mesh)
+    if num_prefix_tokens < 0:
+      raise ValueError(f"num_prefix_tokens must be >= 0; got {num_prefix_tokens}.")
     zeros = np.zeros((len(_SUMS), len(streams), len(GROUPS)), np.float32)
     state = NormRatioState(
         sums=zeros, compensation=zeros, num_examples=np.zeros((), np.int32),
         nonfinite=np.zeros(len(streams), bool), names=tuple(streams),
-        tokens=tuple(_group_tokens(z.shape, has_cls) for z in streams.values()),
-        has_cls=bool(has_cls))
-    return jax.tree.map(lambda a: jax.device_put(a, sharding), state)
+        tokens=tuple(_group_tokens(z.shape, num_prefix_tokens, name)
+                     for name, z in streams.items()),
+        num_prefix_tokens=int(num_prefix_tokens))
+    return streaming.replicated(state, self.mesh)
 
   def update(self, state: NormRatioState, streams: Mapping[str, jax.typing.ArrayLike],
              branches: Mapping[str, jax.typing.ArrayLike]) -> NormRatioState:
@@ -214,7 +208,8 @@ class NormRatio:
       The new state.
 
     Raises:
-      ValueError: names differ from `init`, or z and f(z) of a sub-layer differ in shape.
+      ValueError: names or token counts differ from `init`, or z and f(z) of a sub-layer
+        differ in shape.
     """
     for what, given in (("streams", streams), ("branches", branches)):
       if set(given) != set(state.names):
@@ -224,7 +219,13 @@ class NormRatio:
            if np.shape(streams[n]) != np.shape(branches[n])}
     if bad:
       raise ValueError(f"z and f(z) must have the same shape; got (z, f) shapes {bad}.")
-    return self._update(state, tuple(streams[n] for n in state.names),
+    for name, tokens in zip(state.names, state.tokens):
+      found = _group_tokens(np.shape(streams[name]), state.num_prefix_tokens, name)
+      if found != tokens:
+        raise ValueError(f"Sub-layer {name!r} has (cls, spatial) tokens {found}, init saw "
+                         f"{tokens}; pass the same sub-layers to init and update.")
+    return self._update(streaming.replicated(state, self.mesh),
+                        tuple(streams[n] for n in state.names),
                         tuple(branches[n] for n in state.names))
 
   def result(self, state: NormRatioState) -> NormRatioResult:
@@ -237,14 +238,13 @@ class NormRatio:
     Raises:
       ValueError: nothing was accumulated, or a layer had NaN/Inf values (named).
     """
-    num_examples = int(state.num_examples)
-    if not num_examples:
-      raise ValueError("No batch was accumulated; call update before result.")
-    nonfinite = [n for n, bad in zip(state.names, np.asarray(state.nonfinite)) if bad]
+    host = state.to_numpy()
+    num_examples = streaming.check_accumulated(host["num_examples"], "batch")
+    nonfinite = [n for n, bad in zip(state.names, host["nonfinite"]) if bad]
     if nonfinite:
       raise ValueError(f"NaN or Inf in the stream or branch of sub-layers {nonfinite}; check "
                        "the checkpoint and the input range (expected images in [-1, 1]).")
-    sums = (np.asarray(state.sums, np.float64) - np.asarray(state.compensation, np.float64))
+    sums = streaming.kahan_total(host["sums"], host["compensation"])
     tokens = np.asarray(state.tokens, np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
       means = sums / np.where(tokens > 0, tokens * num_examples, np.nan)

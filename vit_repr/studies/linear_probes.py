@@ -82,7 +82,8 @@ def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], mesh
       x = flat[name].reshape(images.shape[0], *shapes[name])
       for kind in kinds:
         if kind == TOKEN:
-          out[f"{kind}:{name}"] = x.reshape(x.shape[0], *probes.tokens_and_width(shapes[name], name))
+          tokens_and_width = probes.tokens_and_width(shapes[name], name)
+          out[f"{kind}:{name}"] = x.reshape(x.shape[0], *tokens_and_width)
         else:
           out[f"{kind}:{name}"] = features.reduce_tokens(
               x, kind, token_layout=extractor.token_layout, name=name)
@@ -117,10 +118,12 @@ class _HostFeatures:
       self.pending = None
 
   def to_numpy(self) -> dict[str, np.ndarray]:
+    """The rows filled so far (what `resume.accumulate` saves)."""
     self.flush()
     return {key: value[:self.filled] for key, value in self.arrays.items()}
 
-  def restore(self, saved: Mapping[str, np.ndarray]) -> "_HostFeatures":
+  def from_numpy(self, saved: Mapping[str, np.ndarray]) -> "_HostFeatures":
+    """Fills the first rows with saved `to_numpy` arrays (what `resume.accumulate` restores)."""
     self.filled = len(saved["label"])
     for key, value in self.arrays.items():
       value[:self.filled] = saved[key]
@@ -178,8 +181,7 @@ def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequenc
 
   state, progress = resume.accumulate(
       _HostFeatures(shapes, batches.plan.num_examples), update, lambda _: batches,
-      config=config, state_path=state_path, what=what, save=_HostFeatures.to_numpy,
-      restore=_HostFeatures.restore)
+      config=config, state_path=state_path, what=what)
   if not progress.complete:
     return progress
   order = np.argsort(batches.plan.positions.ravel())  # Pass order (device-major) -> canonical.

@@ -74,7 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokens = model.token_layout()
     accumulators[name] = localization.LocalizationCKA(
         extractors[name].shapes, image_size=cfg_data.image_size,
-        has_cls=tokens is not None and tokens.has_cls, mesh=mesh, grams=analysis.grams,
+        num_prefix_tokens=0 if tokens is None else tokens.num_prefix_tokens,
+        token_grid=None if tokens is None else tokens.grid, mesh=mesh, grams=analysis.grams,
         gram_blocks=analysis.gram_blocks)
     for grid in set(accumulators[name].grids.values()):
       _resolve_positions(analysis.positions, grid)  # Fails early on a bad position.
@@ -136,8 +137,8 @@ def _write(config: ml_collections.ConfigDict, workdir: str,
       "estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021), between the "
                    "token (feature-map location) at grid position q and the raw input patch at "
                    "p; delta-method standard errors over minibatches",
-      "tokens": "spatial tokens row-major, CLS token dropped; ResNet locations of an h x h "
-                "map against the image split into h x h patches",
+      "tokens": "spatial tokens row-major, prefix (CLS) tokens dropped; ResNet locations of "
+                "an h x h map against the image split into h x h patches",
       "patches": "raw model-input pixels in [-1, 1], each patch flattened (row, column, "
                  "channel)",
       "examples_per_second": examples_per_second,

@@ -1,11 +1,12 @@
 """Preemption-safe passes over a dataset: the loop every streaming study runs.
 
 Each analysis keeps its running state as a small pytree of arrays with pure `update`s (as
-optax does). `accumulate` streams one or more passes over the data into that state and saves
-it atomically every `checkpoint_every` batches with a fingerprint of the study's config and of
-the device count; a rerun resumes after the saved batch (reading but not computing the batches
-before it, so every minibatch holds the same examples) and ends with the numbers of an
-uninterrupted run, also on another number of hosts. A state saved under another config or
+optax does; `vit_repr.streaming`). `accumulate` streams one or more passes over the data into
+that state (or a dict of states) and saves its `to_numpy` arrays atomically every
+`checkpoint_every` batches with a fingerprint of the study's config and of the device count; a
+rerun resumes after the saved batch (reading but not computing the batches before it, so every
+minibatch holds the same examples) and ends with the numbers of an uninterrupted run, also on
+another number of hosts. A state saved under another config or
 another device count is refused with a message that says why, never mixed in.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vit_repr import data, files, parallel
+from vit_repr import data, files, streaming
 
 State = TypeVar("State")
 # Config entries that do not change the numbers (left out of the fingerprint).
@@ -78,32 +79,34 @@ def load_state(path: str, config_fingerprint: str
   return arrays, int(arrays.pop("batches_done"))
 
 
-def tree_to_numpy(tree: Any) -> dict[str, np.ndarray]:
-  """The leaves of a state pytree as NumPy, keyed by their tree paths (e.g. '.sums')."""
-  return {jax.tree_util.keystr(path): parallel.to_host(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _state_arrays(state: Any) -> dict[str, np.ndarray]:
+  """`state.to_numpy()`; of a dict of states, each one's under '<key>/'."""
+  if isinstance(state, Mapping):
+    return streaming.prefixed({key: _state_arrays(s) for key, s in state.items()})
+  return state.to_numpy()
 
 
-def tree_from_numpy(template: Any, arrays: Mapping[str, np.ndarray]) -> Any:
-  """Inverse of `tree_to_numpy`: `template`'s structure with the saved leaves, each placed
-  like the template's leaf (a `jax.Array`'s sharding; NumPy stays on the host).
+def _restored(template: State, arrays: Mapping[str, np.ndarray]) -> State:
+  """Inverse of `_state_arrays`: `template.from_numpy(arrays)` with every array placed like the
+  template's (replicated on the mesh), so the jitted update reads no host array.
 
   Raises:
-    ValueError: a leaf is missing or has another shape (the state of another analysis).
+    ValueError: the arrays are another analysis's (fields, keys or shapes differ).
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-  leaves = []
-  for path, leaf in flat:
-    key = jax.tree_util.keystr(path)
-    if key not in arrays or np.shape(arrays[key]) != np.shape(leaf):
-      raise ValueError(f"The saved state has no leaf {key!r} of shape {np.shape(leaf)}; it "
-                       "belongs to another analysis. Use a new --workdir.")
-    value = np.asarray(arrays[key], dtype=leaf.dtype)
-    if isinstance(leaf, jax.Array):
-      value = jax.make_array_from_callback(value.shape, leaf.sharding,
-                                           lambda index, value=value: value[index])
-    leaves.append(value)
-  return treedef.unflatten(leaves)
+  if isinstance(template, Mapping):
+    parts = streaming.unprefixed(arrays, template)
+    return {key: _restored(s, parts[key]) for key, s in template.items()}
+
+  def placed(like: Any, value: Any) -> Any:
+    if not isinstance(like, jax.Array):
+      return value
+    if np.shape(value) != like.shape:
+      raise ValueError(f"a saved array has shape {np.shape(value)}, the state's {like.shape}: "
+                       "it belongs to another analysis. Use a new --workdir.")
+    value = np.asarray(value, like.dtype)
+    return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
+
+  return jax.tree.map(placed, template, template.from_numpy(arrays))
 
 
 def study_batches(cfg_data: ml_collections.ConfigDict, *, global_batch_size: int, mesh: Mesh,
@@ -224,14 +227,13 @@ def interrupted(summary: Mapping[str, Any]) -> bool:
 def accumulate(state: State, update: Callable[[State, dict[str, jax.Array]], State],
                pass_batches: Callable[[int], data.EvalBatches], *,
                config: ml_collections.ConfigDict, state_path: str, what: str,
-               num_passes: int = 1,
-               save: Callable[[State], Mapping[str, np.ndarray]] = tree_to_numpy,
-               restore: Callable[[State, Mapping[str, np.ndarray]], State] = tree_from_numpy,
-               ) -> tuple[State, Progress]:
+               num_passes: int = 1) -> tuple[State, Progress]:
   """Streams `num_passes` passes of `pass_batches` into `state`, resumably.
 
   Args:
-    state: the initial state (also the template a saved state is restored into).
+    state: the initial state, with `to_numpy()` and `from_numpy(arrays)` (a
+      `streaming.State`), or a dict of such states; also the template a saved state is
+      restored into (`state.from_numpy`, then placed like it).
     update: `(state, batch) -> state`, one global batch `{'image', 'label'}`.
     pass_batches: `pass_index -> batches` (e.g. `pass_reader`); every pass has as many.
     config: the study's config: its fingerprint, `checkpoint_every`, `log_every` and
@@ -239,21 +241,22 @@ def accumulate(state: State, update: Callable[[State, dict[str, jax.Array]], Sta
     state_path: the `.npz` file holding the saved state.
     what: a label for the log lines.
     num_passes: passes over the data.
-    save: `state -> {name: array}` to write (default: every leaf, `tree_to_numpy`).
-    restore: `(initial state, saved arrays) -> state` (default `tree_from_numpy`).
 
   Returns:
     (the state, its `Progress`); the state is complete when `progress.complete`.
 
   Raises:
-    ValueError: a saved state from another config or device layout.
+    ValueError: a saved state from another config, device layout or analysis.
   """
   config_fingerprint = fingerprint(config)
   saved = load_state(state_path, config_fingerprint)
   done = 0
   if saved is not None:
     arrays, done = saved
-    state = restore(state, arrays)
+    try:
+      state = _restored(state, arrays)
+    except ValueError as error:
+      raise ValueError(f"{state_path} cannot be resumed: {error}") from error
     logging.info("%s: resuming after %d batches from %s.", what, done, state_path)
   first = pass_batches(0)
   batches_per_pass, global_batch = len(first), first.plan.global_batch_size
@@ -267,7 +270,7 @@ def accumulate(state: State, update: Callable[[State, dict[str, jax.Array]], Sta
     done = step + 1
     timer.batch_done(state)
     if done % config.checkpoint_every == 0 or done == stop_at:
-      save_state(state_path, save(state), done, config_fingerprint)
+      save_state(state_path, _state_arrays(state), done, config_fingerprint)
     if done % config.log_every == 0 or done == stop_at:
       logging.info("%s: batch %d/%d (pass %d/%d), %s.", what, done, total, pass_index + 1,
                    num_passes, timer.report(total - done))

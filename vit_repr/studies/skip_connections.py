@@ -122,7 +122,7 @@ def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDi
   streams, _ = jax.eval_shape(streams_and_branches, params, images)
   # eval_shape returns the dict with sorted keys: the state's rows follow the model's order.
   state = estimator.init({layer.name: streams[layer.name] for layer in layers},
-                         has_cls=tokens is not None and tokens.has_cls)
+                         num_prefix_tokens=0 if tokens is None else tokens.num_prefix_tokens)
   batches = resume.study_batches(cfg, global_batch_size=batch_size, mesh=mesh)
   state, progress = resume.accumulate(
       state, lambda state, batch: step(state, params, batch["image"]), lambda _: batches,

@@ -118,7 +118,8 @@ def test_notebooks_then_the_demo_command(tmp_path):
   with open(report_path) as f:
     page = f.read()
   for step in reproduction.STEPS:
-    assert html.escape(step.title) in page and html.escape(step.paper_finding) in page
+    assert (html.escape(step.finding.title) in page
+            and html.escape(step.finding.paper_finding) in page)
   assert "python -m experiments.reproduce --config=configs/reproduce.py:runlocal" in page
   figures = [f for step in reproduction.STEPS for f in step.figures]
   loaded = images_loaded_in_chromium(report_path, workdir)

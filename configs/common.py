@@ -182,8 +182,8 @@ def _typed(value: str, kind: type, key: str, arg: str) -> Any:
   try:
     return kind(value)
   except ValueError:
-    raise ValueError(f"Config arg {arg!r}: option {key!r} needs a value of type {kind.__name__}, got "
-                     f"{value!r}.") from None
+    raise ValueError(f"Config arg {arg!r}: option {key!r} needs a value of type "
+                     f"{kind.__name__}, got {value!r}.") from None
 
 
 def smoke_test(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

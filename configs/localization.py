@@ -16,9 +16,9 @@ CLS-token heads; for the paper's GAP comparison, option `gap=<params dir>` adds 
 `<workdir>/params`; the row's overrides are that recipe's `classifier='gap',
 representation_size=768`). Option `cheap`: the public minibatch-CKA code's estimator settings
 (see configs/cka_heatmap.py). `runlocal`: alone, tiny randomly initialised ViT-CLS, ViT-GAP and
-BiT on the embedded 'digits' data at 32 px (seconds); after a paper setting (e.g. 'vit_b16+r50,runlocal'), that setting with random narrow
-weights at the paper's depth, grid and resolution on a few embedded images
-(`configs/common.smoke_test`).
+BiT on the embedded 'digits' data at 32 px (seconds); after a paper setting (e.g.
+'vit_b16+r50,runlocal'), that setting with random narrow weights at the paper's depth, grid and
+resolution on a few embedded images (`configs/common.smoke_test`).
 
 `models` maps a row name to a model spec (`vit_repr.studies.loading`); rows are drawn in
 sorted name order. Each spec's `layers` are the layers whose maps are computed; the figure

@@ -9,10 +9,10 @@ The arg names model A and optionally model B joined by '+': `vit_b32` (ViT-B/32,
 appendix figure), `vit_l16`, `vit_b16`, `r50` (BiT-M R50x1) with the public ImageNet-21k
 checkpoints, on ImageNet validation images at 224 px: the paper's 32 random images
 (`data.sample_seed`). Layers: ViT, every block's 'mid' (after the attention residual addition)
-and 'out' (after the MLP one); ResNet, the stem and every unit output. `runlocal`: alone, tiny randomly
-initialised ViT and BiT on the embedded 'digits' data; after a paper setting (e.g. 'vit_b32+r50,runlocal'), that setting with random narrow
-weights at the paper's depth, grid and resolution on a few embedded images
-(`configs/common.smoke_test`).
+and 'out' (after the MLP one); ResNet, the stem and every unit output. `runlocal`: alone,
+tiny randomly initialised ViT and BiT on the embedded 'digits' data; after a paper setting
+(e.g. 'vit_b32+r50,runlocal'), that setting with random narrow weights at the paper's depth,
+grid and resolution on a few embedded images (`configs/common.smoke_test`).
 
 Compute: the paper's estimator ('mean_abs', |gradient| per channel, averaged) needs one backward
 pass per channel of every layer (ViT-B/32: 24 layers x 768 channels; R50: 17 layers of 64-2048

@@ -32,9 +32,10 @@ Args:
             settings (configs/cka_heatmap.py: minibatch 1024, 20 passes over 10,240 images).
   local     The demo on the embedded 'digits' data: (a) the trained small vit_cls, bit and
             mixer; (b) vit_noskip at blocks 1 and 4 of 6 against vit_cls (1,500 steps each).
-  runlocal  Alone or after `local`: `local` as a smoke test: the `runlocal` training recipes (6 steps, 2-block ViTs),
-            norm ratios of vit_cls and a random-init ResNet with units (2, 1, 1, 1) over 120
-            images, ablation at block 1 (CKA: one pass over 120 images). After `vit_b16`
+  runlocal  Alone or after `local`: `local` as a smoke test: the `runlocal` training
+            recipes (6 steps, 2-block ViTs), norm ratios of vit_cls and a random-init ResNet
+            with units (2, 1, 1, 1) over 120 images, ablation at block 1 (CKA: one pass over
+            120 images). After `vit_b16`
             ('vit_b16,runlocal'): the paper setting with random narrow weights at full
             depth, a few embedded images and training steps (`configs/common.smoke_test`).
 

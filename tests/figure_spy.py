@@ -1,8 +1,8 @@
 """Records what every saved figure shows on its axes, for tests that run a main in a subprocess.
 
 `install()` wraps `vit_repr.plotting.save_figure`: beside each `<stem>.png` it writes
-`<stem>.png.axes.json` (a local path), per visible axes its title, axis labels and tick labels. `run_module`
-runs an absl main (`python -m <module> <argv>`) with the spy installed.
+`<stem>.png.axes.json` (a local path), per visible axes its title, axis labels and tick
+labels. `run_module` runs an absl main (`python -m <module> <argv>`) with the spy installed.
 """
 
 import json

@@ -141,7 +141,8 @@ def test_unknown_layer_lists_available_names():
   vit = create("ViT-Ti/16", image_size=32, patch_size=8, depth=2, num_classes=10)
   shapes = features.intermediate_shapes(vit, 32)
   with pytest.raises(ValueError, match="Available names: .*encoderblock_1/attn_probs"):
-    attention_distance.attention_layers("ViT", vit, shapes, ["Transformer/encoderblock_5/attn_probs"])
+    attention_distance.attention_layers("ViT", vit, shapes,
+                                        ["Transformer/encoderblock_5/attn_probs"])
   with pytest.raises(ValueError, match="not attention maps"):
     attention_distance.attention_layers("ViT", vit, shapes, ["Transformer/encoderblock_0/out"])
 

@@ -41,7 +41,9 @@ def test_config_names(arg, names):
 
 @pytest.mark.parametrize("arg,match", [
     ("vit_cls", "settings are"), ("local,fractions=0.1/1.5", "in \\(0, 1\\)"),
-    ("local,fractions=ten", "fractions=0.1/0.3"), ("local,steps=5", "settings are")],
+    ("local,fractions=ten", "fractions=0.1/0.3"),
+    ("local,steps=5",
+     "unknown option 'steps'; options are setting=<str>, fractions=<str>, runlocal")],
     ids=["unknown_setting", "fraction_out_of_range", "fraction_not_a_number", "unknown_option"])
 def test_bad_config_arg(arg, match):
   with pytest.raises(ValueError, match=match):

@@ -48,7 +48,8 @@ def test_names_follow_the_models_computation_order():
   assert names[0] == "Transformer/in"
   assert block0 == [f"Transformer/encoderblock_0/{t}" for t in
                     ("in", "attn_probs", "head_outputs", "attn_branch", "mid", "mlp_branch", "out")]
-  assert names.index("Transformer/encoderblock_1/in") > names.index("Transformer/encoderblock_0/out")
+  assert (names.index("Transformer/encoderblock_1/in")
+          > names.index("Transformer/encoderblock_0/out"))
   assert names[-1] == "logits"
 
 

@@ -6,5 +6,5 @@ from vit_repr.models.layout import (AttentionLayer, SubLayer, TokenLayout, displ
                                     streams_and_branches)
 from vit_repr.models.registry import create, create_from_config, known_names
 
-__all__ = ["AttentionLayer", "SubLayer", "TokenLayout", "create", "create_from_config", "display_name",
-           "flatten_intermediates", "known_names", "streams_and_branches"]
+__all__ = ["AttentionLayer", "SubLayer", "TokenLayout", "create", "create_from_config",
+           "display_name", "flatten_intermediates", "known_names", "streams_and_branches"]

@@ -35,11 +35,14 @@ def load_params(workdir):
 # Schedule, losses and optimizer against direct formulas.
 
 
-@pytest.mark.parametrize("decay_type,warmup,end", [
-    ("cosine", 10, 0.0), ("cosine", 0, 1e-4), ("linear", 5, 1e-3), ("constant", 7, 0.0)],
-    ids=["cosine-warmup", "cosine-no-warmup-end", "linear-end", "constant"])
-def test_schedule_matches_formula(decay_type, warmup, end):
-  total, base = 50, 0.3
+@pytest.mark.parametrize("decay_type,warmup,end,base", [
+    ("cosine", 10, 0.0, 0.3), ("cosine", 0, 1e-4, 0.3), ("linear", 5, 1e-3, 0.3),
+    ("constant", 7, 0.0, 0.3), ("constant", 0, 0.0, 0.3), ("cosine", 4, 1e-3, 0.0),
+    ("linear", 0, 1e-3, 0.0)],
+    ids=["cosine-warmup", "cosine-no-warmup-end", "linear-end", "constant",
+         "constant-no-warmup", "cosine-zero-base-end", "linear-zero-base-end"])
+def test_schedule_matches_formula(decay_type, warmup, end, base):
+  total = 50
   schedule = recipe.make_schedule(ml_collections.ConfigDict(dict(
       decay_type=decay_type, warmup_steps=warmup, end_learning_rate=end)), base, total)
   steps = np.arange(0, total + 5)

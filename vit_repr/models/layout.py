@@ -76,6 +76,21 @@ class TokenLayout:
     return "cls" in self.prefix
 
 
+def num_prefix_tokens(token_layout: TokenLayout | None) -> int:
+  """Tokens before the patches; 0 for a model without token sequences (`token_layout` None)."""
+  return 0 if token_layout is None else token_layout.num_prefix_tokens
+
+
+def token_grid(token_layout: TokenLayout | None) -> tuple[int, int] | None:
+  """The patch grid `(rows, columns)`; None for a model without token sequences."""
+  return None if token_layout is None else token_layout.grid
+
+
+def has_cls(token_layout: TokenLayout | None) -> bool:
+  """Whether the token sequences hold a CLS token; False for a model without them."""
+  return token_layout is not None and token_layout.has_cls
+
+
 @dataclasses.dataclass(frozen=True)
 class SubLayer:
   """One residual sub-layer of a model: out = z + f(z).

@@ -50,6 +50,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from vit_repr import data, features, files, parallel, plotting, probes, results
+from vit_repr.models import layout
 from vit_repr.studies import loading, resume
 
 TOKEN = "token"  # The per-token feature kind.
@@ -208,8 +209,7 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
   model, params = loading.load_model(spec, image_size=cfg_data.image_size,
                                      num_classes=info.num_classes, mesh=mesh)
   tokens = model.token_layout()
-  kinds = _kinds(tokens is not None and tokens.has_cls, cfg_probes.modes, cfg_probes.per_token,
-                 key)
+  kinds = _kinds(layout.has_cls(tokens), cfg_probes.modes, cfg_probes.per_token, key)
 
   def batches(split, num_examples):
     return data.eval_batches(cfg_data.name, split, image_size=cfg_data.image_size,
@@ -255,8 +255,8 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
       arrays[f"{key}/linear_holdout/{kind}"] = stack([r.holdout_accuracy for r in linear])
       arrays[f"{key}/linear_best_step/{kind}"] = stack([r.best_step for r in linear])
   metadata = {"model": loading.describe(spec), "kinds": kinds,
-              "has_cls_token": tokens is not None and tokens.has_cls,
-              "num_prefix_tokens": 0 if tokens is None else tokens.num_prefix_tokens,
+              "has_cls_token": layout.has_cls(tokens),
+              "num_prefix_tokens": layout.num_prefix_tokens(tokens),
               "num_train_examples": int(len(train_labels)),
               "num_test_examples": int(len(test_labels)),
               "feature_sizes": {k: list(v.shape[1:]) for k, v in train.items()}}

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, features, files, localization, parallel, plotting, results
-from vit_repr.models import display_name
+from vit_repr.models import display_name, layout
 from vit_repr.studies import loading, resume
 
 STATE_FILE = "localization_state.npz"
@@ -74,8 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokens = model.token_layout()
     accumulators[name] = localization.LocalizationCKA(
         extractors[name].shapes, image_size=cfg_data.image_size,
-        num_prefix_tokens=0 if tokens is None else tokens.num_prefix_tokens,
-        token_grid=None if tokens is None else tokens.grid, mesh=mesh, grams=analysis.grams,
+        num_prefix_tokens=layout.num_prefix_tokens(tokens), token_grid=layout.token_grid(tokens),
+        mesh=mesh, grams=analysis.grams,
         gram_blocks=analysis.gram_blocks)
     for grid in set(accumulators[name].grids.values()):
       _resolve_positions(analysis.positions, grid)  # Fails early on a bad position.

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, features, files, parallel, plotting, receptive_field, results
-from vit_repr.models import display_name, flatten_intermediates
+from vit_repr.models import display_name, flatten_intermediates, layout
 from vit_repr.studies import loading, resume
 
 
@@ -49,8 +49,8 @@ def _estimator(model, spec: ml_collections.ConfigDict, config: ml_collections.Co
   analysis = config.analysis
   return receptive_field.ReceptiveField(
       representations, {n: shapes[n][1:] for n in names}, image_size=image_size,
-      token_grid=None if tokens is None else tokens.grid,
-      num_prefix_tokens=0 if tokens is None else tokens.num_prefix_tokens, center=analysis.center,
+      token_grid=layout.token_grid(tokens), num_prefix_tokens=layout.num_prefix_tokens(tokens),
+      center=analysis.center,
       estimator=analysis.estimator, channel_chunk=analysis.channel_chunk,
       max_channels=analysis.max_channels, channel_seed=analysis.channel_seed,
       layer_groups=analysis.layer_groups, mesh=mesh)

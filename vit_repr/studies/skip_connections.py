@@ -38,6 +38,7 @@ import numpy as np
 from absl import logging
 
 from vit_repr import data, files, models, parallel, plotting, residual, results, training
+from vit_repr.models import layout
 from vit_repr.studies import loading, representation, resume
 
 
@@ -122,7 +123,7 @@ def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDi
   streams, _ = jax.eval_shape(streams_and_branches, params, images)
   # eval_shape returns the dict with sorted keys: the state's rows follow the model's order.
   state = estimator.init({layer.name: streams[layer.name] for layer in layers},
-                         num_prefix_tokens=0 if tokens is None else tokens.num_prefix_tokens)
+                         num_prefix_tokens=layout.num_prefix_tokens(tokens))
   batches = resume.study_batches(cfg, global_batch_size=batch_size, mesh=mesh)
   state, progress = resume.accumulate(
       state, lambda state, batch: step(state, params, batch["image"]), lambda _: batches,

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, run_python
 from vit_repr import cka
+from vit_repr.cka import host_grams, minibatch, sharded_update
 
 # ---------------------------------------------------------------------------------------------
 # Independent float64 references, written from the published formulas.
@@ -259,7 +260,7 @@ def test_host_grams_give_the_centred_sums_of_squares():
   rng = np.random.default_rng(32)
   for offset in (0.0, 1e3):
     x = (rng.normal(size=(16, 40)) + offset * rng.normal(size=40)).astype(np.float32)
-    gram, centred, rest = cka._host_gram(x, {})
+    gram, centred, rest = host_grams._host_gram(x, {})
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(centred, np.sum((x64 - x64.mean(0))**2), rtol=1e-5)
     h = np.eye(16) - 1 / 16
@@ -666,8 +667,8 @@ def test_every_matrix_product_runs_at_the_requested_precision(precision, expecte
   xs, ys = layered(3, n=16)
   estimator = cka.MinibatchCKA(precision=precision)
   state = estimator.init(xs, ys)
-  arrays = {f: getattr(state, f) for f in cka._STATE_ARRAYS}
-  lowered = cka._update.lower(
+  arrays = {f: getattr(state, f) for f in minibatch._STATE_ARRAYS}
+  lowered = sharded_update._update.lower(
       arrays, np.ones(16, bool), tuple(xs), tuple(ys), minibatch_size=16, host_grams=False,
       stacked=False, mesh=estimator.mesh, gram_blocks=2, feature_chunk=4,
       precision=estimator.precision)

@@ -27,7 +27,7 @@ setuptools.setup(
         # ndimage.zoom: the original ViT position-embedding resize (vit_repr.checkpoints).
         "scipy>=1.11",
         # TensorBoard event files of training runs without importing TensorFlow outside
-        # data.py (vit_repr.metrics_log).
+        # vit_repr.data (vit_repr.metrics_log).
         "tensorboardX>=2.6",
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",

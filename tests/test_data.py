@@ -12,6 +12,7 @@ from sklearn import model_selection
 
 from tests.conftest import fake_tfds_cifar10, run_python
 from vit_repr import data
+from vit_repr.data import preprocessing, sources
 
 
 def np_resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -117,7 +118,7 @@ def test_eval_shuffle_reorders_the_same_examples_deterministically():
 def test_eval_resize_matches_numpy(shape, size):
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
-  out = data._eval_preprocess(image, size, None).numpy()
+  out = preprocessing._eval_preprocess(image, size, None).numpy()
   expected = np_resize_bilinear(image, size, size) / 127.5 - 1
   np.testing.assert_allclose(out, expected, atol=2e-5)
 
@@ -130,7 +131,7 @@ def test_eval_resize_matches_numpy(shape, size):
 def test_eval_central_crop_matches_numpy(shape, size, fraction, resized, offset):
   rng = np.random.default_rng(1)
   image = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
-  out = data._eval_preprocess(image, size, fraction).numpy()
+  out = preprocessing._eval_preprocess(image, size, fraction).numpy()
   full = np_resize_bilinear(image, *resized) / 127.5 - 1
   top, left = offset
   np.testing.assert_allclose(out, full[top:top + size, left:left + size], atol=2e-5)
@@ -249,14 +250,14 @@ def test_minibatch_plan_pads_with_invalid_zero_images_and_checks_sizes():
                          ids=["minibatch", "plain"])
 @pytest.mark.parametrize("hosts", [1, 2, 4])
 def test_each_eval_host_reads_only_its_records(monkeypatch, hosts, layout):
-  source = data._source("digits", "test", None)
+  source = sources._source("digits", "test", None)
   ranges = []
 
   def read(start, stop):
     ranges.append((start, stop))
     return source.read(start, stop)
 
-  monkeypatch.setattr(data, "_source", lambda *_: dataclasses.replace(source, read=read))
+  monkeypatch.setattr(sources, "_source", lambda *_: dataclasses.replace(source, read=read))
   covered = []
   for h in range(hosts):
     ranges.clear()
@@ -405,14 +406,14 @@ def test_eval_reshuffled_pass_is_one_global_permutation():
 
 @pytest.mark.parametrize("hosts", [1, 2, 4])
 def test_each_training_host_reads_only_its_records(monkeypatch, hosts):
-  source = data._source("digits", "test", None)
+  source = sources._source("digits", "test", None)
   ranges = []
 
   def read(start, stop):
     ranges.append((start, stop))
     return source.read(start, stop)
 
-  monkeypatch.setattr(data, "_source", lambda *_: dataclasses.replace(source, read=read))
+  monkeypatch.setattr(sources, "_source", lambda *_: dataclasses.replace(source, read=read))
   for h in range(hosts):
     ranges.clear()
     take(data.train_numpy_batches("digits", "test", process_index=h, process_count=hosts,

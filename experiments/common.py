@@ -82,10 +82,10 @@ def run_main(main: Callable[[list[str]], None]) -> None:
   app.run(guarded)
 
 
-def run_study(run: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
-              config_file: str) -> None:
+def run_study(run: Callable[[ml_collections.ConfigDict, str], Any], config_file: str) -> None:
   """The absl main of a study: `--config=configs/<config_file>:<arg>` and `--workdir`, then
-  `run(config, workdir)`, logging its headline numbers. Call it under `__main__`."""
+  `run(config, workdir)`, logging its headline numbers (the result's `summary`). Call it under
+  `__main__`."""
   config_flag = config_flags.DEFINE_config_file("config", None, f"configs/{config_file}:<arg>",
                                                 lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, "Output directory (resumable).",
@@ -94,6 +94,8 @@ def run_study(run: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
 
   def main(argv: list[str]) -> None:
     setup(argv, config_flag.value, workdir_flag.value)
-    logging.info("Done: %s", json.dumps(run(config_flag.value, workdir_flag.value)))
+    result = run(config_flag.value, workdir_flag.value)
+    logging.info("%s: %s", "Done" if result.complete else "Stopped early",
+                 json.dumps(result.summary))
 
   run_main(main)

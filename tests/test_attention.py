@@ -186,11 +186,11 @@ def test_runlocal_end_to_end_resumes_and_matches_references(tmp_path):
   config.data.num_examples = 120
   config.checkpoint_every = 1
   config.stop_after_batches = 1
-  assert attention_distance.run(config, str(tmp_path)) == {"batches_done": 1,
-                                                          "batches_total": 3}
+  assert attention_distance.run(config, str(tmp_path)).summary == {"batches_done": 1,
+                                                                  "batches_total": 3}
   assert not (tmp_path / "attention_distance.npz").exists()
   config.stop_after_batches = None
-  summary = attention_distance.run(config, str(tmp_path))
+  summary = attention_distance.run(config, str(tmp_path)).summary
   arrays, metadata = results.read_results(str(tmp_path), "attention_distance")
   assert arrays["distance"].shape == (2, 3) and summary["num_examples"] == 120
   assert metadata["renormalize"] is True and metadata["patch_grid"] == [4, 4]

@@ -64,7 +64,7 @@ def test_reference_must_be_a_full_data_model(tmp_path):
 def test_runlocal_end_to_end(tmp_path):
   config = data_scale_configs.get_config("runlocal")
   config.models_dir = str(tmp_path / "shared_models")
-  summary = data_scale.run(config, str(tmp_path / "ds"))
+  summary = data_scale.run(config, str(tmp_path / "ds")).summary
   workdir = str(tmp_path / "ds")
   arrays, metadata = results.read_results(workdir, "data_scale")
   assert list(arrays["models"]) == ["vit_cls_fraction0p3", "vit_cls"]

@@ -260,7 +260,7 @@ def tiny_config():
 
 @pytest.mark.slow
 def test_runlocal_end_to_end(tmp_path):
-  summary = study.run(localization_config.get_config("runlocal"), str(tmp_path))
+  summary = study.run(localization_config.get_config("runlocal"), str(tmp_path)).summary
   arrays, metadata = results.read_results(str(tmp_path), "localization")
   assert summary["num_examples"] == 240 and metadata["num_minibatches"] == 6
   for model in ("vit_cls", "vit_gap"):
@@ -290,8 +290,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
   study.run(tiny_config(), str(tmp_path / "straight"))
   interrupted = tiny_config()
   interrupted.stop_after_batches = 3
-  assert study.run(interrupted, str(tmp_path / "resumed")) == {"batches_done": 3,
-                                                                "batches_total": 6}
+  assert study.run(interrupted, str(tmp_path / "resumed")).summary == {"batches_done": 3,
+                                                                        "batches_total": 6}
   study.run(tiny_config(), str(tmp_path / "resumed"))
   straight, _ = results.read_results(str(tmp_path / "straight"), "localization")
   resumed, _ = results.read_results(str(tmp_path / "resumed"), "localization")

@@ -52,10 +52,10 @@ if guard == 'guard':  # The hot loop (every update) makes no implicit transfer: 
     return accumulate(state, guarded_update, *args, **kwargs)
   resume.accumulate = guarded_accumulate
 try:
-  first = representation.run(config(1), workdir)
+  first = representation.run(config(1), workdir).summary
   if fork != '-':
     shutil.copytree(workdir, fork)
-  summary = representation.run(config(None), workdir)
+  summary = representation.run(config(None), workdir).summary
 except ValueError as error:
   print('ERROR:', error)
   sys.exit(3)

@@ -10,7 +10,7 @@ import pytest
 from configs import linear_probes as probe_configs
 from tests.conftest import run_python
 from vit_repr import data, models, parallel, probes, results
-from vit_repr.studies import linear_probes
+from vit_repr.studies import linear_probes, runner
 
 NUM_CLASSES = 5
 
@@ -171,7 +171,7 @@ def small_config():
 
 @pytest.mark.slow
 def test_runlocal_end_to_end(tmp_path):
-  summary = linear_probes.run(small_config(), str(tmp_path))
+  summary = linear_probes.run(small_config(), str(tmp_path)).summary
   arrays, metadata = results.read_results(str(tmp_path), "linear_probes")
   depth, tokens = 3, 17  # 3 blocks; 4x4 patches + CLS.
   assert metadata["models"]["vit_cls"]["kinds"] == ["cls", "mean", "all", "token"]
@@ -205,20 +205,20 @@ def test_feature_extraction_resumes_after_a_kill(tmp_path):
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   mesh = parallel.make_mesh()
 
-  def extract(state_path, stop_after_batches=None):
+  def extract(state_file, stop_after_batches=None):
     config.stop_after_batches = stop_after_batches
     batches = data.eval_batches("digits", "test", image_size=32, global_batch_size=40,
                                 mesh=mesh, num_examples=120)
     return linear_probes.extract(model, params, [r".*/out"], ["cls", "token"], batches,
-                                 image_size=32, mesh=mesh, config=config,
-                                 state_path=str(state_path))
+                                 study=runner.Study(config, str(tmp_path)),
+                                 state_file=state_file)
 
-  stopped = extract(tmp_path / "resumed.npz", stop_after_batches=2)
-  assert stopped.batches_done == 2 and stopped.batches_total == 3
+  stopped = extract("resumed.npz", stop_after_batches=2)
+  assert stopped.summary == {"batches_done": 2, "batches_total": 3}
   with np.load(tmp_path / "resumed.npz") as saved:
     assert len(saved["label"]) == 80 and int(saved["batches_done"]) == 2
-  names, resumed, labels = extract(tmp_path / "resumed.npz")
-  _, whole, whole_labels = extract(tmp_path / "whole.npz")
+  names, resumed, labels = extract("resumed.npz")
+  _, whole, whole_labels = extract("whole.npz")
   assert names == ["Transformer/encoderblock_0/out", "Transformer/encoderblock_1/out"]
   np.testing.assert_array_equal(labels, whole_labels)
   assert set(resumed) == set(whole)
@@ -226,12 +226,12 @@ def test_feature_extraction_resumes_after_a_kill(tmp_path):
     np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
-def test_per_token_probe_of_pooled_layer_is_refused_before_streaming():
+def test_per_token_probe_of_pooled_layer_is_refused_before_streaming(tmp_path):
   """Checked from the layer shapes alone: no parameters, no data are needed."""
   model = models.create("ViT-Ti/16", num_classes=10, image_size=32, patch_size=8, depth=2)
   with pytest.raises(ValueError, match="spatial tokens.*pre_logits"):
-    linear_probes.extract(model, None, ["pre_logits"], ["token"], None, image_size=32,
-                          mesh=parallel.make_mesh(), config=None, state_path="")
+    linear_probes.extract(model, None, ["pre_logits"], ["token"], None,
+                          study=runner.Study(small_config(), str(tmp_path)), state_file="")
 
 
 def test_bad_config_arg():

@@ -264,11 +264,11 @@ def test_runlocal_end_to_end_resumes(tmp_path):
   uninterrupted = tmp_path / "uninterrupted"
   erf_study.run(config, str(uninterrupted))
   config.stop_after_batches = 1  # Killed after model A's first of two batches.
-  assert erf_study.run(config, str(tmp_path)) == {"batches_done": 1, "batches_total": 2}
+  assert erf_study.run(config, str(tmp_path)).summary == {"batches_done": 1, "batches_total": 2}
   assert (tmp_path / "receptive_field_state_a.npz").exists()
   assert not (tmp_path / "receptive_field.npz").exists()
   config.stop_after_batches = None
-  summary = erf_study.run(config, str(tmp_path))
+  summary = erf_study.run(config, str(tmp_path)).summary
   arrays, metadata = results.read_results(str(tmp_path), "receptive_field")
   expected, _ = results.read_results(str(uninterrupted), "receptive_field")
   for key in ("raw_maps_a", "raw_maps_b", "radius_a", "radius_b"):

@@ -25,7 +25,7 @@ def tiny_config(**analysis):
 
 @pytest.mark.slow
 def test_runlocal_end_to_end(tmp_path):
-  summary = representation.run(cka_heatmap.get_config("runlocal"), str(tmp_path))
+  summary = representation.run(cka_heatmap.get_config("runlocal"), str(tmp_path)).summary
   arrays, metadata = results.read_results(str(tmp_path), "cka_heatmap")
   num_vit, num_resnet = 8, 4  # 4 blocks x (mid, out); 4 stages x 1 unit.
   assert arrays["cka_aa"].shape == (num_vit, num_vit)
@@ -43,8 +43,13 @@ def test_runlocal_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_model_against_itself_is_symmetric_with_unit_diagonal(tmp_path):
-  representation.run(tiny_config(), str(tmp_path))
-  arrays, _ = results.read_results(str(tmp_path), "cka_heatmap")
+  returned = representation.run(tiny_config(), str(tmp_path))
+  arrays, metadata = results.read_results(str(tmp_path), "cka_heatmap")
+  # Composed studies take the returned result: it holds what the files hold.
+  assert set(returned.arrays) == set(arrays)
+  for name, value in arrays.items():
+    np.testing.assert_array_equal(returned.arrays[name], value, err_msg=name)
+  assert returned.metadata["num_minibatches"] == metadata["num_minibatches"] == 12
   cross = arrays["cka_ab"]
   np.testing.assert_allclose(cross, cross.T, atol=1e-6)
   np.testing.assert_allclose(np.diag(cross), 1.0, atol=1e-5)
@@ -58,7 +63,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
   representation.run(tiny_config(), str(tmp_path / "straight"))
   interrupted = tiny_config()
   interrupted.stop_after_batches = 5  # 6 batches per pass: stops inside pass 1.
-  partial = representation.run(interrupted, str(tmp_path / "resumed"))
+  partial = representation.run(interrupted, str(tmp_path / "resumed")).summary
   assert partial == {"batches_done": 5, "batches_total": 12}
   assert not os.path.exists(tmp_path / "resumed" / "cka_heatmap.npz")
   representation.run(tiny_config(), str(tmp_path / "resumed"))

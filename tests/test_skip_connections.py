@@ -10,7 +10,7 @@ import pytest
 from configs import common
 from configs import skip_connections as skip_configs
 from vit_repr import checkpoints, data, features, models, parallel, results
-from vit_repr.studies import skip_connections
+from vit_repr.studies import runner, skip_connections
 
 LN_EPS = 1e-6
 
@@ -162,9 +162,10 @@ def test_runlocal_end_to_end(tmp_path):
   config = skip_configs.get_config("runlocal")
   config.checkpoint_every = 1
   config.stop_after_batches = 1
-  assert skip_connections.run(config, str(tmp_path)) == {"batches_done": 1, "batches_total": 3}
+  assert skip_connections.run(config, str(tmp_path)).summary == {"batches_done": 1,
+                                                                  "batches_total": 3}
   config.stop_after_batches = None
-  summary = skip_connections.run(config, str(tmp_path))
+  summary = skip_connections.run(config, str(tmp_path)).summary
   ratios, meta = results.read_results(str(tmp_path), "norm_ratios")
   assert meta["statistic"] == "ratio_of_means" and meta["num_examples"] == 120
   vit = config.models.vit_cls.model
@@ -227,8 +228,8 @@ def test_norm_ratio_rows_follow_the_computation_order(key, tmp_path):
   config.data.update(name="digits", num_examples=8)
   config.norm_ratio.global_batch_size = 8
   spec = common.model_spec(name, overrides=width)
-  result, layers = skip_connections.norm_ratios(spec, config, parallel.make_mesh(),
-                                                str(tmp_path / "state.npz"))
+  result, layers = skip_connections.norm_ratios(spec, runner.Study(config, str(tmp_path)),
+                                                "state.npz")
   expected = [pattern.format(i, kind) for i in range(depth) for kind in kinds]
   assert list(result.names) == expected == [layer.name for layer in layers]
   assert [layer.block for layer in layers] == [i for i in range(depth) for _ in kinds]

@@ -25,7 +25,8 @@ from absl import logging
 
 from vit_repr import files, findings, report, results, training
 from vit_repr.studies import (attention_distance, data_scale, dataset, linear_probes, loading,
-                              localization, receptive_field, representation, skip_connections)
+                              localization, receptive_field, representation, runner,
+                              skip_connections)
 
 REPORT_FILE = "report.html"
 
@@ -102,14 +103,35 @@ def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"test_accuracy": {name: accuracies[name] for name in runs}}
 
 
+def completed(result: runner.Outcome, key: str) -> runner.StudyResult:
+  """The result of step `key`'s study.
+
+  Raises:
+    ValueError: the study stopped early (its `stop_after_batches` is set): its state is saved,
+      and a rerun of the main job resumes it.
+  """
+  if not result.complete:
+    progress = result.progress
+    raise ValueError(f"Step {key!r} stopped after {progress.batches_done} of "
+                     f"{progress.batches_total} batches ({key}.stop_after_batches is set); its "
+                     "state is saved. Unset it and rerun the same command to resume.")
+  return result
+
+
+def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The dataset every study reads: class counts, pixel statistics, examples, the pipeline."""
+  return dataset.run(config, workdir).summary
+
+
 def representation_structure(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 1 (paper Figs 1-2): CKA heatmaps within and across the trained ViT and ResNet, and
   the `findings` statistics of those heatmaps (rounded to 3 decimals)."""
   study = study_config(config, workdir, "representation")
-  summary = representation.run(study, files.join(workdir, "representation"))
-  arrays, _ = results.read_results(files.join(workdir, "representation"), "cka_heatmap")
+  heatmaps = completed(representation.run(study, files.join(workdir, "representation")),
+                       "representation")
+  arrays = heatmaps.arrays
   cross = arrays["cka_ab"]  # [ViT layers, ResNet layers]
-  return {**summary,
+  return {**heatmaps.summary,
           "mean_cka": {k: round(findings.mean_cka(arrays[k]), 3)
                        for k in ("cka_aa", "cka_bb", "cka_ab")},
           "vit_depth_matching_lower_resnet": round(
@@ -119,8 +141,9 @@ def representation_structure(config: ml_collections.ConfigDict, workdir: str) ->
 
 def spatial_localization(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 4a (paper Figs 9-10): token-vs-patch CKA maps of the ViT-CLS, ViT-GAP and ResNet."""
-  summary = localization.run(study_config(config, workdir, "localization"),
-                             files.join(workdir, "localization"))
+  summary = dict(completed(localization.run(study_config(config, workdir, "localization"),
+                                            files.join(workdir, "localization")),
+                           "localization").summary)
   layers = summary.pop("layers")
   return {**summary, "own_patch": {f"{model}:{layer}": numbers
                                    for model, by_layer in layers.items()
@@ -130,15 +153,15 @@ def spatial_localization(config: ml_collections.ConfigDict, workdir: str) -> dic
 def attention_distances(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 2a (paper Figs 3-5): mean attention distance of every head of the trained ViT, and
   the CKA of each lower-block head with the lower layers of the trained ResNet."""
-  return attention_distance.run(study_config(config, workdir, "attention"),
-                                files.join(workdir, "attention"))
+  return completed(attention_distance.run(study_config(config, workdir, "attention"),
+                                          files.join(workdir, "attention")), "attention").summary
 
 
 def receptive_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 2b (paper Fig 6): effective receptive fields of the trained ViT and ResNet."""
-  summary = receptive_field.run(study_config(config, workdir, "receptive_fields"),
-                                files.join(workdir, "receptive_fields"))
-  return {"models": summary}
+  result = receptive_field.run(study_config(config, workdir, "receptive_fields"),
+                               files.join(workdir, "receptive_fields"))
+  return {"models": completed(result, "receptive_fields").summary}
 
 
 def skip_connection_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -147,14 +170,16 @@ def skip_connection_study(config: ml_collections.ConfigDict, workdir: str) -> di
   study = study_config(config, workdir, "skip_connections")
   study.models = config.models
   study.models_dir = files.join(workdir, "models")
-  return skip_connections.run(study, files.join(workdir, "skip_connections"))
+  return completed(skip_connections.run(study, files.join(workdir, "skip_connections")),
+                   "skip_connections").summary
 
 
 def probes(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 4b (paper Fig 11): few-shot and full linear probes per layer and per token of the
   trained CLS-token and GAP ViTs."""
-  return {"models": linear_probes.run(study_config(config, workdir, "probes"),
-                                      files.join(workdir, "probes"))}
+  result = linear_probes.run(study_config(config, workdir, "probes"),
+                             files.join(workdir, "probes"))
+  return {"models": completed(result, "probes").summary}
 
 
 def data_scaling(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -163,7 +188,8 @@ def data_scaling(config: ml_collections.ConfigDict, workdir: str) -> dict:
   study = study_config(config, workdir, "data_scale")
   study.models = {name: config.models[name] for name in study.models}
   study.models_dir = files.join(workdir, "models")
-  return data_scale.run(study, files.join(workdir, "data_scale"))
+  return completed(data_scale.run(study, files.join(workdir, "data_scale")),
+                   "data_scale").summary
 
 
 def trained_models_of(config: ml_collections.ConfigDict, key: str) -> dict[tuple[str, ...], str]:
@@ -194,7 +220,7 @@ def study_config(config: ml_collections.ConfigDict, workdir: str,
 
 
 STEPS: tuple[Step, ...] = (
-    Step(key="dataset", run=dataset.run, config_keys=("data", "summary"),
+    Step(key="dataset", run=dataset_summary, config_keys=("data", "summary"),
          figures=("figures/dataset_examples.png",)),
     Step(key="models", run=train_models, config_keys=("models",), figures=()),
     Step(key="representation", run=representation_structure, config_keys=("representation",),

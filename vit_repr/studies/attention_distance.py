@@ -32,9 +32,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import attention, cka, data, features, files, parallel, plotting, results
+from vit_repr import attention, cka, features, parallel, plotting
 from vit_repr.models import display_name, flatten_intermediates, layout
-from vit_repr.studies import loading, resume
+from vit_repr.studies import loading, runner
 
 STATE_FILE = "attention_state.npz"
 HEAD_TOKEN_MODES = ("spatial", "all")
@@ -73,7 +73,7 @@ def _head_blocks(config: ml_collections.ConfigDict, depth: int) -> list[int]:
   return sorted(set(blocks))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
   """Computes mean attention distances (and per-head CKA to a ResNet) of `config` into `workdir`.
 
   Args:
@@ -81,21 +81,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir: output directory.
 
   Returns:
-    Headline numbers: examples, per-layer mean distance (pixels), the lowest and highest head
-    distance of the first and last layer, and with a ResNet the Pearson correlation between a
-    head's distance and its CKA to each ResNet layer.
+    The result; summary: examples, per-layer mean distance (pixels), the lowest and highest
+    head distance of the first and last layer, and with a ResNet the Pearson correlation
+    between a head's distance and its CKA to each ResNet layer.
   """
-  files.makedirs(workdir)
-  mesh = parallel.make_mesh()
-  cfg_data, analysis = config.data, config.analysis
+  analysis = config.analysis
   if analysis.head_token_mode not in HEAD_TOKEN_MODES:
     raise ValueError(f"analysis.head_token_mode must be one of {HEAD_TOKEN_MODES}; got "
                      f"{analysis.head_token_mode!r}.")
-  info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
-  image_size = cfg_data.image_size
-
-  model, params = loading.load_model(config.model, image_size=image_size,
-                                     num_classes=info.num_classes, mesh=mesh)
+  study = runner.Study(config, workdir)
+  mesh, image_size = study.mesh, study.image_size
+  model, params = study.model(config.model)
   shapes = features.intermediate_shapes(model, image_size)
   layers = attention_layers(config.model.name, model, shapes, list(config.model.layers))
   names = [a.probs for a in layers]
@@ -115,10 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       for head in range(num_heads):
         head_names.append(f"block{block}/head{head}")
         head_sources[head_names[-1]] = (attention_of_block[block], head)
-    resnet, resnet_params = loading.load_model(config.resnet, image_size=image_size,
-                                               num_classes=info.num_classes, mesh=mesh)
-    resnet_extractor = features.FeatureExtractor(resnet, list(config.resnet.layers),
-                                                 image_size=image_size, token_mode="all")
+    resnet_extractor, resnet_params = study.extractor(config.resnet)
     estimator = cka.MinibatchCKA(mesh, grams=analysis.grams,
                                  gram_blocks=analysis.gram_blocks)
     states["cka"] = estimator.init({n: None for n in head_names},
@@ -148,13 +141,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                     valid=batch["valid"])
     return new
 
-  batches = resume.minibatch_batches(cfg_data, minibatch_size=analysis.minibatch_size,
-                                     mesh=mesh)
-  states, progress = resume.accumulate(
-      states, update, lambda _: batches, config=config,
-      state_path=files.join(workdir, STATE_FILE), what="Attention distance")
+  states, progress = study.accumulate(
+      states, update, study.passes(minibatch_size=analysis.minibatch_size),
+      state_file=STATE_FILE, what="Attention distance")
   if not progress.complete:
-    return progress.summary()
+    return runner.Interrupted(progress)
   result = distance.result(states["distance"])
 
   arrays = {"distance": result.distance, "distance_std": result.distance_std,
@@ -170,13 +161,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                     round(float(result.distance[-1].max()), 2)],
       "examples_per_second": progress.examples_per_second,
   }
-  figures = files.join(workdir, "figures")
-  plotting.plot_attention_distance(
-      result.distance, [display_name(n) for n in names],
-      files.join(figures, "attention_distance"),
-      title=f"{config.model.name}: mean attention distance", image_size=image_size)
+  figures = {"attention_distance": lambda path: plotting.plot_attention_distance(
+      result.distance, [display_name(n) for n in names], path,
+      title=f"{config.model.name}: mean attention distance", image_size=image_size)}
   metadata = {
-      "config": config.to_dict(),
       "models": {"model": loading.describe(config.model)},
       "num_examples": result.num_examples,
       "patch_grid": list(tokens.grid), "patch_size": tokens.patch_size, "image_size": image_size,
@@ -206,14 +194,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         cka_estimator="minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021), one pass; "
                       "minibatch = each device's shard",
         num_minibatches=similarity.num_batches)
-    plotting.plot_head_cka_vs_distance(
-        head_distance, similarity.cka, head_block, list(similarity.names_y),
-        files.join(figures, "head_cka_vs_distance"),
+    figures["head_cka_vs_distance"] = lambda path: plotting.plot_head_cka_vs_distance(
+        head_distance, similarity.cka, head_block, list(similarity.names_y), path,
         title=f"{config.model.name} heads vs {config.resnet.name}")
     valid = np.isfinite(head_distance)
     summary["distance_cka_correlation"] = {
         display_name(r): round(float(np.corrcoef(
             head_distance[valid], similarity.cka[valid, j])[0, 1]), 3)
         for j, r in enumerate(similarity.names_y)}
-  results.write_results(workdir, "attention_distance", arrays, metadata)
-  return summary
+  return study.finish("attention_distance", arrays, metadata, summary, figures)

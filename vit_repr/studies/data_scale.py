@@ -27,21 +27,20 @@ per fraction; right: Fig 13, probe accuracy per layer, one curve per model).
 """
 
 import copy
-from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import files, plotting, results, training
-from vit_repr.studies import linear_probes, loading, representation, resume
+from vit_repr import files, plotting, training
+from vit_repr.studies import linear_probes, loading, representation, runner
 
 
 def _label(name: str, fraction: float) -> str:
   return f"{name} ({100 * fraction:g}% data)"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
   """Trains (or reuses) the subset models, then CKA to the full-data model and probes.
 
   Args:
@@ -50,7 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir: output directory.
 
   Returns:
-    Headline numbers: per model its fraction, test accuracy, mean CKA to the reference over
+    The result; summary: per model its fraction, test accuracy, mean CKA to the reference over
     layers and the CKA of its first and last layers, and the probe study's summary.
 
   Raises:
@@ -83,10 +82,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       continue
     study = copy.deepcopy(config.cka)
     study.model_a, study.model_b = specs[name], specs[config.reference]
-    cka_dir = files.join(workdir, "cka", name)
-    if resume.interrupted(progress := representation.run(study, cka_dir)):
-      return progress
-    arrays, _ = results.read_results(cka_dir, "cka_heatmap")
+    heatmaps = representation.run(study, files.join(workdir, "cka", name))
+    if not heatmaps.complete:
+      return heatmaps
+    arrays = heatmaps.arrays
     cka_rows.append(np.diag(arrays["cka_ab"]))
     stderr_rows.append(np.diag(arrays["stderr_ab"]))
     layer_names = [str(n) for n in arrays["names_b"]]
@@ -97,9 +96,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   public = probe_config.specs.to_dict()
   probe_config.specs = ml_collections.ConfigDict(
       {**{n: specs[n] for n in order}, **public})
-  probe_dir = files.join(workdir, "probes")
-  probe_summary = linear_probes.run(probe_config, probe_dir)
-  probe_arrays, probe_meta = results.read_results(probe_dir, "linear_probes")
+  probed = linear_probes.run(probe_config, files.join(workdir, "probes"))
+  if not probed.complete:
+    return probed
+  probe_arrays, probe_meta = probed.arrays, probed.metadata
 
   arrays = {"models": np.asarray(order, dtype=str),
             "fractions": np.asarray([fractions[n] for n in order]),
@@ -119,7 +119,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         arrays[f"probe/{section}/{mode}/{key}"] = (values[:, -1].mean(-1) if section == "fewshot"
                                                    else values)
   metadata = {
-      "config": config.to_dict(),
       "reference": config.reference,
       "models": {n: {**loading.describe(specs[n]), "subset_fraction": fractions[n],
                      "train_steps": config.models[n].train.total_steps,
@@ -130,19 +129,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "probes": probe_meta["fewshot"],
       "models_dir": files.absolute(models_dir),
   }
-  results.write_results(workdir, "data_scale", arrays, metadata)
-  _plot(config, arrays, order, fractions, probe_meta, workdir)
   summary = {n: {"fraction": fractions[n], "test_accuracy": round(accuracies[n], 4)}
              for n in order}
   for name, row in zip(trained, cka):
     summary[name].update(mean_cka_to_reference=round(float(np.nanmean(row)), 4),
                          cka_first_layer=round(float(row[0]), 4),
                          cka_last_layer=round(float(row[-1]), 4))
-  return {"models": summary, "probes": probe_summary}
+  return runner.finish(config, workdir, "data_scale", arrays, metadata,
+                       {"models": summary, "probes": probed.summary},
+                       figures={"data_scale": _figure(config, arrays, order, fractions,
+                                                      probe_meta)})
 
 
-def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], order: list[str],
-          fractions: dict[str, float], probe_meta: dict, workdir: str) -> None:
+def _figure(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], order: list[str],
+            fractions: dict[str, float], probe_meta: dict) -> runner.Draw:
   """Fig 12 (CKA to the full-data model per layer) beside Fig 13 (probe accuracy per layer)."""
   labels = {n: _label(n, fractions[n]) for n in order}
   layer_names = list(arrays["layers"])
@@ -164,4 +164,4 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], orde
           curves={labels.get(k, k): arrays[f"probe/fewshot/{mode}/{k}"] for k in drawn},
           layer_names={labels.get(k, k): list(arrays[f"probe/layers/{k}"]) for k in drawn},
           title=f"{shots}-shot probe, {mode}", ylabel="test accuracy", chance=chance))
-  plotting.plot_layer_curves(panels, files.join(workdir, "figures", "data_scale"))
+  return lambda path: plotting.plot_layer_curves(panels, path)

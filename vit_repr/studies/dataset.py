@@ -13,14 +13,14 @@ throughput) and `figures/dataset_examples.{png,pdf}` (the montage, one row per c
 """
 
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_repr import data, files, parallel, plotting, results
+from vit_repr import data, parallel, plotting
+from vit_repr.studies import runner
 
 
 def _pipeline_label_histogram(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, dict]:
@@ -45,7 +45,7 @@ def _pipeline_label_histogram(cfg: ml_collections.ConfigDict) -> tuple[np.ndarra
                            "examples_per_second": batches.plan.num_examples / seconds}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> runner.StudyResult:
   """Summarises `config.data` into `workdir`.
 
   Args:
@@ -56,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir: output directory.
 
   Returns:
-    Headline numbers: 'splits' {split: examples}, 'num_classes' and
+    The result; summary: 'splits' {split: examples}, 'num_classes' and
     'pipeline_examples_per_second' (rounded to 0.1).
   """
   cfg = config.data
@@ -75,13 +75,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       arrays["montage"] = montage
 
   arrays["pipeline/label_histogram"], metadata["pipeline"] = _pipeline_label_histogram(cfg)
-  results.write_results(workdir, "dataset_summary", arrays, metadata)
   rows = montage.shape[0] // cfg.image_size
-  plotting.plot_montage(montage, files.join(workdir, "figures", "dataset_examples"),
-                        row_labels=class_names[:rows],
-                        title=f"{cfg.name}/{cfg.eval_split} at {cfg.image_size}px")
-  return {
+  summary = {
       "splits": {s: metadata[s]["num_examples"] for s in (cfg.train_split, cfg.eval_split)},
       "num_classes": metadata[cfg.eval_split]["num_classes"],
       "pipeline_examples_per_second": round(metadata["pipeline"]["examples_per_second"], 1),
   }
+  return runner.finish(config, workdir, "dataset_summary", arrays, metadata, summary, figures={
+      "dataset_examples": lambda path: plotting.plot_montage(
+          montage, path, row_labels=class_names[:rows],
+          title=f"{cfg.name}/{cfg.eval_split} at {cfg.image_size}px")})

@@ -49,9 +49,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vit_repr import data, features, files, parallel, plotting, probes, results
+from vit_repr import data, features, parallel, plotting, probes
 from vit_repr.models import layout
-from vit_repr.studies import loading, resume
+from vit_repr.studies import loading, runner
 
 TOKEN = "token"  # The per-token feature kind.
 
@@ -132,40 +132,39 @@ class _HostFeatures:
 
 
 def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequence[str],
-            batches: data.EvalBatches, *, image_size: int, mesh: Mesh, config,
-            state_path: str, what: str = ""
-            ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray] | resume.Progress:
+            batches: data.EvalBatches, *, study: runner.Study, state_file: str, what: str = ""
+            ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray] | runner.Interrupted:
   """Streams `batches` through `model` and materialises the probe features on the host.
 
-  The features extracted so far are saved to `state_path` every `config.checkpoint_every`
-  batches; a rerun resumes there (`vit_repr.studies.resume.accumulate`).
+  The features extracted so far are saved to `<workdir>/<state_file>` every
+  `config.checkpoint_every` batches; a rerun resumes there (`runner.Study.accumulate`).
 
   Args:
     model: the Flax module.
     params: its parameters.
     layers: layer names or patterns (`features.select_names`).
     kinds: token modes ('cls', 'mean', 'all') and/or 'token'.
-    batches: the eval batches to stream.
-    image_size: model resolution.
-    mesh: the mesh the batches are sharded over.
-    config: the study config (`checkpoint_every`, `log_every`, `stop_after_batches`).
-    state_path: the `.npz` holding the features extracted so far.
+    batches: the eval batches to stream (sharded over `study.mesh`).
+    study: the study (its image size, mesh and config: `checkpoint_every`, `log_every`,
+      `stop_after_batches`).
+    state_file: the `.npz` holding the features extracted so far.
     what: a label for the log lines.
 
   Returns:
     (layer names, `{'<kind>:<layer>': float32 [n, F] or [n, T, D]}`, int `[n]` labels), or
-    the `Progress` of a pass stopped early (`stop_after_batches`).
+    `Interrupted` for a pass stopped early (`stop_after_batches`).
 
   Raises:
     ValueError: unknown layers, or a kind that does not apply to a layer (e.g. 'token' on a
       layer without spatial tokens).
   """
+  image_size = study.image_size
   extractor = features.FeatureExtractor(model, list(layers), image_size=image_size,
                                         token_mode="all")
   if TOKEN in kinds:
     for name in extractor.names:
       probes.tokens_and_width(extractor.shapes[name], name)
-  fn = _feature_fn(extractor, kinds, mesh)
+  fn = _feature_fn(extractor, kinds, study.mesh)
   shapes = jax.eval_shape(fn, params,
                           jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32),
                           jax.ShapeDtypeStruct((1,), np.int32))
@@ -180,11 +179,11 @@ def extract(model: nn.Module, params: Any, layers: Sequence[str], kinds: Sequenc
     state.pending = outputs
     return state
 
-  state, progress = resume.accumulate(
+  state, progress = study.accumulate(
       _HostFeatures(shapes, batches.plan.num_examples), update, lambda _: batches,
-      config=config, state_path=state_path, what=what)
+      state_file=state_file, what=what)
   if not progress.complete:
-    return progress
+    return runner.Interrupted(progress)
   order = np.argsort(batches.plan.positions.ravel())  # Pass order (device-major) -> canonical.
   feats = {key: value[order] for key, value in state.to_numpy().items()}
   labels = feats.pop("label")
@@ -200,20 +199,19 @@ def _stack(values: Sequence[np.ndarray]) -> np.ndarray:
                           constant_values=np.nan) for v in values])
 
 
-def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                 mesh: Mesh, info: data.DatasetInfo, key: str,
-                 workdir: str) -> tuple[dict, dict] | resume.Progress:
-  """Arrays '<key>/...' and metadata of every probe of one model (or the `Progress` of a
+def _probe_model(study: runner.Study, key: str, spec: ml_collections.ConfigDict
+                 ) -> tuple[dict, dict] | runner.Interrupted:
+  """Arrays '<key>/...' and metadata of every probe of one model (or `Interrupted` for a
   feature extraction stopped early)."""
+  config, info = study.config, study.info
   cfg_data, cfg_probes, cfg_linear = config.data, config.probes, config.linear
-  model, params = loading.load_model(spec, image_size=cfg_data.image_size,
-                                     num_classes=info.num_classes, mesh=mesh)
+  model, params = study.model(spec)
   tokens = model.token_layout()
   kinds = _kinds(layout.has_cls(tokens), cfg_probes.modes, cfg_probes.per_token, key)
 
   def batches(split, num_examples):
     return data.eval_batches(cfg_data.name, split, image_size=cfg_data.image_size,
-                             global_batch_size=cfg_data.global_batch_size, mesh=mesh,
+                             global_batch_size=cfg_data.global_batch_size, mesh=study.mesh,
                              num_examples=num_examples, data_dir=cfg_data.data_dir,
                              crop_fraction=cfg_data.crop_fraction)
 
@@ -221,10 +219,9 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
   for role, split, num_examples in (("pool", cfg_data.train_split, cfg_data.train_num_examples),
                                     ("test", cfg_data.test_split, cfg_data.test_num_examples)):
     extracted[role] = extract(
-        model, params, spec.layers, kinds, batches(split, num_examples),
-        image_size=cfg_data.image_size, mesh=mesh, config=config,
-        state_path=files.join(workdir, f"features_{key}_{role}.npz"), what=f"{key} {split}")
-    if isinstance(extracted[role], resume.Progress):
+        model, params, spec.layers, kinds, batches(split, num_examples), study=study,
+        state_file=f"features_{key}_{role}.npz", what=f"{key} {split}")
+    if isinstance(extracted[role], runner.Interrupted):
       return extracted[role]
   (names, train, train_labels), (_, test, test_labels) = extracted["pool"], extracted["test"]
   arrays = {f"{key}/layers": np.asarray(names, dtype=str)}
@@ -263,7 +260,7 @@ def _probe_model(spec: ml_collections.ConfigDict, config: ml_collections.ConfigD
   return arrays, metadata
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
   """Probes every layer of every model of `config` and writes arrays, metadata and figures.
 
   Args:
@@ -271,20 +268,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir: output directory.
 
   Returns:
-    Headline numbers per model: the last layer's accuracy per kind at the largest shot count
+    The result; summary per model: the last layer's accuracy per kind at the largest shot count
     (and of the full probe), example counts, seconds.
   """
-  files.makedirs(workdir)
   if not config.specs:
     raise ValueError("config.specs is empty: add at least one model spec to probe.")
-  mesh = parallel.make_mesh()
-  info = data.dataset_info(config.data.name, config.data.data_dir)
+  study = runner.Study(config, workdir)
+  info = study.info
   arrays, models, summary = {}, {}, {}
   for key, spec in config.specs.items():
     start = time.perf_counter()
-    probed = _probe_model(spec, config, mesh, info, key, workdir)
-    if isinstance(probed, resume.Progress):
-      return probed.summary()
+    probed = _probe_model(study, key, spec)
+    if isinstance(probed, runner.Interrupted):
+      return probed
     model_arrays, models[key] = probed
     arrays.update(model_arrays)
     summary[key] = {
@@ -297,7 +293,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           kind: round(float(np.mean(arrays[f"{key}/linear/{kind}"][-1])), 4)
           for kind in models[key]["kinds"]}
   metadata = {
-      "config": config.to_dict(),
       "models": models,
       "dataset": {"name": info.name, "num_classes": info.num_classes,
                   "train_split": config.data.train_split, "test_split": config.data.test_split},
@@ -313,13 +308,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  **config.linear.to_dict()},
       "chance_accuracy": 1.0 / info.num_classes,
   }
-  results.write_results(workdir, "linear_probes", arrays, metadata)
-  _plot(config, arrays, models, info.num_classes, workdir)
-  return summary
+  return study.finish("linear_probes", arrays, metadata, summary,
+                      figures=_figures(config, arrays, models, info.num_classes))
 
 
-def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], models: dict,
-          num_classes: int, workdir: str) -> None:
+def _figures(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], models: dict,
+             num_classes: int) -> dict[str, runner.Draw]:
   """The per-layer accuracy figure and, with per-token probes, the CLS-vs-spatial figure."""
   shots = config.probes.shots[-1]
   modes = [m for m in config.probes.modes if any(m in meta["kinds"] for meta in models.values())]
@@ -334,10 +328,10 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], mode
       panels.append(plotting.CurvePanel(
           curves=curves, layer_names={key: list(arrays[f"{key}/layers"]) for key in curves},
           title=f"{label} probe, {mode}", ylabel="test accuracy", chance=1.0 / num_classes))
-  plotting.plot_layer_curves(panels, files.join(workdir, "figures", "linear_probes"),
-                             columns=len(modes))
+  figures = {"linear_probes": lambda path: plotting.plot_layer_curves(panels, path,
+                                                                      columns=len(modes))}
   if not config.probes.per_token:
-    return
+    return figures
   token_panels = []
   for key, meta in models.items():
     per_token = arrays[f"{key}/fewshot/{TOKEN}"][:, -1].mean(1)  # [layers, T]
@@ -349,5 +343,5 @@ def _plot(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], mode
         curves=curves, layer_names=dict.fromkeys(curves, list(arrays[f"{key}/layers"])),
         title=f"{key}: {shots}-shot probe per token", ylabel="test accuracy",
         chance=1.0 / num_classes))
-  plotting.plot_layer_curves(token_panels,
-                             files.join(workdir, "figures", "linear_probes_tokens"))
+  figures["linear_probes_tokens"] = lambda path: plotting.plot_layer_curves(token_panels, path)
+  return figures

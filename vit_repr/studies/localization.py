@@ -26,9 +26,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import data, features, files, localization, parallel, plotting, results
+from vit_repr import localization, plotting
 from vit_repr.models import display_name, layout
-from vit_repr.studies import loading, resume
+from vit_repr.studies import loading, runner
 
 STATE_FILE = "localization_state.npz"
 
@@ -37,7 +37,7 @@ def _resolve_positions(positions: Any, grid: int) -> list[tuple[int, int]]:
   return [localization.position_index(p, grid) for p in positions]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
   """Computes the token-vs-patch CKA maps of every model and layer of `config` into `workdir`.
 
   Args:
@@ -45,20 +45,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir: output directory (also holds the resumable accumulator state).
 
   Returns:
-    Headline numbers: example count, minibatches, and per model and layer the mean CKA of a
+    The result; summary: example count, minibatches, and per model and layer the mean CKA of a
     token with its own patch and the fraction of tokens whose most similar patch is their own.
 
   Raises:
     ValueError: no models, a model without layers, a layer without spatial positions, an
       unknown position, or a saved state from another config.
   """
-  files.makedirs(workdir)
   if not config.models:
     raise ValueError("config.models is empty; add at least one model spec (see "
                      "configs/localization.py).")
-  mesh = parallel.make_mesh()
-  cfg_data, analysis = config.data, config.analysis
-  info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
+  study = runner.Study(config, workdir)
+  analysis = config.analysis
   names = sorted(config.models.keys())
 
   extractors, params, accumulators = {}, {}, {}
@@ -67,35 +65,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if not spec.layers:
       raise ValueError(f"Model {name!r} selects no layers; set models.{name}.layers to block "
                        "outputs, e.g. ('Transformer/encoderblock_11/out',) or ('block4/out',).")
-    model, params[name] = loading.load_model(spec, image_size=cfg_data.image_size,
-                                             num_classes=info.num_classes, mesh=mesh)
-    extractors[name] = features.FeatureExtractor(model, list(spec.layers),
-                                                 image_size=cfg_data.image_size)
-    tokens = model.token_layout()
+    extractors[name], params[name] = study.extractor(spec)
+    tokens = extractors[name].token_layout
     accumulators[name] = localization.LocalizationCKA(
-        extractors[name].shapes, image_size=cfg_data.image_size,
+        extractors[name].shapes, image_size=study.image_size,
         num_prefix_tokens=layout.num_prefix_tokens(tokens), token_grid=layout.token_grid(tokens),
-        mesh=mesh, grams=analysis.grams,
-        gram_blocks=analysis.gram_blocks)
+        mesh=study.mesh, grams=analysis.grams, gram_blocks=analysis.gram_blocks)
     for grid in set(accumulators[name].grids.values()):
       _resolve_positions(analysis.positions, grid)  # Fails early on a bad position.
     logging.info("Model %s (%s): layers %s.", name, spec.name, accumulators[name].grids)
-
-  pass_batches = resume.pass_reader(cfg_data, minibatch_size=analysis.minibatch_size,
-                                    mesh=mesh, shuffle_seed=analysis.shuffle_seed)
 
   def update(states: dict[str, Any], batch: dict) -> dict[str, Any]:
     return {n: accumulators[n].update(states[n], extractors[n](params[n], batch["image"]),
                                       batch["image"], batch["valid"]) for n in names}
 
-  states, progress = resume.accumulate(
-      {n: accumulators[n].init() for n in names}, update, pass_batches, config=config,
-      state_path=files.join(workdir, STATE_FILE), what="Localization",
-      num_passes=analysis.num_passes)
+  states, progress = study.accumulate(
+      {n: accumulators[n].init() for n in names}, update,
+      study.passes(minibatch_size=analysis.minibatch_size, shuffle_seed=analysis.shuffle_seed),
+      state_file=STATE_FILE, what="Localization", num_passes=analysis.num_passes)
   if not progress.complete:
-    return progress.summary()
+    return runner.Interrupted(progress)
   found = {n: accumulators[n].result(states[n]) for n in names}
-  return _write(config, workdir, found, progress.examples_per_second)
+  return _finish(study, found, progress.examples_per_second)
 
 
 def _layer_summary(maps: np.ndarray) -> dict[str, float]:
@@ -109,10 +100,10 @@ def _layer_summary(maps: np.ndarray) -> dict[str, float]:
           "peak_at_own_patch": round(float(localization.peaks_at_own_patch(maps).mean()), 4)}
 
 
-def _write(config: ml_collections.ConfigDict, workdir: str,
-           found: dict[str, localization.LocalizationResult],
-           examples_per_second: float | None) -> dict[str, Any]:
-  """Writes the maps, metadata and figure; returns the headline numbers."""
+def _finish(study: runner.Study, found: dict[str, localization.LocalizationResult],
+            examples_per_second: float | None) -> runner.StudyResult:
+  """Writes the maps, metadata and figure."""
+  config = study.config
   arrays, summaries, rows = {}, {}, []
   positions = config.analysis.positions
   for name, res in found.items():
@@ -128,7 +119,6 @@ def _write(config: ml_collections.ConfigDict, workdir: str,
           positions=_resolve_positions(positions, res.grids[layer])))
   first = next(iter(found.values()))
   metadata = {
-      "config": config.to_dict(),
       "models": {n: loading.describe(config.models[n]) for n in found},
       "layers": summaries,
       "num_examples_per_pass": first.num_examples // config.analysis.num_passes,
@@ -143,12 +133,12 @@ def _write(config: ml_collections.ConfigDict, workdir: str,
                  "channel)",
       "examples_per_second": examples_per_second,
   }
-  results.write_results(workdir, "localization", arrays, metadata)
-  plotting.plot_localization(rows, files.join(workdir, "figures", "localization"),
-                             column_titles=[str(p) for p in positions])
-  return {"num_examples": first.num_examples, "num_minibatches": first.num_batches,
-          "layers": {n: {display_name(l): {k: v for k, v in s.items()
-                                                        if k != "other_patch_cka"}
-                         for l, s in layer_summaries.items()}
-                     for n, layer_summaries in summaries.items()},
-          "examples_per_second": examples_per_second}
+  summary = {"num_examples": first.num_examples, "num_minibatches": first.num_batches,
+             "layers": {n: {display_name(l): {k: v for k, v in s.items()
+                                              if k != "other_patch_cka"}
+                            for l, s in layer_summaries.items()}
+                        for n, layer_summaries in summaries.items()},
+             "examples_per_second": examples_per_second}
+  return study.finish("localization", arrays, metadata, summary, figures={
+      "localization": lambda path: plotting.plot_localization(
+          rows, path, column_titles=[str(p) for p in positions])})

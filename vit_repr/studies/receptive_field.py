@@ -16,15 +16,14 @@ Outputs in the workdir: `receptive_field.{npz,json}` (per model: normalised maps
 every choice) and `figures/receptive_field.{png,pdf}` (one ERF image per layer, per model).
 """
 
-from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import data, features, files, parallel, plotting, receptive_field, results
+from vit_repr import features, plotting, receptive_field
 from vit_repr.models import display_name, flatten_intermediates, layout
-from vit_repr.studies import loading, resume
+from vit_repr.studies import loading, runner
 
 
 def _model_specs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
@@ -56,7 +55,7 @@ def _estimator(model, spec: ml_collections.ConfigDict, config: ml_collections.Co
       layer_groups=analysis.layer_groups, mesh=mesh)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
   """Computes the effective receptive fields of `config`'s models into `workdir`.
 
   Args:
@@ -64,29 +63,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir: output directory.
 
   Returns:
-    Headline numbers: images, and per model the ERF radius (pixels) of each layer.
+    The result; summary: per model the images and the ERF radius (pixels) of each layer.
   """
-  files.makedirs(workdir)
-  mesh = parallel.make_mesh()
-  cfg_data = config.data
-  info = data.dataset_info(cfg_data.name, cfg_data.data_dir)
+  study = runner.Study(config, workdir)
   arrays, panels, summary, models_meta = {}, [], {}, {}
   for key, spec in _model_specs(config):
-    model, params = loading.load_model(spec, image_size=cfg_data.image_size,
-                                       num_classes=info.num_classes, mesh=mesh)
-    estimator = _estimator(model, spec, config, mesh)
+    model, params = study.model(spec)
+    estimator = _estimator(model, spec, config, study.mesh)
     logging.info("Model %s (%s): receptive fields of %d layers.", key.upper(), spec.name,
                  len(estimator.names))
-    batches = resume.minibatch_batches(cfg_data, minibatch_size=config.analysis.minibatch_size,
-                                       mesh=mesh)
-    state, progress = resume.accumulate(
+    state, progress = study.accumulate(
         estimator.init(),
         lambda state, batch: estimator.update(state, params, batch["image"], batch["valid"]),
-        lambda _: batches, config=config,
-        state_path=files.join(workdir, f"receptive_field_state_{key}.npz"),
-        what=f"Receptive fields of {spec.name}")
+        study.passes(minibatch_size=config.analysis.minibatch_size),
+        state_file=f"receptive_field_state_{key}.npz", what=f"Receptive fields of {spec.name}")
     if not progress.complete:
-      return progress.summary()
+      return runner.Interrupted(progress)
     result = estimator.result(state)
     arrays.update({f"maps_{key}": result.maps, f"raw_maps_{key}": result.raw_maps,
                    f"radius_{key}": result.radius, f"centres_{key}": result.centres,
@@ -100,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     models_meta[key] = {**loading.describe(spec), "num_examples": result.num_examples,
                         "layers": list(result.names)}
   metadata = {
-      "config": config.to_dict(), "models": models_meta,
+      "models": models_meta,
       "definition": "ERF[y, x] = mean_images mean_c sum_rgb |d r[centre, c] / d image[y, x, rgb]|"
                     ", normalised to max 1 per layer",
       "estimator": config.analysis.estimator, "center": config.analysis.center,
@@ -110,6 +102,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "radius": "sqrt of the ERF-weighted mean squared pixel distance from the centre "
                 "location's centre",
   }
-  results.write_results(workdir, "receptive_field", arrays, metadata)
-  plotting.plot_receptive_fields(panels, files.join(workdir, "figures", "receptive_field"))
-  return summary
+  return study.finish("receptive_field", arrays, metadata, summary, figures={
+      "receptive_field": lambda path: plotting.plot_receptive_fields(panels, path)})

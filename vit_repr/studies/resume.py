@@ -22,7 +22,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
 
 from vit_repr import data, files, streaming
 
@@ -109,39 +108,6 @@ def _restored(template: State, arrays: Mapping[str, np.ndarray]) -> State:
   return jax.tree.map(placed, template, template.from_numpy(arrays))
 
 
-def study_batches(cfg_data: ml_collections.ConfigDict, *, global_batch_size: int, mesh: Mesh,
-                  shuffle_seed: int | None = None,
-                  minibatch_size: int | None = None) -> data.EvalBatches:
-  """The eval batches of a study's data section (configs/common.py `eval_data`: name, split,
-  data_dir, image_size, num_examples, crop_fraction, sample_seed); with `minibatch_size`,
-  each device's shard is one minibatch and the examples used do not depend on the device
-  count (padding minibatches are marked by the batch's `valid`)."""
-  return data.eval_batches(
-      cfg_data.name, cfg_data.split, image_size=cfg_data.image_size,
-      global_batch_size=global_batch_size, mesh=mesh, num_examples=cfg_data.num_examples,
-      data_dir=cfg_data.data_dir, crop_fraction=cfg_data.crop_fraction,
-      sample_seed=cfg_data.sample_seed, shuffle_seed=shuffle_seed,
-      minibatch_size=minibatch_size)
-
-
-def minibatch_batches(cfg_data: ml_collections.ConfigDict, *, minibatch_size: int, mesh: Mesh,
-                      shuffle_seed: int | None = None) -> data.EvalBatches:
-  """`study_batches` with one minibatch of `minibatch_size` examples per device."""
-  return study_batches(cfg_data, global_batch_size=minibatch_size * mesh.devices.size,
-                       mesh=mesh, shuffle_seed=shuffle_seed, minibatch_size=minibatch_size)
-
-
-def pass_reader(cfg_data: ml_collections.ConfigDict, *, minibatch_size: int, mesh: Mesh,
-                shuffle_seed: int) -> Callable[[int], data.EvalBatches]:
-  """`pass_index -> batches` of one minibatch per device over a study's data section: pass 0
-  in canonical order, pass p > 0 reshuffled by `shuffle_seed + p` (same examples, new
-  minibatches), as the reference minibatch-CKA code does."""
-  def batches(pass_index: int) -> data.EvalBatches:
-    return minibatch_batches(cfg_data, minibatch_size=minibatch_size, mesh=mesh,
-                             shuffle_seed=None if pass_index == 0 else shuffle_seed + pass_index)
-  return batches
-
-
 def remaining_batches(pass_batches: Callable[[int], Iterable[Any]], *, num_passes: int,
                       batches_per_pass: int, done: int,
                       stop_at: int) -> Iterator[tuple[int, int, Any]]:
@@ -215,13 +181,8 @@ class Progress:
     return self.batches_done >= self.batches_total
 
   def summary(self) -> dict[str, int]:
-    """The headline numbers of an interrupted study (see `interrupted`)."""
+    """The headline numbers of an interrupted study."""
     return {"batches_done": self.batches_done, "batches_total": self.batches_total}
-
-
-def interrupted(summary: Mapping[str, Any]) -> bool:
-  """Whether a study's headline numbers are those of a run stopped before the end."""
-  return summary.get("batches_done", 0) < summary.get("batches_total", 0)
 
 
 def accumulate(state: State, update: Callable[[State, dict[str, jax.Array]], State],
@@ -235,7 +196,8 @@ def accumulate(state: State, update: Callable[[State, dict[str, jax.Array]], Sta
       `streaming.State`), or a dict of such states; also the template a saved state is
       restored into (`state.from_numpy`, then placed like it).
     update: `(state, batch) -> state`, one global batch `{'image', 'label'}`.
-    pass_batches: `pass_index -> batches` (e.g. `pass_reader`); every pass has as many.
+    pass_batches: `pass_index -> batches` (e.g. `runner.Study.passes`); every pass has as
+      many.
     config: the study's config: its fingerprint, `checkpoint_every`, `log_every` and
       `stop_after_batches` (a simulated preemption: stop there, a rerun resumes).
     state_path: the `.npz` file holding the saved state.

@@ -29,17 +29,15 @@ Training runs, the norm-ratio passes (`<workdir>/norm_ratio_state_<key>.npz`) an
 runs resume after a preemption.
 """
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_repr import data, files, models, parallel, plotting, residual, results, training
+from vit_repr import files, models, plotting, residual, training
 from vit_repr.models import layout
-from vit_repr.studies import loading, representation, resume
+from vit_repr.studies import loading, representation, runner
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -83,26 +81,21 @@ def _norm_ratio_specs(config: ml_collections.ConfigDict, models_dir: str
   return specs
 
 
-def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                mesh: jax.sharding.Mesh, state_path: str
-                ) -> tuple[residual.NormRatioResult | resume.Progress,
+def norm_ratios(spec: ml_collections.ConfigDict, study: runner.Study, state_file: str
+                ) -> tuple[residual.NormRatioResult | runner.Interrupted,
                            tuple[models.SubLayer, ...]]:
   """Norm ratios of every residual sub-layer of one model over `config.data`, resumably.
 
   Args:
     spec: the model spec (`vit_repr.studies.loading`).
-    config: the study config (`data`, `norm_ratio`, `checkpoint_every`, ...).
-    mesh: the data-parallel mesh.
-    state_path: where the running sums are saved (and resumed from).
+    study: the study (its config's `data`, `norm_ratio`, `checkpoint_every`, ...).
+    state_file: where the running sums are saved (and resumed from) in the work directory.
 
   Returns:
-    (the accumulated `NormRatioResult`, or the `Progress` of an interrupted pass; the model's
-    sub-layers in computation order, the order of the result's rows).
+    (the accumulated `NormRatioResult`, or `Interrupted`; the model's sub-layers in
+    computation order, the order of the result's rows).
   """
-  cfg = config.data
-  info = data.dataset_info(cfg.name, cfg.data_dir)
-  model, params = loading.load_model(spec, image_size=cfg.image_size,
-                                     num_classes=info.num_classes, mesh=mesh)
+  model, params = study.model(spec)
   layers = model.residual_sublayers()
   tokens = model.token_layout()
 
@@ -110,37 +103,36 @@ def norm_ratios(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDi
     _, state = model.apply({"params": params}, images, mutable=["intermediates"])
     return models.streams_and_branches(layers, models.flatten_intermediates(state))
 
-  estimator = residual.NormRatio(mesh)
+  estimator = residual.NormRatio(study.mesh)
 
   def accumulate(state, params, images):
     # One jitted step: the intermediates that are not z or f(z) are never materialised.
     return estimator.update(state, *streams_and_branches(params, images))
 
   step = jax.jit(accumulate, donate_argnums=0)
-  params = jax.device_put(params, parallel.replicated(mesh))
-  batch_size = config.norm_ratio.global_batch_size
-  images = jax.ShapeDtypeStruct((batch_size, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  batch_size = study.config.norm_ratio.global_batch_size
+  images = jax.ShapeDtypeStruct((batch_size, study.image_size, study.image_size, 3),
+                                jnp.float32)
   streams, _ = jax.eval_shape(streams_and_branches, params, images)
   # eval_shape returns the dict with sorted keys: the state's rows follow the model's order.
   state = estimator.init({layer.name: streams[layer.name] for layer in layers},
                          num_prefix_tokens=layout.num_prefix_tokens(tokens))
-  batches = resume.study_batches(cfg, global_batch_size=batch_size, mesh=mesh)
-  state, progress = resume.accumulate(
-      state, lambda state, batch: step(state, params, batch["image"]), lambda _: batches,
-      config=config, state_path=state_path, what=f"{spec.name} norm ratios")
-  return (estimator.result(state) if progress.complete else progress), layers
+  state, progress = study.accumulate(
+      state, lambda state, batch: step(state, params, batch["image"]),
+      study.passes(global_batch_size=batch_size), state_file=state_file,
+      what=f"{spec.name} norm ratios")
+  return (estimator.result(state) if progress.complete else runner.Interrupted(progress)), layers
 
 
-def _run_norm_ratios(config: ml_collections.ConfigDict, workdir: str, models_dir: str,
-                     mesh: jax.sharding.Mesh) -> dict[str, Any]:
+def _run_norm_ratios(study: runner.Study, models_dir: str) -> runner.Outcome:
+  config = study.config
   specs = _norm_ratio_specs(config, models_dir)
   statistic = config.norm_ratio.statistic
   arrays, panels, summary, described = {}, [], {}, {}
   for key, spec in specs.items():
-    result, layers = norm_ratios(spec, config, mesh,
-                                 files.join(workdir, f"norm_ratio_state_{key}.npz"))
-    if isinstance(result, resume.Progress):
-      return result.summary()
+    result, layers = norm_ratios(spec, study, f"norm_ratio_state_{key}.npz")
+    if isinstance(result, runner.Interrupted):
+      return result
     for field in ("ratio_of_means", "mean_of_ratios", "norm_stream", "norm_branch",
                   "num_tokens"):
       arrays[f"{key}/{field}"] = getattr(result, field)
@@ -160,7 +152,6 @@ def _run_norm_ratios(config: ml_collections.ConfigDict, workdir: str, models_dir
     logging.info("%s: mean %s per group %s over %d sub-layers.", key, statistic, summary[key],
                  len(layers))
   metadata = {
-      "config": config.to_dict(),
       "models": described,
       "dataset": config.data.to_dict(),
       "num_examples": result.num_examples,
@@ -176,15 +167,13 @@ def _run_norm_ratios(config: ml_collections.ConfigDict, workdir: str, models_dir
                    "shortcut out - branch (identity_shortcut False); blocks without skips "
                    "(remove_skips) left out",
   }
-  results.write_results(workdir, "norm_ratios", arrays, metadata)
-  plotting.plot_norm_ratios(panels, files.join(workdir, "figures", "norm_ratios"),
-                            ylabel=f"||z|| / ||f(z)|| ({statistic})")
-  return {f"mean_{statistic}": summary}
+  return study.finish("norm_ratios", arrays, metadata, {f"mean_{statistic}": summary}, figures={
+      "norm_ratios": lambda path: plotting.plot_norm_ratios(
+          panels, path, ylabel=f"||z|| / ||f(z)|| ({statistic})")})
 
 
-def _run_ablation(config: ml_collections.ConfigDict, workdir: str,
-                  models_dir: str) -> dict[str, Any]:
-  ablation = config.ablation
+def _run_ablation(study: runner.Study, models_dir: str) -> runner.Outcome:
+  config, ablation = study.config, study.config.ablation
   reference, reference_dir = _trained(config, ablation.reference, models_dir)
   accuracies = {ablation.reference: float(reference.final_eval.get("accuracy", np.nan))}
   reference_spec = loading.trained_spec(config.models[ablation.reference], reference_dir,
@@ -198,11 +187,10 @@ def _run_ablation(config: ml_collections.ConfigDict, workdir: str,
     cka_config = ml_collections.ConfigDict(ablation.cka.to_dict())
     cka_config.model_a = loading.trained_spec(config.models[name], run_dir, ablation.layers)
     cka_config.model_b = reference_spec
-    cka_dir = files.join(workdir, "ablation", name)
-    progress = representation.run(cka_config, cka_dir)
-    if resume.interrupted(progress):
-      return progress
-    heatmaps, _ = results.read_results(cka_dir, "cka_heatmap")
+    cka = representation.run(cka_config, study.path("ablation", name))
+    if not cka.complete:
+      return cka
+    heatmaps = cka.arrays
     arrays[f"{name}/cka_self"] = heatmaps["cka_aa"]
     arrays[f"{name}/cka_vs_reference"] = heatmaps["cka_ab"]
     arrays[f"{name}/stderr_self"] = heatmaps["stderr_aa"]
@@ -224,24 +212,22 @@ def _run_ablation(config: ml_collections.ConfigDict, workdir: str,
   arrays["accuracy"] = np.asarray([accuracies[n] for n in accuracies])
   arrays["accuracy_models"] = np.asarray(list(accuracies), dtype=str)
   metadata = {
-      "config": config.to_dict(),
       "reference": {"name": ablation.reference, **loading.describe(reference_spec)},
       "removed_blocks": removed,
       "test_accuracy": accuracies,
       "cka": "Study 1 (vit_repr.studies.representation) with model A = the ablated model and "
              "model B = the reference; per-model outputs in ablation/<name>/cka_heatmap.*",
   }
-  results.write_results(workdir, "skip_ablation", arrays, metadata)
-  figures = files.join(workdir, "figures")
-  plotting.plot_heatmaps(self_panels, files.join(figures, "skip_ablation_self"))
-  plotting.plot_heatmaps(cross_panels, files.join(figures, "skip_ablation_vs_reference"))
   mean_diagonal = {n: round(float(np.mean(np.diag(arrays[f"{n}/cka_vs_reference"]))), 3)
                    for n in ablation.models}
-  return {"test_accuracy": {k: round(v, 4) for k, v in accuracies.items()},
-          "mean_diagonal_cka_vs_reference": mean_diagonal}
+  summary = {"test_accuracy": {k: round(v, 4) for k, v in accuracies.items()},
+             "mean_diagonal_cka_vs_reference": mean_diagonal}
+  return study.finish("skip_ablation", arrays, metadata, summary, figures={
+      "skip_ablation_self": lambda path: plotting.plot_heatmaps(self_panels, path),
+      "skip_ablation_vs_reference": lambda path: plotting.plot_heatmaps(cross_panels, path)})
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
   """Runs the norm ratios and the skip-removal ablation of `config` into `workdir`.
 
   Args:
@@ -249,20 +235,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir: output directory.
 
   Returns:
-    Headline numbers: mean norm ratio per model and group; test accuracies and the mean
-    diagonal CKA of each ablated model against the reference.
+    The result, with parts 'norm_ratios' and/or 'ablation'; summary: mean norm ratio per model
+    and group; test accuracies and the mean diagonal CKA of each ablated model against the
+    reference.
   """
   _check_config(config)
-  files.makedirs(workdir)
-  models_dir = config.models_dir or files.join(workdir, "models")
-  mesh = parallel.make_mesh()
-  summary = {}
+  study = runner.Study(config, workdir)
+  models_dir = config.models_dir or study.path("models")
+  parts = {}
   if config.norm_ratio.models or config.norm_ratio.trained:
-    summary["norm_ratios"] = _run_norm_ratios(config, workdir, models_dir, mesh)
-    if resume.interrupted(summary["norm_ratios"]):
-      return summary["norm_ratios"]
+    parts["norm_ratios"] = _run_norm_ratios(study, models_dir)
+    if not parts["norm_ratios"].complete:
+      return parts["norm_ratios"]
   if config.ablation.reference:
-    summary["ablation"] = _run_ablation(config, workdir, models_dir)
-    if resume.interrupted(summary["ablation"]):
-      return summary["ablation"]
-  return summary
+    parts["ablation"] = _run_ablation(study, models_dir)
+    if not parts["ablation"].complete:
+      return parts["ablation"]
+  return runner.StudyResult(summary={k: part.summary for k, part in parts.items()},
+                            parts=parts)

@@ -3,6 +3,9 @@
 Every function takes arrays (as written by the studies) and an output path stem, and saves
 both `<stem>.png` and `<stem>.pdf`, returning the two paths. Layer axes are labelled with each
 model family's short names (`vit_repr.models.layout.display_name`: '3/mid', '2.03').
+
+One module for every figure (~450 lines): each is a short function over the same few helpers
+(axes grids, colour bars, saving), so a reader finds any of the paper's figures here.
 """
 
 import dataclasses

@@ -31,6 +31,10 @@ Metrics: training loss, accuracy, learning rate, gradient norm, images/s and ETA
 (absl) and written to the run's metrics log (`vit_repr.metrics_log`: `<workdir>/metrics.jsonl`
 and TensorBoard events in `<workdir>/tensorboard`), as are the periodic evaluations on the
 held-out split.
+
+This module is the loop and its resume (~460 lines): the step, the evaluation and the
+checkpoint bookkeeping share one train state and are read together; the recipe (optimizer,
+schedule, losses) is `vit_repr.recipe` and the metrics files `vit_repr.metrics_log`.
 """
 
 import dataclasses

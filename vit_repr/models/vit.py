@@ -58,6 +58,9 @@ classifier='token', then the (image_size / patch_size)^2 patches, row-major) and
 `residual_sublayers()` (per block 'attn': z = in, f = attn_branch; 'mlp': z = mid,
 f = mlp_branch; blocks in `remove_skips` left out) and `attention_layers()` (per block its
 attn_probs and head_outputs).
+
+One module for the family (~450 lines, two fifths of them docstrings with the sown names and
+shapes): the embedding, the encoder block, the heads and the registered sizes are read together.
 """
 
 from collections.abc import Sequence

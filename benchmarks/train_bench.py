@@ -32,9 +32,10 @@ _RECIPE = flags.DEFINE_string("recipe", "imagenet_vit_b16", "configs/train.py re
 _GEMM_SIZE = flags.DEFINE_integer("gemm_size", 2048, "Side of the square GEMM for the peak.")
 
 
-def time_train_step(recipe: str, batch_size: int, dtype: str, steps: int) -> dict[str, float]:
+def time_train_step(recipe_name: str, batch_size: int, dtype: str,
+                    steps: int) -> dict[str, float]:
   """Compiles and times the recipe's train step; returns seconds, images/s and FLOPs."""
-  config = train_configs.get_config(recipe)
+  config = train_configs.get_config(recipe_name)
   config.train.update(dict(global_batch_size=batch_size, accum_steps=1, dtype=dtype))
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = training.build_model(config, 1000)

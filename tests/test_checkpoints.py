@@ -14,9 +14,10 @@ import pytest
 from flax import traverse_util
 
 from vit_repr import checkpoints
-from vit_repr.models import create
+from vit_repr.models import create, flatten_intermediates
 
 WIDTH, HEADS, MLP, PATCH, CLASSES = 32, 4, 64, 8, 10
+POS_EMBEDDING = "Transformer/posembed_input/pos_embedding"
 
 
 # --- Checkpoints in the original layouts -------------------------------------------------------
@@ -29,32 +30,60 @@ def _vector(rng, n, mean=0.0):
   return (mean + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
 
-def vit_checkpoint(seed=0, *, depth=2, grid=4, classifier="token", representation_size=None,
-                   num_classes=CLASSES):
-  """A random ViT in the vision_transformer layout (pos embedding with the CLS slot)."""
-  rng = np.random.default_rng(seed)
+def _attention_weights(rng, prefix):
+  """Random `{prefix}{query, key, value, out}/{kernel, bias}` in the original layout."""
   d, hd = WIDTH, WIDTH // HEADS
-  w = {"embedding/kernel": _dense(rng, (PATCH, PATCH, 3, d), PATCH * PATCH * 3),
+  w = {}
+  for name in ("query", "key", "value"):
+    w[f"{prefix}{name}/kernel"] = _dense(rng, (d, HEADS, hd), d)
+    w[f"{prefix}{name}/bias"] = _vector(rng, (HEADS, hd))
+  w[f"{prefix}out/kernel"] = _dense(rng, (HEADS, hd, d), d)
+  w[f"{prefix}out/bias"] = _vector(rng, d)
+  return w
+
+
+def _mlp_weights(rng, prefix):
+  """Random `{prefix}Dense_{0,1}/{kernel, bias}` of width MLP."""
+  d = WIDTH
+  return {f"{prefix}Dense_0/kernel": _dense(rng, (d, MLP), d),
+          f"{prefix}Dense_0/bias": _vector(rng, MLP),
+          f"{prefix}Dense_1/kernel": _dense(rng, (MLP, d), MLP),
+          f"{prefix}Dense_1/bias": _vector(rng, d)}
+
+
+def vit_checkpoint(seed=0, *, depth=2, grid=4, patch=PATCH, classifier="token",
+                   posemb="learn", layer_scale=False, representation_size=None,
+                   num_classes=CLASSES):
+  """A random ViT in the vision_transformer layout (pos embedding with the CLS slot).
+
+  classifier='map' adds big_vision's MAPHead_0 weights; posemb='sincos2d' has no position
+  embedding; layer_scale adds every block's LayerScale `ls1/gamma` and `ls2/gamma`.
+  """
+  rng = np.random.default_rng(seed)
+  d = WIDTH
+  w = {"embedding/kernel": _dense(rng, (patch, patch, 3, d), patch * patch * 3),
        "embedding/bias": _vector(rng, d)}
   slot = 1 if classifier == "token" else 0
   if slot:
     w["cls"] = _vector(rng, (1, 1, d))
-  w["Transformer/posembed_input/pos_embedding"] = _vector(rng, (1, slot + grid * grid, d))
+  if posemb == "learn":
+    w[POS_EMBEDDING] = _vector(rng, (1, slot + grid * grid, d))
   for i in range(depth):
     b = f"Transformer/encoderblock_{i}/"
     for ln in ("LayerNorm_0", "LayerNorm_2"):
       w[f"{b}{ln}/scale"], w[f"{b}{ln}/bias"] = _vector(rng, d, 1.0), _vector(rng, d)
-    a = f"{b}MultiHeadDotProductAttention_1/"
-    for name in ("query", "key", "value"):
-      w[f"{a}{name}/kernel"] = _dense(rng, (d, HEADS, hd), d)
-      w[f"{a}{name}/bias"] = _vector(rng, (HEADS, hd))
-    w[f"{a}out/kernel"], w[f"{a}out/bias"] = _dense(rng, (HEADS, hd, d), d), _vector(rng, d)
-    w[f"{b}MlpBlock_3/Dense_0/kernel"] = _dense(rng, (d, MLP), d)
-    w[f"{b}MlpBlock_3/Dense_0/bias"] = _vector(rng, MLP)
-    w[f"{b}MlpBlock_3/Dense_1/kernel"] = _dense(rng, (MLP, d), MLP)
-    w[f"{b}MlpBlock_3/Dense_1/bias"] = _vector(rng, d)
+    w.update(_attention_weights(rng, f"{b}MultiHeadDotProductAttention_1/"))
+    w.update(_mlp_weights(rng, f"{b}MlpBlock_3/"))
+    if layer_scale:
+      w[f"{b}ls1/gamma"], w[f"{b}ls2/gamma"] = _vector(rng, d, 0.5), _vector(rng, d, 0.5)
   w["Transformer/encoder_norm/scale"] = _vector(rng, d, 1.0)
   w["Transformer/encoder_norm/bias"] = _vector(rng, d)
+  if classifier == "map":
+    w["MAPHead_0/probe"] = _vector(rng, (1, 1, d))
+    w.update(_attention_weights(rng, "MAPHead_0/MultiHeadDotProductAttention_0/"))
+    w["MAPHead_0/LayerNorm_0/scale"] = _vector(rng, d, 1.0)
+    w["MAPHead_0/LayerNorm_0/bias"] = _vector(rng, d)
+    w.update(_mlp_weights(rng, "MAPHead_0/MlpBlock_0/"))
   head_in = d
   if representation_size:
     w["pre_logits/kernel"] = _dense(rng, (d, representation_size), d)
@@ -96,7 +125,9 @@ def to_big_vision(w, *, depth, scanned=False, prefix="params/"):
   out = {}
   blocks = {}
   for key, value in w.items():
-    if key == "Transformer/posembed_input/pos_embedding":
+    if key == POS_EMBEDDING and "cls" not in w:
+      out["pos_embedding"] = value
+    elif key == POS_EMBEDDING:
       out["pos_embedding"] = value[:, 1:]
       out["cls"] = w["cls"] + value[:, :1]
     elif key.startswith("Transformer/encoderblock_"):
@@ -138,34 +169,81 @@ def np_patches(images, kernel, bias):
   return x.reshape(b, (h // p) * (wd // p), p * p * c) @ kernel.reshape(p * p * c, -1) + bias
 
 
+def np_sincos_2d(rows, columns, width):
+  """big_vision's posemb_sincos_2d, entry by entry: token r * columns + c gets, for
+  omega_k = 10000^(-k / (width/4 - 1)), [sin(c omega), cos(c omega), sin(r omega), cos(r omega)].
+  """
+  omega = 10_000.0 ** (-np.arange(width // 4) / (width // 4 - 1))
+  row, column = np.divmod(np.arange(rows * columns), columns)
+  return np.concatenate([np.sin(np.outer(column, omega)), np.cos(np.outer(column, omega)),
+                         np.sin(np.outer(row, omega)), np.cos(np.outer(row, omega))], axis=1)[None]
+
+
+def np_attention(x, tokens, w, prefix):
+  """Multi-head attention of queries from `x` [b, Q, D] over `tokens` [b, T, D]:
+  (output [b, Q, D], probabilities [b, H, Q, T])."""
+  q = np.einsum("btd,dhe->bthe", x, w[prefix + "query/kernel"]) + w[prefix + "query/bias"]
+  k, v = (np.einsum("btd,dhe->bthe", tokens, w[f"{prefix}{n}/kernel"]) + w[f"{prefix}{n}/bias"]
+          for n in ("key", "value"))
+  scores = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  heads = np.einsum("bhqk,bkhe->bqhe", probs, v)
+  return np.einsum("bqhe,hed->bqd", heads, w[prefix + "out/kernel"]) + w[prefix + "out/bias"], probs
+
+
+def np_mlp(x, w, prefix):
+  """Dense_0, tanh-GELU, Dense_1."""
+  y = np_gelu(x @ w[prefix + "Dense_0/kernel"] + w[prefix + "Dense_0/bias"])
+  return y @ w[prefix + "Dense_1/kernel"] + w[prefix + "Dense_1/bias"]
+
+
 def np_vit(w, images):
-  """ViT logits from a vision_transformer-layout dict, in float64."""
+  """A ViT's forward pass from a vision_transformer-layout dict, in float64.
+
+  'token' if the dict has `cls`, 'map' if it has `MAPHead_0/...`, else 'gap'; the fixed
+  sincos2d embedding (added before CLS is concatenated) when it has no position embedding;
+  LayerScale where a block has `ls1/gamma`, `ls2/gamma`.
+
+  Returns:
+    {'Transformer/encoderblock_{i}/{attn_probs, out}', 'MAPHead_0/attn_probs' ('map' only),
+    'pre_logits', 'logits'}: float64 arrays.
+  """
   w = {k: v.astype(np.float64) for k, v in w.items()}
+  inter = {}
   x = np_patches(images.astype(np.float64), w["embedding/kernel"], w["embedding/bias"])
+  if POS_EMBEDDING not in w:
+    side = int(round(np.sqrt(x.shape[1])))  # square images
+    x = x + np_sincos_2d(side, side, x.shape[-1])
   if "cls" in w:
     x = np.concatenate([np.repeat(w["cls"], len(x), axis=0), x], axis=1)
-  x = x + w["Transformer/posembed_input/pos_embedding"]
+  if POS_EMBEDDING in w:
+    x = x + w[POS_EMBEDDING]
   depth = len({k.split("/")[1] for k in w if k.startswith("Transformer/encoderblock_")})
   for i in range(depth):
     b = f"Transformer/encoderblock_{i}/"
-    a = b + "MultiHeadDotProductAttention_1/"
     y = np_layer_norm(x, w[b + "LayerNorm_0/scale"], w[b + "LayerNorm_0/bias"])
-    q, k, v = (np.einsum("btd,dhe->bthe", y, w[f"{a}{n}/kernel"]) + w[f"{a}{n}/bias"]
-               for n in ("query", "key", "value"))
-    scores = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    heads = np.einsum("bhqk,bkhe->bqhe", probs, v)
-    x = x + np.einsum("bqhe,hed->bqd", heads, w[a + "out/kernel"]) + w[a + "out/bias"]
+    attn, inter[b + "attn_probs"] = np_attention(y, y, w, b + "MultiHeadDotProductAttention_1/")
+    x = x + attn * w.get(b + "ls1/gamma", 1.0)
     y = np_layer_norm(x, w[b + "LayerNorm_2/scale"], w[b + "LayerNorm_2/bias"])
-    m = b + "MlpBlock_3/"
-    y = np_gelu(y @ w[m + "Dense_0/kernel"] + w[m + "Dense_0/bias"])
-    x = x + y @ w[m + "Dense_1/kernel"] + w[m + "Dense_1/bias"]
+    x = inter[b + "out"] = x + np_mlp(y, w, b + "MlpBlock_3/") * w.get(b + "ls2/gamma", 1.0)
   x = np_layer_norm(x, w["Transformer/encoder_norm/scale"], w["Transformer/encoder_norm/bias"])
-  x = x[:, 0] if "cls" in w else x.mean(1)
+  if "cls" in w:
+    x = x[:, 0]
+  elif "MAPHead_0/probe" in w:
+    m = "MAPHead_0/"
+    probe = np.repeat(w[m + "probe"], len(x), axis=0)
+    pooled, inter[m + "attn_probs"] = np_attention(probe, x, w,
+                                                   m + "MultiHeadDotProductAttention_0/")
+    y = np_layer_norm(pooled, w[m + "LayerNorm_0/scale"], w[m + "LayerNorm_0/bias"])
+    x = (pooled + np_mlp(y, w, m + "MlpBlock_0/"))[:, 0]
+  else:
+    x = x.mean(1)
   if "pre_logits/kernel" in w:
     x = np.tanh(x @ w["pre_logits/kernel"] + w["pre_logits/bias"])
-  return x @ w["head/kernel"] + w["head/bias"]
+  inter["pre_logits"] = x
+  inter["logits"] = x @ w["head/kernel"] + w["head/bias"]
+  return inter
 
 
 def np_mixer(w, images):
@@ -216,7 +294,8 @@ def test_vit_logits_match_numpy_float64(tmp_path, classifier, representation_siz
   model = tiny_vit(classifier=classifier, representation_size=representation_size)
   params = checkpoints.load(write(tmp_path, "vit.npz", w), model)
   x = images()
-  np.testing.assert_allclose(logits(model, params, x), np_vit(w, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits(model, params, x), np_vit(w, x)["logits"], rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_mixer_logits_match_numpy_float64(tmp_path):
@@ -251,7 +330,8 @@ def test_big_vision_layout_gives_the_same_logits(tmp_path, scanned, prefix):
   params = checkpoints.load(write(tmp_path, "bv.npz", bv), model)
   assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 16, WIDTH)
   x = images()
-  np.testing.assert_allclose(logits(model, params, x), np_vit(w, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits(model, params, x), np_vit(w, x)["logits"], rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_big_vision_pos_embedding_needs_the_matching_model(tmp_path):
@@ -261,6 +341,91 @@ def test_big_vision_pos_embedding_needs_the_matching_model(tmp_path):
   with pytest.raises(ValueError, match="posemb_includes_cls=True"):
     checkpoints.load(write(tmp_path, "vt.npz", vit_checkpoint()),
                      tiny_vit(posemb_includes_cls=False))
+
+
+def siglip_image_tower(posemb):
+  """A SigLIP-style two-tower checkpoint in big_vision's layout, image tower at full depth 12
+  and a 14x14 grid (224px, patch 16), narrow width: (our-layout dict, big_vision `.npz` dict)."""
+  w = vit_checkpoint(depth=12, grid=14, patch=16, classifier="map", posemb=posemb)
+  bv = to_big_vision(w, depth=12, scanned=True, prefix="params/img/")
+  assert "params/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel" in bv
+  assert ("params/img/pos_embedding" in bv) == (posemb == "learn")
+  rng = np.random.default_rng(7)  # the text tower and the loss's temperature and bias: ignored
+  bv.update({"params/txt/Embed_0/embedding": _dense(rng, (50, 12), 12),
+             "params/txt/Transformer/encoderblock/LayerNorm_0/scale": _vector(rng, (12, 12)),
+             "params/txt/head/kernel": _dense(rng, (12, CLASSES), 12),
+             "params/t": _vector(rng, 1), "params/b": _vector(rng, 1)})
+  return w, bv
+
+
+def siglip_vit(**overrides):
+  return create("ViT-B/16", **{**dict(image_size=224, hidden_size=WIDTH, num_heads=HEADS,
+                                      mlp_dim=MLP, depth=12, num_classes=CLASSES,
+                                      classifier="map"), **overrides})
+
+
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
+def test_siglip_image_tower_matches_numpy_float64(tmp_path, posemb):
+  w, bv = siglip_image_tower(posemb)
+  model = siglip_vit(posemb=posemb)
+  params = checkpoints.load(write(tmp_path, "siglip.npz", bv), model)
+  assert ("posembed_input" in params["Transformer"]) == (posemb == "learn")
+  x = images(n=2, size=224)
+  got, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(
+      params, x)
+  inter = flatten_intermediates(state)
+  want = np_vit(w, x)
+  assert inter["MAPHead_0/attn_probs"].shape == (2, HEADS, 1, 196)
+  assert sum(k.endswith("/out") for k in want) == 12
+  for name, value in want.items():
+    np.testing.assert_allclose(np.asarray(inter[name], np.float64), value, rtol=1e-4, atol=1e-4,
+                               err_msg=name)
+  np.testing.assert_allclose(np.asarray(got), want["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("change,model_overrides,match", [
+    ("drop-map", {}, r"missing from the checkpoint.*\n    MAPHead_0/LayerNorm_0/bias \(32,\)"),
+    ("drop-posemb", {}, r"1 missing from the checkpoint:\n    "
+                        r"Transformer/posembed_input/pos_embedding \(1, 196, 32\)"),
+    ("keep", {"posemb": "sincos2d"}, r"1 unexpected in the checkpoint:\n    "
+                                     r"Transformer/posembed_input/pos_embedding \(1, 196, 32\)"),
+    ("keep", {"classifier": "gap"}, r"15 unexpected in the checkpoint \(first 8\):\n    "
+                                    r"MAPHead_0/"),
+], ids=["map-weights-missing", "learned-posemb-missing", "posemb-for-sincos-model",
+        "map-weights-for-gap-model"])
+def test_big_vision_map_and_posemb_mismatches_are_clear_errors(tmp_path, change, model_overrides,
+                                                               match):
+  _, bv = siglip_image_tower("learn")
+  dropped = {"drop-map": "params/img/MAPHead_0/", "drop-posemb": "params/img/pos_embedding",
+             "keep": None}[change]
+  if dropped:
+    bv = {k: v for k, v in bv.items() if not k.startswith(dropped)}
+  with pytest.raises(ValueError, match=match):
+    checkpoints.load(write(tmp_path, "bad.npz", bv), siglip_vit(**model_overrides))
+
+
+def test_layer_scale_blocks_match_numpy_float64(tmp_path):
+  w = vit_checkpoint(layer_scale=True)
+  model = tiny_vit(layer_scale_init=1e-5)
+  params = checkpoints.load(write(tmp_path, "ls.npz", w), model)
+  x = images()
+  got, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(
+      params, x)
+  inter = {k: np.asarray(v, np.float64) for k, v in flatten_intermediates(state).items()}
+  want = np_vit(w, x)
+  for name, value in want.items():
+    np.testing.assert_allclose(inter[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(np.asarray(got), want["logits"], rtol=1e-5, atol=1e-5)
+  for i in range(2):  # the sown branches are the scaled ones that the stream adds
+    b = f"Transformer/encoderblock_{i}/"
+    np.testing.assert_allclose(inter[b + "mid"], inter[b + "in"] + inter[b + "attn_branch"],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(inter[b + "out"], inter[b + "mid"] + inter[b + "mlp_branch"],
+                               rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"2 missing from the checkpoint:\n    "
+                                       r"Transformer/encoderblock_0/ls1/gamma \(32,\)"):
+    checkpoints.load(write(tmp_path, "plain.npz", vit_checkpoint(depth=1)),
+                     tiny_vit(depth=1, layer_scale_init=1e-5))
 
 
 def _align_corners_bilinear(grid, new):

@@ -37,7 +37,14 @@ BIT_PARAM_COUNTS = {
     "BiT-R152x2": 236_335_208,  # resnetv2_152x2_bit
     "BiT-R152x4": 936_533_224,  # resnetv2_152x4_bit
 }
-PARAM_COUNTS = {**VIT_MIXER_PARAM_COUNTS, **BIT_PARAM_COUNTS}
+# big_vision's So400m sizes with the registered defaults (CLS token, learned position embedding):
+# timm has no such model (its SigLIP So400m is MAP-pooled); the by-hand sum of the layout's
+# shapes is checked in tests/test_vit.py.
+SO400M_PARAM_COUNTS = {
+    "ViT-So400m/14": 413_597_656,
+    "ViT-So400m/16": 413_735_896,
+}
+PARAM_COUNTS = {**VIT_MIXER_PARAM_COUNTS, **BIT_PARAM_COUNTS, **SO400M_PARAM_COUNTS}
 
 
 def test_every_registered_model_has_a_pinned_parameter_count():

@@ -1,4 +1,5 @@
-"""Tests for vit_repr.models.vit: sown intermediates, skip removal, dtypes and input checks."""
+"""Tests for vit_repr.models.vit: sown intermediates, skip removal, dtypes, input checks and
+big_vision's layouts (MAP head, sincos2d position embedding, So400m sizes)."""
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ def run(model, params, x):
   return out, {k: np.asarray(v, np.float64) for k, v in flatten_intermediates(state).items()}
 
 
-def expected_shapes(tokens, pre_logits_width):
+def expected_shapes(tokens, pre_logits_width, classifier="token"):
   shapes = {"Transformer/in": (B, tokens, D)}
   for i in range(DEPTH):
     b = f"Transformer/encoderblock_{i}/"
@@ -58,8 +59,10 @@ def expected_shapes(tokens, pre_logits_width):
                    b + "head_outputs": (B, tokens, HEADS, D // HEADS),
                    b + "attn_branch": (B, tokens, D), b + "mid": (B, tokens, D),
                    b + "mlp_branch": (B, tokens, D), b + "out": (B, tokens, D)})
-  shapes.update({"Transformer/encoder_norm_out": (B, tokens, D),
-                 "pre_logits": (B, pre_logits_width), "logits": (B, C)})
+  shapes["Transformer/encoder_norm_out"] = (B, tokens, D)
+  if classifier == "map":
+    shapes["MAPHead_0/attn_probs"] = (B, HEADS, 1, tokens)
+  shapes.update({"pre_logits": (B, pre_logits_width), "logits": (B, C)})
   return shapes
 
 
@@ -68,12 +71,18 @@ def expected_shapes(tokens, pre_logits_width):
     ({"classifier": "gap"}, N, D),
     ({"representation_size": 7}, N + 1, 7),
     ({"posemb_includes_cls": False}, N + 1, D),
-], ids=["token", "gap", "token-prelogits", "token-bigvision-posemb"])
+    ({"classifier": "map"}, N, D),
+    ({"classifier": "map", "posemb": "sincos2d", "representation_size": 7}, N, 7),
+    ({"posemb": "sincos2d", "posemb_includes_cls": False}, N + 1, D),
+    ({"layer_scale_init": 1e-5}, N + 1, D),
+], ids=["token", "gap", "token-prelogits", "token-bigvision-posemb", "map", "map-sincos2d",
+        "token-sincos2d", "token-layerscale"])
 def test_every_intermediate_has_the_documented_name_and_shape(overrides, tokens, width):
   model = tiny(**overrides)
+  want = expected_shapes(tokens, width, model.classifier)
   _, inter = run(model, random_params(model), images())
-  assert {k: v.shape for k, v in inter.items()} == expected_shapes(tokens, width)
-  for name in expected_shapes(tokens, width):  # every name is documented
+  assert {k: v.shape for k, v in inter.items()} == want
+  for name in want:  # every name is documented
     generic = name.replace("encoderblock_0", "encoderblock_{i}").replace(
         "encoderblock_1", "encoderblock_{i}")
     assert generic in vit.__doc__, generic
@@ -221,7 +230,13 @@ def test_wrong_images_raise_a_clear_error(shape):
 @pytest.mark.parametrize("overrides,match", [
     ({"hidden": 3}, r"Unknown override\(s\) \['hidden'\].*accepted fields: num_classes, "
                     r"image_size, patch_size, hidden_size"),
-    ({"classifier": "map"}, "classifier must be one of"),
+    ({"classifier": "tok"}, r"classifier must be one of \('token', 'gap', 'map'\)"),
+    ({"posemb": "sincos"}, r"posemb must be one of \('learn', 'sincos2d'\); got 'sincos'"),
+    ({"posemb": "sincos2d", "classifier": "gap", "hidden_size": 6, "num_heads": 3},
+     r"posemb='sincos2d' needs hidden_size a multiple of 4.*got hidden_size=6"),
+    ({"posemb": "sincos2d"}, "posemb_includes_cls=False"),
+    ({"layer_scale_init": 0.0}, r"layer_scale_init must be None \(no LayerScale\) or a positive "
+                                r"float.*got 0.0"),
     ({"remove_skips": (2,)}, r"block indices in \[0, 2\)"),
     ({"remove_skips": (0, 0)}, "distinct"),
     ({"image_size": 36}, "not a multiple of patch_size"),
@@ -229,8 +244,8 @@ def test_wrong_images_raise_a_clear_error(shape):
     ({"depth": 0}, "positive integers"),
     ({"dtype": jnp.int32}, "floating-point"),
     ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\)"),
-], ids=["unknown", "classifier", "skip-range", "skip-dup", "image-size", "heads", "depth",
-        "dtype", "dropout"])
+], ids=["unknown", "classifier", "posemb", "sincos-width", "sincos-cls-slot", "layer-scale",
+        "skip-range", "skip-dup", "image-size", "heads", "depth", "dtype", "dropout"])
 def test_bad_fields_raise_clear_errors(overrides, match):
   with pytest.raises(ValueError, match=match):
     tiny(**overrides)
@@ -249,3 +264,68 @@ def test_flatten_intermediates_accepts_both_forms_and_rejects_repeated_sows():
     np.testing.assert_array_equal(flat["a/b"], np.ones(2))
   with pytest.raises(ValueError, match="'a/b' was sown 2 times"):
     flatten_intermediates({"a": {"b": (jnp.ones(2), jnp.ones(2))}})
+
+
+def test_map_and_gap_models_have_no_prefix_token():
+  for classifier, prefix in [("token", ("cls",)), ("gap", ()), ("map", ())]:
+    token_layout = tiny(classifier=classifier).token_layout()
+    assert token_layout.prefix == prefix
+    assert token_layout.grid == (SIZE // PATCH, SIZE // PATCH)
+
+
+def test_sincos2d_model_has_no_position_embedding_parameter():
+  model = tiny(classifier="map", posemb="sincos2d")
+  params = random_params(model)
+  assert "posembed_input" not in params["Transformer"]
+  assert {"probe", "MultiHeadDotProductAttention_0", "LayerNorm_0", "MlpBlock_0"} == set(
+      params["MAPHead_0"])
+
+
+def test_so400m_sizes_are_big_visions():
+  for patch in (14, 16):  # big_vision's decode_variant('So400m/14'), ('So400m/16')
+    assert vit.VARIANTS[f"So400m/{patch}"] == {"hidden_size": 1152, "depth": 27, "mlp_dim": 4304,
+                                               "num_heads": 16, "patch_size": patch}
+
+
+def parameters_by_hand(width, depth, mlp, patch, grid, classes, classifier, posemb):
+  """A ViT's parameter count summed from the shapes of the module docstring's layout."""
+  attention = 3 * (width * width + width) + width * width + width  # q, k, v; out
+  mlp_block = width * mlp + mlp + mlp * width + width
+  block = 2 * (2 * width) + attention + mlp_block  # two LayerNorms
+  total = patch * patch * 3 * width + width + depth * block + 2 * width + classes * width + classes
+  prefix = 1 if classifier == "token" else 0
+  total += prefix * width  # cls
+  if posemb == "learn":  # with a CLS slot for 'token' (posemb_includes_cls=True)
+    total += (prefix + grid * grid) * width
+  if classifier == "map":  # probe, attention, LayerNorm, MLP
+    total += width + attention + 2 * width + mlp_block
+  return total
+
+
+@pytest.mark.parametrize("name,classifier,posemb,pinned", [
+    ("ViT-So400m/14", "map", "learn", 428_833_704),  # SigLIP So400m/14 224px tower + head
+    ("ViT-So400m/16", "map", "sincos2d", 428_746_152),
+    ("ViT-So400m/14", "token", "learn", 413_597_656),  # the registry's pinned counts
+    ("ViT-So400m/16", "token", "learn", 413_735_896),
+], ids=["so400m14-map", "so400m16-map-sincos2d", "so400m14-token", "so400m16-token"])
+def test_so400m_parameter_count_matches_the_layout_by_hand(name, classifier, posemb, pinned):
+  model = create(name, num_classes=1000, image_size=224, classifier=classifier, posemb=posemb)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  counted = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  size = vit.VARIANTS[name.removeprefix("ViT-")]
+  assert counted == parameters_by_hand(size["hidden_size"], size["depth"], size["mlp_dim"],
+                                       size["patch_size"], 224 // size["patch_size"], 1000,
+                                       classifier, posemb)
+  assert counted == pinned
+
+
+def test_layer_scale_parameters_start_at_the_init_value():
+  model = tiny(layer_scale_init=1e-5)
+  params = model.init(jax.random.key(0), images())["params"]
+  plain = tiny().init(jax.random.key(0), images())["params"]
+  for i in range(DEPTH):
+    block = params["Transformer"][f"encoderblock_{i}"]
+    for name in ("ls1", "ls2"):
+      np.testing.assert_array_equal(np.asarray(block[name]["gamma"]), np.full(D, 1e-5, np.float32))
+    assert set(block) - set(plain["Transformer"][f"encoderblock_{i}"]) == {"ls1", "ls2"}

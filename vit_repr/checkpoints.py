@@ -13,7 +13,11 @@ or gs://, converts it to the parameter tree of a `vit_repr.models` module and ch
   (renamed to _0, _1, _2, _3); `pos_embedding` at the top level and without a CLS slot, since
   big_vision adds it to the patches before concatenating CLS (load into a model built with
   posemb_includes_cls=False); blocks optionally scanned, stored as `Transformer/encoderblock/...`
-  with a leading depth axis (unstacked).
+  with a leading depth axis (unstacked); keys outside `params/img/` of a two-tower (SigLIP,
+  LiT) checkpoint (`params/txt/...`, `params/t`, `params/b`) ignored. The MAP head's keys
+  (`MAPHead_0/...`, classifier='map') equal our parameter paths. A model with the fixed
+  posemb='sincos2d' embedding has no position-embedding parameter, and none is expected or
+  resized; a learned one missing from the file is reported as a missing key.
 - big_transfer (google-research/big_transfer): BiT keys under `resnet/` (prefix stripped).
 
 Repairs, each logged, as the original fine-tuning code makes them (vision_transformer's
@@ -259,7 +263,8 @@ def _mismatch_error(origin: str, model: nn.Module, missing: list[str], unexpecte
                    lambda k: f"{k}: checkpoint {tuple(flat[k].shape)}, model "
                              f"{tuple(expected[k].shape)}")
   lines.append("Build the model that matches the checkpoint (model name and overrides such as "
-               "depth, hidden_size, patch_size, classifier, representation_size).")
+               "depth, hidden_size, patch_size, classifier, posemb, layer_scale_init, "
+               "representation_size).")
   return ValueError("\n".join(lines))
 
 

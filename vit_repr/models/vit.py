@@ -1,15 +1,19 @@
 """Vision Transformer (Dosovitskiy et al., ICLR 2021, arXiv 2010.11929), sowing its representations.
 
 The ViT of google-research/vision_transformer, the main model family of Raghu et al., "Do Vision
-Transformers See Like Convolutional Neural Networks?" (NeurIPS 2021). Module and parameter names
-are those of the public `.npz` checkpoints, so loading one is an unflatten of its '/'-joined keys
-(see `vit_repr.checkpoints`). With T tokens (N = (image_size / patch_size)^2 patches, plus one
-CLS token for classifier='token'), D = hidden_size, H heads of size d = D / H, F = mlp_dim,
-R = representation_size and C = num_classes, the parameters are:
+Transformers See Like Convolutional Neural Networks?" (NeurIPS 2021), and the layouts of
+google-research/big_vision's ViT (SigLIP image towers among them): attention pooling
+(classifier='map'), the fixed 2-D sine-cosine position embedding (posemb='sincos2d') and the
+So400m sizes; and LayerScale (layer_scale_init), as DeiT III and DINOv2 use it. Module and
+parameter names are those of the public `.npz` checkpoints, so loading one is an unflatten of
+its '/'-joined keys (see `vit_repr.checkpoints`). With T tokens (N = (image_size /
+patch_size)^2 patches, plus one CLS token for classifier='token'), D = hidden_size, H heads of
+size d = D / H, F = mlp_dim, R = representation_size and C = num_classes, the parameters are:
 
   embedding/{kernel [p, p, 3, D], bias [D]}             patch embedding (a stride-p convolution)
   cls                                           [1, 1, D]  (classifier='token' only)
-  Transformer/posembed_input/pos_embedding      [1, T, D]  ([1, N, D] if posemb_includes_cls=False)
+  Transformer/posembed_input/pos_embedding      [1, T, D]  (posemb='learn' only;
+                                                           [1, N, D] if posemb_includes_cls=False)
   Transformer/encoderblock_{i}/LayerNorm_0/{scale, bias}                 [D]
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query, key, value}/kernel [D, H, d]
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query, key, value}/bias   [H, d]
@@ -17,7 +21,17 @@ R = representation_size and C = num_classes, the parameters are:
   Transformer/encoderblock_{i}/LayerNorm_2/{scale, bias}                 [D]
   Transformer/encoderblock_{i}/MlpBlock_3/Dense_0/{kernel [D, F], bias [F]}
   Transformer/encoderblock_{i}/MlpBlock_3/Dense_1/{kernel [F, D], bias [D]}
+  Transformer/encoderblock_{i}/{ls1, ls2}/gamma                          [D]
+                                        (layer_scale_init set only; DeiT III's and DINOv2's
+                                        `blocks.{i}.ls1.gamma`, `ls2.gamma`)
   Transformer/encoder_norm/{scale, bias}                                 [D]
+  MAPHead_0/probe                                                        [1, 1, D]
+  MAPHead_0/MultiHeadDotProductAttention_0/{query, key, value}/kernel    [D, H, d]
+  MAPHead_0/MultiHeadDotProductAttention_0/{query, key, value}/bias      [H, d]
+  MAPHead_0/MultiHeadDotProductAttention_0/out/{kernel [H, d, D], bias [D]}
+  MAPHead_0/LayerNorm_0/{scale, bias}                                    [D]
+  MAPHead_0/MlpBlock_0/Dense_0/{kernel [D, F], bias [F]}
+  MAPHead_0/MlpBlock_0/Dense_1/{kernel [F, D], bias [D]}   (MAPHead_0: classifier='map' only)
   pre_logits/{kernel [D, R], bias [R]}                     (representation_size set only)
   head/{kernel [D or R, C], bias [C]}
 
@@ -25,8 +39,17 @@ As in the original: pre-norm blocks, LayerNorm eps 1e-6, GELU with the tanh appr
 (Flax's default), attention logits scaled by 1/sqrt(d), the CLS token concatenated BEFORE the
 position embedding is added (posemb_includes_cls=True; big_vision checkpoints add it to the
 patches before concatenating CLS, posemb_includes_cls=False), the encoder norm applied to all
-tokens before pooling ('token': the CLS output; 'gap': the mean over tokens), pre-logits
-`tanh(dense(x))` when representation_size is set, and a zero-initialised head.
+tokens before pooling ('token': the CLS output; 'gap': the mean over tokens; 'map': big_vision's
+MAPHead on the normalised tokens), pre-logits `tanh(dense(x))` when representation_size is set,
+and a zero-initialised head.
+
+big_vision's MAPHead (classifier='map') pools the normalised tokens t `[b, T, D]` with a learned
+probe: a = MHA(query = probe, keys and values = t) `[b, 1, D]` (H heads, the model's num_heads),
+pooled = (a + MLP(LN(a)))[:, 0] `[b, D]` with the model's MLP width F; no norm before its
+attention and no dropout. posemb='sincos2d' replaces the learned embedding by big_vision's
+`posemb_sincos_2d` (no parameter): with q = D / 4 and omega_k = 10000^(-k / (q - 1)), the patch
+at row r, column c gets [sin(c omega), cos(c omega), sin(r omega), cos(r omega)], added to the
+patches before CLS is concatenated (the big_vision order).
 
 Intermediates, sown into the 'intermediates' collection (names are module path + tag,
 '/'-joined; `vit_repr.models.flatten_intermediates` gives a flat dict), for a batch of b images:
@@ -40,11 +63,20 @@ Intermediates, sown into the 'intermediates' collection (names are module path +
   Transformer/encoderblock_{i}/head_outputs    [b, T, H, d]  each head's attention-weighted
                                                              values, before the out projection
   Transformer/encoderblock_{i}/attn_branch     [b, T, D]     attention branch f(z) = MHA(LN(z))
+                                                             (ls1/gamma * MHA(LN(z)) with
+                                                             LayerScale)
   Transformer/encoderblock_{i}/mid             [b, T, D]     z + f(z) (f(z) without the skip)
   Transformer/encoderblock_{i}/mlp_branch      [b, T, D]     MLP branch g(y) = MLP(LN(y)), y = mid
+                                                             (ls2/gamma * MLP(LN(y)) with
+                                                             LayerScale)
   Transformer/encoderblock_{i}/out             [b, T, D]     y + g(y) (g(y) without the skip)
   Transformer/encoder_norm_out                 [b, T, D]     encoder_norm of the last block's out
+  MAPHead_0/attn_probs                         [b, H, 1, T]  the MAP probe's softmax attention
+                                                             weights over the tokens
+                                                             (classifier='map' only)
   pre_logits                                   [b, D or R]   pooled representation the head sees
+                                                             (the MAPHead output for 'map', then
+                                                             the tanh pre-logits layer if set)
   logits                                       [b, C]        float32
 
 Blocks listed in `remove_skips` drop both residual additions: mid = f(z) and out = g(mid).
@@ -54,13 +86,15 @@ submodule so that the sown tag can carry the same name (Flax forbids a sown vari
 submodule of the same scope); its parameter paths are those of the checkpoints.
 
 The model describes itself (`vit_repr.models.layout`): `token_layout()` (CLS for
-classifier='token', then the (image_size / patch_size)^2 patches, row-major) and
-`residual_sublayers()` (per block 'attn': z = in, f = attn_branch; 'mlp': z = mid,
-f = mlp_branch; blocks in `remove_skips` left out) and `attention_layers()` (per block its
-attn_probs and head_outputs).
+classifier='token', then the (image_size / patch_size)^2 patches, row-major; no prefix token for
+'gap' and 'map') and `residual_sublayers()` (per block 'attn': z = in, f = attn_branch; 'mlp':
+z = mid, f = mlp_branch; blocks in `remove_skips` left out) and `attention_layers()` (per block
+its attn_probs and head_outputs; the MAPHead's cross-attention is not a block's self-attention
+and is not listed).
 
-One module for the family (~450 lines, two fifths of them docstrings with the sown names and
-shapes): the embedding, the encoder block, the heads and the registered sizes are read together.
+One module for the family (~610 lines, over two fifths of them docstrings with the sown names,
+shapes and formulas): the embeddings, the encoder block, the poolings (CLS, GAP, MAP) and the
+registered sizes are one model, read together.
 """
 
 from collections.abc import Sequence
@@ -74,7 +108,10 @@ import numpy as np
 from vit_repr.models import layout, variants
 
 LAYER_NORM_EPS = 1e-6
-CLASSIFIERS = ("token", "gap")
+CLASSIFIERS = ("token", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
+# big_vision's `posemb_sincos_2d` default (MoCo v3's): frequencies temperature^(-k / (q - 1)).
+SINCOS_TEMPERATURE = 10_000.0
 
 # Model sizes, as in vision_transformer's configs (Table 1 of the ViT paper; Ti and S from
 # Steiner et al., "How to train your ViT?", 2021): width, depth, MLP width, heads.
@@ -84,12 +121,15 @@ _SIZES: dict[str, dict[str, int]] = {
     "B": {"hidden_size": 768, "depth": 12, "mlp_dim": 3072, "num_heads": 12},
     "L": {"hidden_size": 1024, "depth": 24, "mlp_dim": 4096, "num_heads": 16},
     "H": {"hidden_size": 1280, "depth": 32, "mlp_dim": 5120, "num_heads": 16},
+    # Shape-optimised (Alabdulmohsin et al., "Getting ViT in Shape", NeurIPS 2023): SigLIP's
+    # image towers; big_vision's `decode_variant` numbers.
+    "So400m": {"hidden_size": 1152, "depth": 27, "mlp_dim": 4304, "num_heads": 16},
 }
 # The size/patch combinations with public checkpoints.
 VARIANTS: dict[str, dict[str, int]] = {
     f"{size}/{patch}": {**_SIZES[size], "patch_size": patch}
     for size, patch in [("Ti", 16), ("S", 16), ("S", 32), ("B", 8), ("B", 16), ("B", 32),
-                        ("L", 16), ("L", 32), ("H", 14)]
+                        ("L", 16), ("L", 32), ("H", 14), ("So400m", 14), ("So400m", 16)]
 }
 
 
@@ -107,6 +147,32 @@ def dense_tanh_params(key: jax.Array, in_features: int, out_features: int
   """
   return {"kernel": nn.initializers.lecun_normal()(key, (in_features, out_features)),
           "bias": jnp.zeros((out_features,), jnp.float32)}
+
+
+def posemb_sincos_2d(rows: int, columns: int, width: int,
+                     temperature: float = SINCOS_TEMPERATURE) -> jax.Array:
+  """big_vision's fixed 2-D sine-cosine position embedding (`posemb_sincos_2d`, MoCo v3's).
+
+  With q = width / 4 frequencies omega_k = temperature^(-k / (q - 1)), k = 0, ..., q - 1, the
+  patch at grid row r and column c gets
+  `[sin(c * omega), cos(c * omega), sin(r * omega), cos(r * omega)]`: the column terms first.
+
+  Args:
+    rows: patch-grid rows.
+    columns: patch-grid columns.
+    width: embedding width D; a multiple of 4, at least 8.
+    temperature: the frequency base.
+
+  Returns:
+    `[1, rows * columns, width]` float32, patches row-major.
+  """
+  quarter = width // 4
+  omega = 1.0 / temperature ** (jnp.arange(quarter, dtype=jnp.float32) / (quarter - 1))
+  row, column = jnp.mgrid[:rows, :columns]
+  row = row.reshape(-1, 1).astype(jnp.float32) * omega
+  column = column.reshape(-1, 1).astype(jnp.float32) * omega
+  return jnp.concatenate([jnp.sin(column), jnp.cos(column), jnp.sin(row), jnp.cos(row)],
+                         axis=1)[None]
 
 
 class MlpBlock(nn.Module):
@@ -134,7 +200,7 @@ class MlpBlock(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Multi-head self-attention with the original parameter layout, returning its internals.
+  """Multi-head attention with the original parameter layout, returning its internals.
 
   Params: `{query, key, value}/kernel` [D, H, d] and `/bias` [H, d]; `out/kernel` [H, d, D] and
   `out/bias` [D]. The softmax is computed in float32 whatever the compute dtype.
@@ -149,14 +215,20 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False
+  def __call__(self, x: jax.Array, inputs_kv: jax.Array | None = None, *, train: bool = False
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Self-attention over the tokens of `x` `[b, T, D]`.
+    """Attention of the Q queries `x` `[b, Q, D]` over the T tokens `inputs_kv` `[b, T, D]`.
+
+    Args:
+      x: the queries' inputs `[b, Q, D]`.
+      inputs_kv: the keys' and values' inputs `[b, T, D]`; None: `x` (self-attention, Q = T).
+      train: enables dropout on the attention weights.
 
     Returns:
-      (output `[b, T, D]`, attention weights `[b, H, T, T]` (before dropout),
-      per-head outputs `[b, T, H, d]`).
+      (output `[b, Q, D]`, attention weights `[b, H, Q, T]` (before dropout),
+      per-head outputs `[b, Q, H, d]`).
     """
+    inputs_kv = x if inputs_kv is None else inputs_kv
     width = x.shape[-1]
     head_dim = width // self.num_heads
     projection = dict(features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
@@ -164,8 +236,8 @@ class MultiHeadDotProductAttention(nn.Module):
     # Heads-major [b, H, T, d] operands and plain batched matmuls: on XLA:CPU this attention
     # core runs ~25% faster than the equivalent token-major einsums (benchmarks/models_bench).
     query, key, value = (
-        nn.DenseGeneral(name=name, **projection)(x).transpose(0, 2, 1, 3)
-        for name in ("query", "key", "value"))
+        nn.DenseGeneral(name=name, **projection)(inputs).transpose(0, 2, 1, 3)
+        for name, inputs in (("query", x), ("key", inputs_kv), ("value", inputs_kv)))
     query = query / jnp.sqrt(head_dim).astype(query.dtype)
     scores = query @ jnp.swapaxes(key, -1, -2)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
@@ -201,8 +273,26 @@ class HeadsProjection(nn.Module):
             + bias.astype(self.dtype))
 
 
+class LayerScale(nn.Module):
+  """A residual branch's learned per-channel scale: `x * gamma`, `gamma` `[D]` (Touvron et al.,
+  "Going deeper with Image Transformers", ICCV 2021; used by DeiT III and DINOv2).
+
+  Attributes:
+    init_value: every entry of `gamma` at initialisation.
+  """
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Scales the channels of `x` `[..., D]`, in the dtype of `x`."""
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],),
+                       jnp.float32)
+    return x * gamma.astype(x.dtype)
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-norm Transformer block: y = z + MHA(LN(z)), out = y + MLP(LN(y)).
+  """Pre-norm Transformer block: y = z + MHA(LN(z)), out = y + MLP(LN(y)); with LayerScale,
+  y = z + gamma_1 * MHA(LN(z)), out = y + gamma_2 * MLP(LN(y)).
 
   Attributes:
     num_heads: attention heads H.
@@ -211,6 +301,8 @@ class Encoder1DBlock(nn.Module):
     attention_dropout_rate: dropout on the attention weights (training only).
     skip: False drops both residual additions (y = MHA(LN(z)), out = MLP(LN(y))).
     dtype: compute dtype.
+    layer_scale_init: None for no LayerScale; else the initial value of `ls1/gamma` and
+      `ls2/gamma`, the learned scales of the attention and MLP branches.
   """
   num_heads: int
   mlp_dim: int
@@ -218,6 +310,7 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   skip: bool = True
   dtype: Any = jnp.float32
+  layer_scale_init: float | None = None
 
   @nn.compact
   def __call__(self, z: jax.Array, *, train: bool = False) -> jax.Array:
@@ -228,6 +321,8 @@ class Encoder1DBlock(nn.Module):
         self.num_heads, self.attention_dropout_rate, self.dtype,
         name="MultiHeadDotProductAttention_1")(y, train=train)
     attn = nn.Dropout(self.dropout_rate)(attn, deterministic=not train)
+    if self.layer_scale_init is not None:
+      attn = LayerScale(self.layer_scale_init, name="ls1")(attn)
     self.sow("intermediates", "attn_probs", probs)
     self.sow("intermediates", "head_outputs", heads)
     self.sow("intermediates", "attn_branch", attn)
@@ -235,6 +330,8 @@ class Encoder1DBlock(nn.Module):
     self.sow("intermediates", "mid", mid)
     y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="LayerNorm_2")(mid)
     mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, train=train)
+    if self.layer_scale_init is not None:
+      mlp = LayerScale(self.layer_scale_init, name="ls2")(mlp)
     self.sow("intermediates", "mlp_branch", mlp)
     out = mid + mlp if self.skip else mlp
     self.sow("intermediates", "out", out)
@@ -266,6 +363,9 @@ class Encoder(nn.Module):
       CLS is concatenated afterwards (big_vision).
     remove_skips: indices of the blocks without skip connections.
     dtype: compute dtype.
+    posemb: 'learn' (the `posembed_input` parameter) or 'sincos2d' (`posemb_sincos_2d` of the
+      patch grid, no parameter; added to the patches only, posemb_includes_cls must be False).
+    layer_scale_init: see `Encoder1DBlock`.
   """
   depth: int
   num_heads: int
@@ -275,16 +375,19 @@ class Encoder(nn.Module):
   posemb_includes_cls: bool = True
   remove_skips: Sequence[int] = ()
   dtype: Any = jnp.float32
+  posemb: str = "learn"
+  layer_scale_init: float | None = None
 
   @nn.compact
-  def __call__(self, patches: jax.Array, cls: jax.Array | None, *, train: bool = False
+  def __call__(self, grid: jax.Array, cls: jax.Array | None, *, train: bool = False
                ) -> jax.Array:
-    """Encodes patch embeddings `[b, N, D]` (and the CLS token `[1, 1, D]`, if any).
+    """Encodes the patch embeddings `grid` `[b, rows, columns, D]` (and CLS `[1, 1, D]`, if any).
 
     Returns:
-      The normalised tokens `[b, T, D]`, CLS first when given.
+      The normalised tokens `[b, T, D]`, CLS first when given, then the patches row-major.
     """
-    batch = patches.shape[0]
+    batch, rows, columns, width = grid.shape
+    patches = grid.reshape(batch, rows * columns, width)
 
     def with_cls(x):
       if cls is None:
@@ -292,7 +395,10 @@ class Encoder(nn.Module):
       return jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
 
     x = with_cls(patches) if self.posemb_includes_cls else patches
-    x = AddPositionEmbs(name="posembed_input")(x)
+    if self.posemb == "learn":
+      x = AddPositionEmbs(name="posembed_input")(x)
+    else:
+      x = x + posemb_sincos_2d(rows, columns, width).astype(x.dtype)
     x = x if self.posemb_includes_cls else with_cls(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     self.sow("intermediates", "in", x)
@@ -300,10 +406,39 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
                          self.attention_dropout_rate, i not in removed, self.dtype,
-                         name=f"encoderblock_{i}")(x, train=train)
+                         self.layer_scale_init, name=f"encoderblock_{i}")(x, train=train)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="encoder_norm")(x)
     self.sow("intermediates", "encoder_norm_out", x)
     return x
+
+
+class MAPHead(nn.Module):
+  """big_vision's multi-head attention pooling: a learned probe attends over the tokens.
+
+  pooled = a + MLP(LN(a)) with a = MHA(query = probe, keys and values = the tokens); no norm
+  before the attention (the tokens come from `encoder_norm`) and no dropout, as in big_vision.
+
+  Attributes:
+    num_heads: attention heads H; must divide the token width D.
+    mlp_dim: MLP width F.
+    dtype: compute dtype.
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Pools tokens `[b, T, D]` into `[b, D]`, sowing the probe's attention weights."""
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]),
+                       jnp.float32)
+    probe = jnp.tile(probe.astype(x.dtype), (x.shape[0], 1, 1))
+    attn, probs, _ = MultiHeadDotProductAttention(
+        self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")(probe, x)
+    self.sow("intermediates", "attn_probs", probs)
+    y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="LayerNorm_0")(attn)
+    pooled = attn + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+    return pooled[:, 0]
 
 
 class VisionTransformer(nn.Module):
@@ -317,12 +452,19 @@ class VisionTransformer(nn.Module):
     depth: number of Transformer blocks.
     num_heads: attention heads H; must divide hidden_size.
     mlp_dim: MLP width F.
-    classifier: 'token' (CLS token) or 'gap' (mean over tokens).
+    classifier: 'token' (CLS token), 'gap' (mean over tokens) or 'map' (big_vision's
+      `MAPHead`, attention pooling).
     representation_size: width R of the tanh pre-logits layer, or None for none.
     dropout_rate: dropout after the position embedding and on every branch (training only).
     attention_dropout_rate: dropout on attention weights (training only).
     posemb_includes_cls: see `Encoder`; True for vision_transformer checkpoints, False for
-      big_vision ones. Irrelevant for classifier='gap'.
+      big_vision ones. Irrelevant for classifier='gap' and 'map'.
+    posemb: 'learn' (a learned position embedding) or 'sincos2d' (big_vision's fixed 2-D
+      sine-cosine embedding, `posemb_sincos_2d`; needs hidden_size a multiple of 4, at least 8,
+      and, with classifier='token', posemb_includes_cls=False).
+    layer_scale_init: None (default) for no LayerScale; a positive float adds LayerScale to
+      every block's two branches (DeiT III, DINOv2), `ls1/gamma` and `ls2/gamma` initialised to
+      it.
     remove_skips: 0-based indices of the blocks whose two skip connections are removed.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
   """
@@ -338,6 +480,8 @@ class VisionTransformer(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   posemb_includes_cls: bool = True
+  posemb: str = "learn"
+  layer_scale_init: float | None = None
   remove_skips: Sequence[int] = ()
   dtype: Any = jnp.float32
 
@@ -352,12 +496,27 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"ViT fields {sorted(bad)} must be positive integers; got {bad}.")
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"classifier must be one of {CLASSIFIERS}; got {self.classifier!r}.")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"posemb must be one of {POSEMBS}; got {self.posemb!r}.")
+    if self.posemb == "sincos2d" and (self.hidden_size % 4 or self.hidden_size < 8):
+      raise ValueError(f"posemb='sincos2d' needs hidden_size a multiple of 4 and at least 8 (four "
+                       f"sine-cosine groups of at least 2 frequencies); got hidden_size="
+                       f"{self.hidden_size}. Choose such a width or posemb='learn'.")
+    if self.posemb == "sincos2d" and self.classifier == "token" and self.posemb_includes_cls:
+      raise ValueError("posemb='sincos2d' (big_vision's) is added to the patches before the CLS "
+                       "token is concatenated and has no CLS slot; build the model with "
+                       "posemb_includes_cls=False.")
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size="
                        f"{self.patch_size}; choose an image_size divisible by the patch size.")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} does not divide hidden_size="
                        f"{self.hidden_size}; choose a divisor.")
+    if self.layer_scale_init is not None and not (
+        isinstance(self.layer_scale_init, (float, int, np.floating, np.integer))
+        and not isinstance(self.layer_scale_init, bool) and self.layer_scale_init > 0):
+      raise ValueError(f"layer_scale_init must be None (no LayerScale) or a positive float such "
+                       f"as 1e-5 (DINOv2) or 1e-6 (DeiT III); got {self.layer_scale_init!r}.")
     for name in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}.")
@@ -415,15 +574,20 @@ class VisionTransformer(nn.Module):
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
                 name="embedding")(images)
-    batch, height, width, channels = x.shape
-    x = x.reshape(batch, height * width, channels)
+    channels = x.shape[-1]
     cls = None
     if self.classifier == "token":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, channels), jnp.float32)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate,
                 self.attention_dropout_rate, self.posemb_includes_cls, self.remove_skips,
-                self.dtype, name="Transformer")(x, cls, train=train)
-    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+                self.dtype, self.posemb, self.layer_scale_init, name="Transformer")(
+                    x, cls, train=train)
+    if self.classifier == "token":
+      x = x[:, 0]
+    elif self.classifier == "gap":
+      x = jnp.mean(x, axis=1)
+    else:
+      x = MAPHead(self.num_heads, self.mlp_dim, self.dtype, name="MAPHead_0")(x)
     if self.representation_size is not None:
       pre = self.param("pre_logits", dense_tanh_params, channels, self.representation_size)
       x = jnp.tanh(x @ pre["kernel"].astype(self.dtype) + pre["bias"].astype(self.dtype))
@@ -435,13 +599,14 @@ class VisionTransformer(nn.Module):
 
 
 def from_variant(variant: str, **overrides) -> VisionTransformer:
-  """Builds the ViT `variant` ('B/16', 'L/16', ..., see `VARIANTS`).
+  """Builds the ViT `variant` ('B/16', 'L/16', 'So400m/14', ..., see `VARIANTS`).
 
   Args:
     variant: a key of `VARIANTS`.
     **overrides: replace the variant's defaults; any constructor field (num_classes, image_size,
       patch_size, hidden_size, depth, num_heads, mlp_dim, classifier, representation_size,
-      dropout_rate, attention_dropout_rate, posemb_includes_cls, remove_skips, dtype).
+      dropout_rate, attention_dropout_rate, posemb_includes_cls, posemb, layer_scale_init,
+      remove_skips, dtype).
 
   Returns:
     An unbound `VisionTransformer`.

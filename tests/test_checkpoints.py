@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from scipy import special
 
 from vit_repr import checkpoints
 from vit_repr.models import create, flatten_intermediates
@@ -53,21 +54,33 @@ def _mlp_weights(rng, prefix):
 
 def vit_checkpoint(seed=0, *, depth=2, grid=4, patch=PATCH, classifier="token",
                    posemb="learn", layer_scale=False, representation_size=None,
-                   num_classes=CLASSES):
-  """A random ViT in the vision_transformer layout (pos embedding with the CLS slot).
+                   num_classes=CLASSES, registers=0, distillation=False, posemb_slots=True,
+                   pre_norm=False, patch_bias=True):
+  """A random ViT in the vision_transformer layout (pos embedding with the prefix slots).
 
   classifier='map' adds big_vision's MAPHead_0 weights; posemb='sincos2d' has no position
-  embedding; layer_scale adds every block's LayerScale `ls1/gamma` and `ls2/gamma`.
+  embedding; layer_scale adds every block's LayerScale `ls1/gamma` and `ls2/gamma`; registers
+  adds `registers` [1, registers, D]; distillation adds `dist` and `head_dist`; posemb_slots=False
+  gives the position embedding no slot for the prefix tokens (CLS, dist, registers); pre_norm adds
+  `Transformer/pre_norm`; patch_bias=False drops `embedding/bias`.
   """
   rng = np.random.default_rng(seed)
   d = WIDTH
-  w = {"embedding/kernel": _dense(rng, (patch, patch, 3, d), patch * patch * 3),
-       "embedding/bias": _vector(rng, d)}
-  slot = 1 if classifier == "token" else 0
-  if slot:
+  w = {"embedding/kernel": _dense(rng, (patch, patch, 3, d), patch * patch * 3)}
+  if patch_bias:
+    w["embedding/bias"] = _vector(rng, d)
+  if classifier == "token":
     w["cls"] = _vector(rng, (1, 1, d))
+  if distillation:
+    w["dist"] = _vector(rng, (1, 1, d))
+  if registers:
+    w["registers"] = _vector(rng, (1, registers, d))
+  slots = (classifier == "token") + distillation + registers if posemb_slots else 0
   if posemb == "learn":
-    w[POS_EMBEDDING] = _vector(rng, (1, slot + grid * grid, d))
+    w[POS_EMBEDDING] = _vector(rng, (1, slots + grid * grid, d))
+  if pre_norm:
+    w["Transformer/pre_norm/scale"] = _vector(rng, d, 1.0)
+    w["Transformer/pre_norm/bias"] = _vector(rng, d)
   for i in range(depth):
     b = f"Transformer/encoderblock_{i}/"
     for ln in ("LayerNorm_0", "LayerNorm_2"):
@@ -91,6 +104,9 @@ def vit_checkpoint(seed=0, *, depth=2, grid=4, patch=PATCH, classifier="token",
     head_in = representation_size
   w["head/kernel"] = _dense(rng, (head_in, num_classes), head_in)
   w["head/bias"] = _vector(rng, num_classes)
+  if distillation:
+    w["head_dist/kernel"] = _dense(rng, (d, num_classes), d)
+    w["head_dist/bias"] = _vector(rng, num_classes)
   return w
 
 
@@ -152,17 +168,28 @@ def write(tmp_path, name, arrays):
 
 # --- Independent NumPy float64 forward passes --------------------------------------------------
 
-def np_layer_norm(x, scale, bias):
+def np_layer_norm(x, scale, bias, eps=1e-6):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
 def np_gelu(x):  # Flax's default GELU: the tanh approximation.
   return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def np_patches(images, kernel, bias):
+def np_activation(x, name):
+  """'gelu_tanh' (np_gelu), 'gelu' (exact: x Phi(x), with erf) or 'quick_gelu' (CLIP's
+  x * sigmoid(1.702 x))."""
+  if name == "gelu_tanh":
+    return np_gelu(x)
+  if name == "gelu":
+    return 0.5 * x * (1 + special.erf(x / np.sqrt(2)))
+  assert name == "quick_gelu", name
+  return x / (1 + np.exp(-1.702 * x))
+
+
+def np_patches(images, kernel, bias=0.0):
   b, h, wd, c = images.shape
   p = kernel.shape[0]
   x = images.reshape(b, h // p, p, wd // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -192,57 +219,77 @@ def np_attention(x, tokens, w, prefix):
   return np.einsum("bqhe,hed->bqd", heads, w[prefix + "out/kernel"]) + w[prefix + "out/bias"], probs
 
 
-def np_mlp(x, w, prefix):
-  """Dense_0, tanh-GELU, Dense_1."""
-  y = np_gelu(x @ w[prefix + "Dense_0/kernel"] + w[prefix + "Dense_0/bias"])
+def np_mlp(x, w, prefix, activation="gelu_tanh"):
+  """Dense_0, the activation (`np_activation`), Dense_1."""
+  y = np_activation(x @ w[prefix + "Dense_0/kernel"] + w[prefix + "Dense_0/bias"], activation)
   return y @ w[prefix + "Dense_1/kernel"] + w[prefix + "Dense_1/bias"]
 
 
-def np_vit(w, images):
+def np_vit(w, images, *, activation="gelu_tanh", eps=1e-6):
   """A ViT's forward pass from a vision_transformer-layout dict, in float64.
 
-  'token' if the dict has `cls`, 'map' if it has `MAPHead_0/...`, else 'gap'; the fixed
-  sincos2d embedding (added before CLS is concatenated) when it has no position embedding;
-  LayerScale where a block has `ls1/gamma`, `ls2/gamma`.
+  Prefix tokens in the order CLS (`cls`), distillation token (`dist`), registers (`registers`),
+  each present if the dict has it; 'token' if it has `cls` (with `head_dist`: the mean of the
+  CLS head's and the distillation head's logits), 'map' if it has `MAPHead_0/...`, else 'gap'
+  (the mean of the patch tokens, prefix tokens excluded). A position embedding with one slot per
+  prefix token is added after they are concatenated, one over the patches only before; the fixed
+  sincos2d embedding (added before the prefix tokens) when it has none. No patch bias without
+  `embedding/bias`; `Transformer/pre_norm` if present; LayerScale where a block has `ls1/gamma`,
+  `ls2/gamma`. `activation` (`np_activation`) in every MLP and `eps` in every LayerNorm.
 
   Returns:
-    {'Transformer/encoderblock_{i}/{attn_probs, out}', 'MAPHead_0/attn_probs' ('map' only),
-    'pre_logits', 'logits'}: float64 arrays.
+    {'Transformer/in', 'Transformer/encoderblock_{i}/{attn_probs, out}', 'MAPHead_0/attn_probs'
+    ('map' only), 'pre_logits', 'pre_logits_dist' (`head_dist` only), 'logits'}: float64 arrays.
   """
   w = {k: v.astype(np.float64) for k, v in w.items()}
   inter = {}
-  x = np_patches(images.astype(np.float64), w["embedding/kernel"], w["embedding/bias"])
+  x = np_patches(images.astype(np.float64), w["embedding/kernel"], w.get("embedding/bias", 0.0))
+  batch, patches, width = x.shape
+  prefix = np.concatenate([w[k] for k in ("cls", "dist", "registers") if k in w]
+                          or [np.zeros((1, 0, width))], axis=1)
+  slots = w[POS_EMBEDDING].shape[1] - patches if POS_EMBEDDING in w else 0
+  assert slots in (0, prefix.shape[1]), (slots, prefix.shape)
   if POS_EMBEDDING not in w:
-    side = int(round(np.sqrt(x.shape[1])))  # square images
-    x = x + np_sincos_2d(side, side, x.shape[-1])
-  if "cls" in w:
-    x = np.concatenate([np.repeat(w["cls"], len(x), axis=0), x], axis=1)
-  if POS_EMBEDDING in w:
+    side = int(round(np.sqrt(patches)))  # square images
+    x = x + np_sincos_2d(side, side, width)
+  elif not slots:
     x = x + w[POS_EMBEDDING]
+  x = np.concatenate([np.repeat(prefix, batch, axis=0), x], axis=1)
+  if slots:
+    x = x + w[POS_EMBEDDING]
+  if "Transformer/pre_norm/scale" in w:
+    x = np_layer_norm(x, w["Transformer/pre_norm/scale"], w["Transformer/pre_norm/bias"], eps)
+  inter["Transformer/in"] = x
   depth = len({k.split("/")[1] for k in w if k.startswith("Transformer/encoderblock_")})
   for i in range(depth):
     b = f"Transformer/encoderblock_{i}/"
-    y = np_layer_norm(x, w[b + "LayerNorm_0/scale"], w[b + "LayerNorm_0/bias"])
+    y = np_layer_norm(x, w[b + "LayerNorm_0/scale"], w[b + "LayerNorm_0/bias"], eps)
     attn, inter[b + "attn_probs"] = np_attention(y, y, w, b + "MultiHeadDotProductAttention_1/")
     x = x + attn * w.get(b + "ls1/gamma", 1.0)
-    y = np_layer_norm(x, w[b + "LayerNorm_2/scale"], w[b + "LayerNorm_2/bias"])
-    x = inter[b + "out"] = x + np_mlp(y, w, b + "MlpBlock_3/") * w.get(b + "ls2/gamma", 1.0)
-  x = np_layer_norm(x, w["Transformer/encoder_norm/scale"], w["Transformer/encoder_norm/bias"])
+    y = np_layer_norm(x, w[b + "LayerNorm_2/scale"], w[b + "LayerNorm_2/bias"], eps)
+    x = inter[b + "out"] = x + np_mlp(y, w, b + "MlpBlock_3/", activation) * w.get(
+        b + "ls2/gamma", 1.0)
+  tokens = np_layer_norm(x, w["Transformer/encoder_norm/scale"],
+                         w["Transformer/encoder_norm/bias"], eps)
   if "cls" in w:
-    x = x[:, 0]
+    x = tokens[:, 0]
   elif "MAPHead_0/probe" in w:
     m = "MAPHead_0/"
-    probe = np.repeat(w[m + "probe"], len(x), axis=0)
-    pooled, inter[m + "attn_probs"] = np_attention(probe, x, w,
+    probe = np.repeat(w[m + "probe"], batch, axis=0)
+    pooled, inter[m + "attn_probs"] = np_attention(probe, tokens, w,
                                                    m + "MultiHeadDotProductAttention_0/")
-    y = np_layer_norm(pooled, w[m + "LayerNorm_0/scale"], w[m + "LayerNorm_0/bias"])
-    x = (pooled + np_mlp(y, w, m + "MlpBlock_0/"))[:, 0]
+    y = np_layer_norm(pooled, w[m + "LayerNorm_0/scale"], w[m + "LayerNorm_0/bias"], eps)
+    x = (pooled + np_mlp(y, w, m + "MlpBlock_0/", activation))[:, 0]
   else:
-    x = x.mean(1)
+    x = tokens[:, prefix.shape[1]:].mean(1)
   if "pre_logits/kernel" in w:
     x = np.tanh(x @ w["pre_logits/kernel"] + w["pre_logits/bias"])
   inter["pre_logits"] = x
   inter["logits"] = x @ w["head/kernel"] + w["head/bias"]
+  if "head_dist/kernel" in w:
+    inter["pre_logits_dist"] = tokens[:, 1]
+    dist_logits = tokens[:, 1] @ w["head_dist/kernel"] + w["head_dist/bias"]
+    inter["logits"] = (inter["logits"] + dist_logits) / 2
   return inter
 
 
@@ -428,6 +475,115 @@ def test_layer_scale_blocks_match_numpy_float64(tmp_path):
                      tiny_vit(depth=1, layer_scale_init=1e-5))
 
 
+# (checkpoint options, model overrides, np_vit options) of timm's ViT families, narrow.
+TIMM_FAMILIES = {
+    "dinov2-reg4-posemb-slots": (
+        dict(registers=4, layer_scale=True),
+        dict(num_registers=4, layer_scale_init=1e-5, mlp_activation="gelu"),
+        dict(activation="gelu")),
+    "dinov2-reg4-posemb-no-slots": (
+        dict(registers=4, layer_scale=True, posemb_slots=False),
+        dict(num_registers=4, layer_scale_init=1e-5, mlp_activation="gelu",
+             posemb_includes_cls=False),
+        dict(activation="gelu")),
+    "deit-distilled": (
+        dict(distillation=True),
+        dict(distillation=True, mlp_activation="gelu"),
+        dict(activation="gelu")),
+    "openai-clip": (
+        dict(pre_norm=True, patch_bias=False),
+        dict(pre_norm=True, layer_norm_eps=1e-5, mlp_activation="quick_gelu", patch_bias=False),
+        dict(activation="quick_gelu", eps=1e-5)),
+}
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_family_towers_match_numpy_float64_at_full_depth(tmp_path, family):
+  """DINOv2 (registers, LayerScale, exact GELU), DeiT distilled, OpenAI CLIP (ln_pre, eps 1e-5,
+  quick GELU, no patch bias): 12 blocks, a 14x14 grid (224px, patch 16), narrow width."""
+  checkpoint, overrides, reference = TIMM_FAMILIES[family]
+  w = vit_checkpoint(depth=12, grid=14, patch=16, **checkpoint)
+  model = siglip_vit(classifier="token", **overrides)
+  params = checkpoints.load(write(tmp_path, f"{family}.npz", w), model)
+  x = images(n=2, size=224)
+  got, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(
+      params, x)
+  inter = flatten_intermediates(state)
+  want = np_vit(w, x, **reference)
+  tokens = model.token_layout().num_tokens
+  assert tokens == {"deit-distilled": 198, "openai-clip": 197}.get(family, 201)
+  assert inter["Transformer/in"].shape == (2, tokens, WIDTH)
+  assert sum(k.endswith("/out") for k in want) == 12
+  assert ("pre_logits_dist" in want) == (family == "deit-distilled")
+  for name, value in want.items():
+    np.testing.assert_allclose(np.asarray(inter[name], np.float64), value, rtol=1e-4, atol=1e-4,
+                               err_msg=name)
+  np.testing.assert_allclose(np.asarray(got), want["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint,overrides,reference", [
+    (dict(classifier="gap", registers=3), dict(classifier="gap", num_registers=3), {}),
+    (dict(classifier="gap", registers=3, posemb_slots=False),
+     dict(classifier="gap", num_registers=3, posemb_includes_cls=False), {}),
+    (dict(classifier="map", registers=2, pre_norm=True),
+     dict(classifier="map", num_registers=2, pre_norm=True, layer_norm_eps=0.1,
+          mlp_activation="quick_gelu"), dict(eps=0.1, activation="quick_gelu")),
+    (dict(distillation=True, registers=2),
+     dict(distillation=True, num_registers=2, mlp_activation="gelu"), dict(activation="gelu")),
+    (dict(pre_norm=True, patch_bias=False),
+     dict(pre_norm=True, patch_bias=False, layer_norm_eps=0.1), dict(eps=0.1)),
+], ids=["gap-registers", "gap-registers-no-slots", "map-registers-prenorm-eps-quickgelu",
+        "cls-dist-registers", "prenorm-nobias-eps"])
+def test_prefix_tokens_poolings_and_norms_match_numpy_float64(tmp_path, checkpoint, overrides,
+                                                              reference):
+  """GAP over the patch tokens only, MAP over every token, CLS + dist + registers, and a large
+  LayerNorm epsilon (0.1), which would show in every LayerNorm (pre_norm, the blocks',
+  encoder_norm, the MAP head's) were it not applied there."""
+  w = vit_checkpoint(**checkpoint)
+  model = tiny_vit(**overrides)
+  params = checkpoints.load(write(tmp_path, "c.npz", w), model)
+  x = images()
+  got, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(
+      params, x)
+  inter = flatten_intermediates(state)
+  want = np_vit(w, x, **reference)
+  for name, value in want.items():
+    np.testing.assert_allclose(np.asarray(inter[name], np.float64), value, rtol=1e-5, atol=1e-5,
+                               err_msg=name)
+  np.testing.assert_allclose(np.asarray(got), want["logits"], rtol=1e-5, atol=1e-5)
+  with_default_eps = np_vit(w, x, activation=reference.get("activation", "gelu_tanh"))["logits"]
+  if "eps" in reference:  # the epsilon changes the logits measurably
+    assert np.max(np.abs(with_default_eps - want["logits"])) > 1e-3
+
+
+@pytest.mark.parametrize("checkpoint,kept_slots,overrides,match", [
+    (dict(registers=4), None, dict(num_registers=4, posemb_includes_cls=False),
+     r"has 5 prefix slot\(s\).*\(prefix tokens: cls, register, register, register, register; "
+     r"posemb_includes_cls=False\).*Build it with posemb_includes_cls=True\."),
+    (dict(registers=4, posemb_slots=False), None, dict(num_registers=4),
+     r"\(1, 16, 32\) has no prefix slot.*expects 5 \(cls, register, register, register, "
+     r"register\)\. Build it with posemb_includes_cls=False\."),
+    (dict(registers=4), 1, dict(num_registers=4),
+     r"\(1, 17, 32\) has 1 prefix slot\(s\), but the model has 5 prefix tokens with slots"),
+    (dict(registers=4), None, dict(distillation=True),
+     r"\(1, 21, 32\) holds no square patch grid after 0 or 1 or 2 prefix slots \(the model's "
+     r"prefix tokens: cls, distillation\)"),
+    (dict(distillation=True), None, dict(classifier="gap"),
+     r"\(1, 18, 32\) holds no square patch grid after 0 or 1 prefix slots \(the model's "
+     r"prefix tokens: none\)"),
+], ids=["slots-for-model-without", "no-slots-for-model-with", "dinov2-own-cls-slot-only",
+        "neither", "dist-slots-for-gap"])
+def test_prefix_slot_mismatches_are_clear_errors(tmp_path, checkpoint, kept_slots, overrides,
+                                                 match):
+  w = vit_checkpoint(**checkpoint)
+  if kept_slots is not None:  # DINOv2's own files: a CLS slot only, registers without slots
+    slots = w[POS_EMBEDDING].shape[1] - 16
+    w[POS_EMBEDDING] = np.concatenate([w[POS_EMBEDDING][:, :kept_slots],
+                                       w[POS_EMBEDDING][:, slots:]], axis=1)
+  with pytest.raises(ValueError, match=match):
+    checkpoints.load(write(tmp_path, "c.npz", w), tiny_vit(**overrides))
+
+
 def _align_corners_bilinear(grid, new):
   """Direct formula: output i samples input i * (old - 1) / (new - 1), bilinearly."""
   old = grid.shape[0]
@@ -438,17 +594,23 @@ def _align_corners_bilinear(grid, new):
   return rows[:, lo] * (1 - frac)[None, :, None] + rows[:, lo + 1] * frac[None, :, None]
 
 
-@pytest.mark.parametrize("classifier,image_size", [("token", 48), ("token", 24), ("gap", 56)],
-                         ids=["token-4to6", "token-4to3", "gap-4to7"])
-def test_pos_embedding_is_resized_bilinearly(tmp_path, caplog, classifier, image_size):
-  w = vit_checkpoint(classifier=classifier)
-  model = tiny_vit(classifier=classifier, image_size=image_size)
+@pytest.mark.parametrize("prefix,image_size,slot", [
+    ({}, 48, 1), ({}, 24, 1), ({"classifier": "gap"}, 56, 0), ({"distillation": True}, 48, 2),
+    ({"num_registers": 4}, 24, 5), ({"num_registers": 4}, 56, 5)],
+    ids=["token-4to6", "token-4to3", "gap-4to7", "cls-dist-4to6", "cls-reg4-4to3",
+         "cls-reg4-4to7"])
+def test_pos_embedding_is_resized_bilinearly(tmp_path, caplog, prefix, image_size, slot):
+  w = vit_checkpoint(classifier=prefix.get("classifier", "token"),
+                     distillation=prefix.get("distillation", False),
+                     registers=prefix.get("num_registers", 0))
+  model = tiny_vit(image_size=image_size, **prefix)
+  assert model.token_layout().num_prefix_tokens == slot
   with caplog.at_level(logging.INFO):
     params = checkpoints.load(write(tmp_path, "c.npz", w), model)
   assert "resizing the position embedding" in caplog.text
   got = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
   old = w["Transformer/posembed_input/pos_embedding"].astype(np.float64)
-  slot = 1 if classifier == "token" else 0
+  assert old.shape == (1, slot + 16, WIDTH)
   new = image_size // PATCH
   want_grid = _align_corners_bilinear(old[0, slot:].reshape(4, 4, WIDTH), new)
   np.testing.assert_allclose(got[0, slot:], want_grid.reshape(new * new, WIDTH), rtol=1e-6,
@@ -457,15 +619,17 @@ def test_pos_embedding_is_resized_bilinearly(tmp_path, caplog, classifier, image
   logits(model, params, images(size=image_size))  # the resized tree runs
 
 
-def test_head_is_replaced_by_zeros_when_classes_differ(tmp_path, caplog):
-  path = write(tmp_path, "c.npz", vit_checkpoint(num_classes=7))
-  model = tiny_vit(num_classes=5)
+@pytest.mark.parametrize("distillation", [False, True], ids=["head", "head-and-head_dist"])
+def test_head_is_replaced_by_zeros_when_classes_differ(tmp_path, caplog, distillation):
+  path = write(tmp_path, "c.npz", vit_checkpoint(num_classes=7, distillation=distillation))
+  model = tiny_vit(num_classes=5, distillation=distillation)
   with caplog.at_level(logging.INFO):
     params = checkpoints.load(path, model)
   assert "zero-initialised" in caplog.text
-  assert params["head"]["kernel"].shape == (WIDTH, 5)
-  assert not np.any(np.asarray(params["head"]["kernel"]))
-  assert not np.any(np.asarray(params["head"]["bias"]))
+  for head in ("head", "head_dist") if distillation else ("head",):
+    assert params[head]["kernel"].shape == (WIDTH, 5)
+    assert not np.any(np.asarray(params[head]["kernel"]))
+    assert not np.any(np.asarray(params[head]["bias"]))
   np.testing.assert_array_equal(logits(model, params, images()), 0.0)
 
 

@@ -7,6 +7,7 @@ FLOPs, narrow widths).
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from vit_repr import features
@@ -43,6 +44,35 @@ def test_vit_b16_token_layout(classifier, prefix):
   shapes = features.intermediate_shapes(narrow("ViT-B/16", classifier=classifier), IMAGE_SIZE)
   assert shapes["Transformer/encoderblock_11/out"][1] == tokens.num_tokens
   assert shapes["Transformer/encoderblock_11/attn_probs"][2:] == (tokens.num_tokens,) * 2
+
+
+@pytest.mark.parametrize("overrides,prefix", [
+    ({"num_registers": 4}, ("cls", "register", "register", "register", "register")),
+    ({"distillation": True}, ("cls", "distillation")),
+    ({"classifier": "gap", "num_registers": 4}, ("register",) * 4),
+    ({"classifier": "map", "num_registers": 4}, ("register",) * 4),
+], ids=["dinov2-reg4", "deit-distilled", "gap-reg4", "map-reg4"])
+def test_vit_b16_prefix_tokens_layout(overrides, prefix):
+  tokens = create("ViT-B/16", **overrides).token_layout()
+  assert tokens == TokenLayout(grid=(14, 14), patch_size=16, prefix=prefix)
+  assert (tokens.num_prefix_tokens, tokens.num_spatial_tokens) == (len(prefix), 196)
+  assert tokens.has_cls == ("cls" in prefix)
+  shapes = features.intermediate_shapes(narrow("ViT-B/16", **overrides), IMAGE_SIZE)
+  assert shapes["Transformer/encoderblock_11/out"][1] == tokens.num_tokens == 196 + len(prefix)
+
+
+def test_reduce_tokens_takes_cls_and_drops_every_prefix_token():
+  """Token 0 is CLS; 'spatial' and 'mean' keep only the patches after CLS, dist and registers."""
+  tokens = TokenLayout(grid=(2, 3), patch_size=16,
+                       prefix=("cls", "distillation", "register", "register"))
+  x = np.arange(2 * 10 * 3, dtype=np.float32).reshape(2, 10, 3)
+  np.testing.assert_array_equal(features.reduce_tokens(x, "cls", token_layout=tokens), x[:, 0])
+  np.testing.assert_array_equal(features.reduce_tokens(x, "spatial", token_layout=tokens),
+                                x[:, 4:].reshape(2, 18))
+  np.testing.assert_allclose(features.reduce_tokens(x, "mean", token_layout=tokens),
+                             x[:, 4:].mean(1), rtol=1e-6)
+  with pytest.raises(ValueError, match="has 9 tokens, but the model's token layout"):
+    features.reduce_tokens(x[:, 1:], "mean", token_layout=tokens)
 
 
 def test_mixer_b16_and_bit_r50_token_layouts():
@@ -185,9 +215,12 @@ def test_display_names_of_every_sown_name_are_distinct(name):
     (dict(grid=(14,), patch_size=16), "grid"),
     (dict(grid=(14, 0), patch_size=16), "grid"),
     (dict(grid=(14, 14), patch_size=0), "patch_size"),
-    (dict(grid=(14, 14), patch_size=16, prefix=("register",)), "prefix"),
+    (dict(grid=(14, 14), patch_size=16, prefix=("mask",)), "prefix"),
     (dict(grid=(14, 14), patch_size=16, prefix=("cls", "cls")), "distinct"),
-], ids=["grid_rank", "empty_grid", "patch_size", "unknown_kind", "repeated_kind"])
+    (dict(grid=(14, 14), patch_size=16, prefix=("cls", "distillation", "distillation")),
+     r"distinct \(only 'register' may repeat\)"),
+], ids=["grid_rank", "empty_grid", "patch_size", "unknown_kind", "repeated_kind",
+        "repeated_distillation"])
 def test_bad_token_layouts_are_refused(fields, match):
   with pytest.raises(ValueError, match=match):
     TokenLayout(**fields)

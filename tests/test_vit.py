@@ -1,5 +1,10 @@
-"""Tests for vit_repr.models.vit: sown intermediates, skip removal, dtypes, input checks and
-big_vision's layouts (MAP head, sincos2d position embedding, So400m sizes)."""
+"""Tests for vit_repr.models.vit: sown intermediates, skip removal, dtypes, input checks,
+big_vision's layouts (MAP head, sincos2d position embedding, So400m sizes) and the options of
+timm's families (registers, distillation token, pre_norm, activations, LayerNorm epsilon, patch
+bias). Their forward passes are checked against a NumPy float64 reference in
+tests/test_checkpoints.py."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +56,7 @@ def run(model, params, x):
   return out, {k: np.asarray(v, np.float64) for k, v in flatten_intermediates(state).items()}
 
 
-def expected_shapes(tokens, pre_logits_width, classifier="token"):
+def expected_shapes(tokens, pre_logits_width, classifier="token", distillation=False):
   shapes = {"Transformer/in": (B, tokens, D)}
   for i in range(DEPTH):
     b = f"Transformer/encoderblock_{i}/"
@@ -63,6 +68,8 @@ def expected_shapes(tokens, pre_logits_width, classifier="token"):
   if classifier == "map":
     shapes["MAPHead_0/attn_probs"] = (B, HEADS, 1, tokens)
   shapes.update({"pre_logits": (B, pre_logits_width), "logits": (B, C)})
+  if distillation:
+    shapes["pre_logits_dist"] = (B, D)
   return shapes
 
 
@@ -75,11 +82,20 @@ def expected_shapes(tokens, pre_logits_width, classifier="token"):
     ({"classifier": "map", "posemb": "sincos2d", "representation_size": 7}, N, 7),
     ({"posemb": "sincos2d", "posemb_includes_cls": False}, N + 1, D),
     ({"layer_scale_init": 1e-5}, N + 1, D),
+    ({"num_registers": 4, "layer_scale_init": 1e-5, "mlp_activation": "gelu"}, N + 5, D),
+    ({"num_registers": 4, "classifier": "gap", "posemb_includes_cls": False}, N + 4, D),
+    ({"num_registers": 2, "classifier": "map", "posemb": "sincos2d",
+      "posemb_includes_cls": False}, N + 2, D),
+    ({"distillation": True}, N + 2, D),
+    ({"distillation": True, "num_registers": 3}, N + 5, D),
+    ({"pre_norm": True, "layer_norm_eps": 1e-5, "mlp_activation": "quick_gelu",
+      "patch_bias": False}, N + 1, D),
 ], ids=["token", "gap", "token-prelogits", "token-bigvision-posemb", "map", "map-sincos2d",
-        "token-sincos2d", "token-layerscale"])
+        "token-sincos2d", "token-layerscale", "dinov2-registers", "gap-registers",
+        "map-registers-sincos2d", "deit-distilled", "distilled-registers", "clip"])
 def test_every_intermediate_has_the_documented_name_and_shape(overrides, tokens, width):
   model = tiny(**overrides)
-  want = expected_shapes(tokens, width, model.classifier)
+  want = expected_shapes(tokens, width, model.classifier, model.distillation)
   _, inter = run(model, random_params(model), images())
   assert {k: v.shape for k, v in inter.items()} == want
   for name in want:  # every name is documented
@@ -244,8 +260,24 @@ def test_wrong_images_raise_a_clear_error(shape):
     ({"depth": 0}, "positive integers"),
     ({"dtype": jnp.int32}, "floating-point"),
     ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\)"),
+    ({"mlp_activation": "relu"}, r"mlp_activation must be one of \('gelu_tanh', 'gelu', "
+                                 r"'quick_gelu'\).*got 'relu'"),
+    ({"layer_norm_eps": 0.0}, r"layer_norm_eps must be a positive float.*got 0.0"),
+    ({"layer_norm_eps": -1e-6}, r"layer_norm_eps must be a positive float.*got -1e-06"),
+    ({"num_registers": -1}, r"num_registers must be a non-negative integer.*got -1"),
+    ({"num_registers": 2.0}, r"num_registers must be a non-negative integer.*got 2.0"),
+    ({"distillation": 1, "pre_norm": "yes"},
+     r"ViT fields \['distillation', 'pre_norm'\] must be True or False"),
+    ({"distillation": True, "classifier": "gap"},
+     r"distillation=True .* needs classifier='token'; got classifier='gap'"),
+    ({"distillation": True, "representation_size": 7},
+     r"distillation=True has no pre-logits layer.*representation_size=None"),
+    ({"posemb": "sincos2d", "classifier": "gap", "num_registers": 4},
+     r"before the prefix tokens \(CLS, distillation, registers\).*posemb_includes_cls=False"),
 ], ids=["unknown", "classifier", "posemb", "sincos-width", "sincos-cls-slot", "layer-scale",
-        "skip-range", "skip-dup", "image-size", "heads", "depth", "dtype", "dropout"])
+        "skip-range", "skip-dup", "image-size", "heads", "depth", "dtype", "dropout",
+        "activation", "eps-zero", "eps-negative", "registers-negative", "registers-float",
+        "flags-not-bool", "distillation-gap", "distillation-prelogits", "sincos-register-slots"])
 def test_bad_fields_raise_clear_errors(overrides, match):
   with pytest.raises(ValueError, match=match):
     tiny(**overrides)
@@ -271,6 +303,59 @@ def test_map_and_gap_models_have_no_prefix_token():
     token_layout = tiny(classifier=classifier).token_layout()
     assert token_layout.prefix == prefix
     assert token_layout.grid == (SIZE // PATCH, SIZE // PATCH)
+
+
+@pytest.mark.parametrize("overrides,prefix", [
+    ({"num_registers": 4}, ("cls",) + ("register",) * 4),
+    ({"num_registers": 2, "classifier": "gap"}, ("register",) * 2),
+    ({"num_registers": 1, "classifier": "map"}, ("register",)),
+    ({"distillation": True}, ("cls", "distillation")),
+    ({"distillation": True, "num_registers": 2}, ("cls", "distillation", "register", "register")),
+    ({"pre_norm": True, "patch_bias": False}, ("cls",)),
+], ids=["dinov2", "gap-registers", "map-register", "deit-distilled", "distilled-registers",
+        "clip"])
+def test_token_layout_lists_the_prefix_tokens_in_token_order(overrides, prefix):
+  model = tiny(**overrides)
+  assert model.token_layout().prefix == prefix
+  assert model.token_layout().num_tokens == len(prefix) + N
+
+
+def test_prefix_token_parameters_and_their_order_in_the_sequence():
+  """CLS, dist, registers, then the patches; a position-embedding slot per prefix token."""
+  model = tiny(distillation=True, num_registers=3)
+  params = random_params(model)
+  assert {k: params[k].shape for k in ("cls", "dist", "registers")} == {
+      "cls": (1, 1, D), "dist": (1, 1, D), "registers": (1, 3, D)}
+  assert {k: v.shape for k, v in params["head_dist"].items()} == {"kernel": (D, C), "bias": (C,)}
+  pe = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"], np.float64)
+  assert pe.shape == (1, 5 + N, D)
+  _, inter = run(model, params, images())
+  prefix = np.concatenate([np.asarray(params[k], np.float64) for k in ("cls", "dist", "registers")],
+                          axis=1)
+  np.testing.assert_allclose(inter["Transformer/in"][:, :5], np.tile(prefix + pe[:, :5], (B, 1, 1)),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_pre_norm_and_patch_bias_change_only_their_parameters():
+  params = random_params(tiny(pre_norm=True, patch_bias=False))
+  plain = random_params(tiny())
+  assert set(params["embedding"]) == {"kernel"}
+  assert set(params["Transformer"]) - set(plain["Transformer"]) == {"pre_norm"}
+  assert {k: v.shape for k, v in params["Transformer"]["pre_norm"].items()} == {
+      "scale": (D,), "bias": (D,)}
+
+
+@pytest.mark.parametrize("name", vit.MLP_ACTIVATIONS)
+def test_mlp_activations_are_the_documented_formulas(name):
+  x = np.linspace(-6, 6, 241)
+  want = {"gelu_tanh": 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+          "gelu": np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x]),
+          "quick_gelu": x / (1 + np.exp(-1.702 * x))}[name]
+  block = vit.MlpBlock(1, activation=name)
+  identity = {"Dense_0": {"kernel": jnp.ones((1, 1)), "bias": jnp.zeros(1)},
+              "Dense_1": {"kernel": jnp.ones((1, 1)), "bias": jnp.zeros(1)}}
+  got = block.apply({"params": identity}, jnp.asarray(x, jnp.float32)[:, None])[:, 0]
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-6)
 
 
 def test_sincos2d_model_has_no_position_embedding_parameter():

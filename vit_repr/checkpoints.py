@@ -6,8 +6,10 @@ or gs://, converts it to the parameter tree of a `vit_repr.models` module and ch
 `jax.eval_shape(model.init, ...)`. Supported key layouts (flat '/'-joined `.npz` keys):
 
 - vision_transformer (google-research/vision_transformer): ViT and Mixer keys equal our
-  parameter paths; the ViT position embedding has a CLS slot. Keys under `opt/target/` (old
-  training checkpoints) are read too.
+  parameter paths; the ViT position embedding has a CLS slot (with the options of timm's
+  families, a slot per prefix token: CLS, distillation token `dist`, `registers`; or none, for a
+  model built with posemb_includes_cls=False). Keys under `opt/target/` (old training
+  checkpoints) are read too.
 - big_vision (google-research/big_vision): ViT keys under `params/` or `params/img/`; block
   sub-modules named LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0
   (renamed to _0, _1, _2, _3); `pos_embedding` at the top level and without a CLS slot, since
@@ -22,9 +24,13 @@ or gs://, converts it to the parameter tree of a `vit_repr.models` module and ch
 
 Repairs, each logged, as the original fine-tuning code makes them (vision_transformer's
 `checkpoint.load_pretrained`): a head whose shape differs from the model's (another number of
-classes) is replaced by a zero-initialised one; pre-logits weights are dropped when the model has
-no pre-logits layer; a ViT position embedding for another patch grid is resized by order-1
-(bilinear, corner-aligned) `scipy.ndimage.zoom` of the grid, the CLS entry kept as is. Anything
+classes) is replaced by a zero-initialised one (so is DeiT's `head_dist`); pre-logits weights are
+dropped when the model has no pre-logits layer; a ViT position embedding for another patch grid
+is resized by order-1 (bilinear, corner-aligned) `scipy.ndimage.zoom` of the grid, the prefix
+entries (one per prefix token of the model's `token_layout()`: CLS, distillation, registers)
+kept as they are. The number of prefix slots a file's embedding has (none, or the model's number
+of prefix tokens, or one CLS slot) is read from its shape, preferring the model's own convention
+when a shape fits both. Anything
 else that does not match raises one ValueError listing the missing, unexpected and mis-shaped
 keys. Files are read with `allow_pickle=False`; nothing in them is executed.
 
@@ -179,7 +185,7 @@ def resize_pos_embedding(pos_embedding: np.ndarray, grid_side: int, num_prefix: 
                          ) -> np.ndarray:
   """Resizes a ViT position embedding to another square patch grid, as vision_transformer does.
 
-  The first `num_prefix` entries (the CLS slot) are kept; the square grid of the rest is
+  The first `num_prefix` entries (the prefix slots) are kept; the square grid of the rest is
   resampled with `scipy.ndimage.zoom(grid, (new/old, new/old, 1), order=1)`: bilinear
   interpolation with the corner patches aligned (output patch i samples input position
   i * (old - 1) / (new - 1)).
@@ -187,7 +193,8 @@ def resize_pos_embedding(pos_embedding: np.ndarray, grid_side: int, num_prefix: 
   Args:
     pos_embedding: `[1, num_prefix + old**2, D]`.
     grid_side: the new grid side `new`.
-    num_prefix: leading non-grid entries (1 for a CLS slot, else 0).
+    num_prefix: leading non-grid entries: one per prefix token with a slot (CLS,
+      distillation, registers), else 0.
 
   Returns:
     `[1, num_prefix + new**2, D]`, same dtype.
@@ -198,7 +205,7 @@ def resize_pos_embedding(pos_embedding: np.ndarray, grid_side: int, num_prefix: 
   prefix, grid = pos_embedding[:, :num_prefix], pos_embedding[0, num_prefix:]
   old = _grid_side(grid.shape[0])
   if old is None:
-    raise ValueError(f"Position embedding {pos_embedding.shape} minus {num_prefix} CLS "
+    raise ValueError(f"Position embedding {pos_embedding.shape} minus {num_prefix} prefix "
                      f"entries does not hold a square grid of patches; cannot resize it.")
   grid = grid.reshape(old, old, -1)
   grid = scipy.ndimage.zoom(grid, (grid_side / old, grid_side / old, 1), order=1)
@@ -206,42 +213,69 @@ def resize_pos_embedding(pos_embedding: np.ndarray, grid_side: int, num_prefix: 
   return np.concatenate([prefix, grid], axis=1)
 
 
+def _prefix_slots(tokens: int, candidates: tuple[int, ...]) -> int | None:
+  """The first candidate number of prefix slots that leaves a non-empty square patch grid."""
+  for slots in candidates:
+    if tokens > slots and _grid_side(tokens - slots) is not None:
+      return slots
+  return None
+
+
 def _fix_pos_embedding(flat: dict[str, np.ndarray], expected_shape: tuple[int, ...],
                        model: nn.Module) -> None:
-  """Checks the CLS-slot convention and resizes the grid when it differs (in place)."""
+  """Checks the prefix-slot convention and resizes the grid when it differs (in place).
+
+  The model has P prefix tokens (its `token_layout()`) and wants a slot for each when built with
+  posemb_includes_cls=True, none otherwise. The file's slots are read from its shape: the
+  model's count if the rest is a square grid, else none, else P, else one (a CLS slot).
+  """
   pos_embedding = flat[POS_EMBEDDING]
   if pos_embedding.ndim != 3 or pos_embedding.shape[2] != expected_shape[2]:
     return  # reported as a shape mismatch
+  token_layout = model.token_layout()
+  prefix = token_layout.num_prefix_tokens
+  wants = prefix if getattr(model, "posemb_includes_cls", True) else 0
   tokens = pos_embedding.shape[1]
-  if _grid_side(tokens) is not None:
-    has_slot = False
-  elif _grid_side(tokens - 1) is not None:
-    has_slot = True
-  else:
-    raise ValueError(f"Checkpoint position embedding {pos_embedding.shape} holds neither a "
-                     f"square patch grid nor a CLS slot plus one; it cannot be used.")
-  wants_slot = (getattr(model, "classifier", None) == "token"
-                and getattr(model, "posemb_includes_cls", True))
-  if has_slot and not wants_slot:
+  candidates = tuple(dict.fromkeys((wants, 0, prefix, 1)))
+  found = _prefix_slots(tokens, candidates)
+  kinds = ", ".join(token_layout.prefix) or "none"
+  if found is None:
+    raise ValueError(f"Checkpoint position embedding {pos_embedding.shape} holds no square patch "
+                     f"grid after {' or '.join(map(str, sorted(candidates)))} prefix slots (the "
+                     f"model's prefix tokens: {kinds}); it cannot be used.")
+  if found and not wants and not prefix:
     raise ValueError(
-        f"The checkpoint's position embedding {pos_embedding.shape} has a CLS slot (the "
-        f"vision_transformer convention: CLS concatenated before the embedding is added), but "
-        f"the model (classifier={getattr(model, 'classifier', None)!r}, posemb_includes_cls="
-        f"{getattr(model, 'posemb_includes_cls', None)}) has none. Build it with "
-        f"classifier='token', posemb_includes_cls=True.")
-  if wants_slot and not has_slot:
-    fix = ("posemb_includes_cls=False" if "cls" in flat else
-           "classifier='gap' (the checkpoint has no CLS token)")
+        f"The checkpoint's position embedding {pos_embedding.shape} has {found} prefix slot(s) "
+        f"(the vision_transformer convention: CLS concatenated before the embedding is added), "
+        f"but the model (classifier={getattr(model, 'classifier', None)!r}) has no prefix token. "
+        f"Build it with classifier='token', posemb_includes_cls=True.")
+  if found and not wants:
     raise ValueError(
-        f"The checkpoint's position embedding {pos_embedding.shape} has no CLS slot (the "
-        f"big_vision convention, where the embedding is added before CLS is concatenated, or a "
-        f"'gap' model), but the model expects one. Build it with {fix}.")
-  if pos_embedding.shape[1] != expected_shape[1]:
-    side = _grid_side(expected_shape[1] - int(has_slot))
+        f"The checkpoint's position embedding {pos_embedding.shape} has {found} prefix slot(s) "
+        f"(the vision_transformer convention, timm's no_embed_class=False: prefix tokens "
+        f"concatenated before the embedding is added), but the model (prefix tokens: {kinds}; "
+        f"posemb_includes_cls=False) has none. Build it with posemb_includes_cls=True.")
+  if wants and not found:
+    fix = ("posemb_includes_cls=False" if any(k in flat for k in ("cls", "dist", "registers"))
+           else "classifier='gap' (the checkpoint has no CLS token)")
+    raise ValueError(
+        f"The checkpoint's position embedding {pos_embedding.shape} has no prefix slot (the "
+        f"big_vision convention, timm's no_embed_class=True, where the embedding is added before "
+        f"the prefix tokens are concatenated, or a 'gap' model), but the model expects {wants} "
+        f"({kinds}). Build it with {fix}.")
+  if found != wants:
+    raise ValueError(
+        f"The checkpoint's position embedding {pos_embedding.shape} has {found} prefix slot(s), "
+        f"but the model has {wants} prefix tokens with slots ({kinds}). Build the model with the "
+        f"checkpoint's prefix tokens (classifier, distillation, num_registers), or, for a file "
+        f"whose registers have no slot (DINOv2's own), fold the CLS slot into `cls` and load it "
+        f"into a model built with posemb_includes_cls=False.")
+  if tokens != expected_shape[1]:
+    side = _grid_side(expected_shape[1] - found)
     logging.info("checkpoints: resizing the position embedding %s -> %s (patch grid %d -> %d, "
-                 "order-1 zoom, CLS entry kept).", pos_embedding.shape, expected_shape,
-                 _grid_side(tokens - int(has_slot)), side)
-    flat[POS_EMBEDDING] = resize_pos_embedding(pos_embedding, side, int(has_slot))
+                 "order-1 zoom, %d prefix entries kept).", pos_embedding.shape, expected_shape,
+                 _grid_side(tokens - found), side, found)
+    flat[POS_EMBEDDING] = resize_pos_embedding(pos_embedding, side, found)
 
 
 def _mismatch_error(origin: str, model: nn.Module, missing: list[str], unexpected: list[str],
@@ -264,7 +298,7 @@ def _mismatch_error(origin: str, model: nn.Module, missing: list[str], unexpecte
                              f"{tuple(expected[k].shape)}")
   lines.append("Build the model that matches the checkpoint (model name and overrides such as "
                "depth, hidden_size, patch_size, classifier, posemb, layer_scale_init, "
-               "representation_size).")
+               "representation_size, patch_bias, pre_norm, num_registers, distillation).")
   return ValueError("\n".join(lines))
 
 
@@ -282,8 +316,8 @@ def convert(flat: Mapping[str, np.ndarray], model: nn.Module, *, origin: str = "
 
   Raises:
     ValueError: the checkpoint does not match the model after the logged repairs (one message
-      listing missing, unexpected and mis-shaped keys), or a ViT position embedding follows the
-      other CLS-slot convention than the model.
+      listing missing, unexpected and mis-shaped keys), or a ViT position embedding has
+      another number of prefix slots than the model.
   """
   image_size = getattr(model, "image_size", None)
   if image_size is None:
@@ -301,15 +335,16 @@ def convert(flat: Mapping[str, np.ndarray], model: nn.Module, *, origin: str = "
                  "(the original's drop-head variant).",
                  tuple(flat.get("pre_logits/kernel", np.zeros(0)).shape))
     flat = {k: v for k, v in flat.items() if not k.startswith("pre_logits/")}
-  head = sorted(k for k in expected if k.startswith("head/"))
-  head_ckpt = sorted(k for k in flat if k.startswith("head/"))
-  if head and (head != head_ckpt or any(flat[k].shape != expected[k].shape for k in head)):
-    logging.info("checkpoints: replacing the head %s with a zero-initialised one %s, as the "
-                 "original fine-tuning code does.",
-                 {k: tuple(flat[k].shape) for k in head_ckpt},
-                 {k: tuple(expected[k].shape) for k in head})
-    flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
-    flat.update({k: np.zeros(expected[k].shape, expected[k].dtype) for k in head})
+  for module in ("head/", "head_dist/"):
+    head = sorted(k for k in expected if k.startswith(module))
+    head_ckpt = sorted(k for k in flat if k.startswith(module))
+    if head and (head != head_ckpt or any(flat[k].shape != expected[k].shape for k in head)):
+      logging.info("checkpoints: replacing %s %s with a zero-initialised one %s, as the "
+                   "original fine-tuning code does.", module.rstrip("/"),
+                   {k: tuple(flat[k].shape) for k in head_ckpt},
+                   {k: tuple(expected[k].shape) for k in head})
+      flat = {k: v for k, v in flat.items() if not k.startswith(module)}
+      flat.update({k: np.zeros(expected[k].shape, expected[k].dtype) for k in head})
   if POS_EMBEDDING in flat and POS_EMBEDDING in expected:
     _fix_pos_embedding(flat, tuple(expected[POS_EMBEDDING].shape), model)
 

@@ -24,9 +24,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# The kinds of non-spatial tokens a sequence may start with. A family with other prefix tokens
-# (DeiT's distillation token, DINOv2's registers) adds its kind here.
-PREFIX_KINDS = ("cls",)
+# The kinds of non-spatial tokens a sequence may start with: the CLS token, DeiT's distillation
+# token, register tokens (DINOv2's; there may be several). A family with other prefix tokens adds
+# its kind here.
+PREFIX_KINDS = ("cls", "distillation", "register")
+# The kinds a sequence holds at most once.
+_SINGLE_KINDS = ("cls", "distillation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,9 @@ class TokenLayout:
   Attributes:
     grid: `(rows, columns)` of patch tokens.
     patch_size: side in input pixels of the square patch behind each grid cell.
-    prefix: kinds (`PREFIX_KINDS`) of the tokens before the patches, in order, e.g. ('cls',).
+    prefix: kinds (`PREFIX_KINDS`) of the tokens before the patches, in order, e.g. ('cls',),
+      or ('cls', 'register', 'register', 'register', 'register') for DINOv2 with 4 registers;
+      'cls' and 'distillation' at most once each.
   """
   grid: tuple[int, int]
   patch_size: int
@@ -51,13 +56,14 @@ class TokenLayout:
       raise ValueError(f"TokenLayout needs grid = (rows, columns) and patch_size, positive ints; "
                        f"got grid={self.grid!r}, patch_size={self.patch_size!r}.")
     unknown = [k for k in self.prefix if k not in PREFIX_KINDS]
-    if unknown or len(set(self.prefix)) != len(self.prefix):
-      raise ValueError(f"TokenLayout prefix must hold distinct kinds of {PREFIX_KINDS}; got "
-                       f"{self.prefix!r}.")
+    repeated = [k for k in _SINGLE_KINDS if self.prefix.count(k) > 1]
+    if unknown or repeated:
+      raise ValueError(f"TokenLayout prefix must hold kinds of {PREFIX_KINDS}, {_SINGLE_KINDS} "
+                       f"distinct (only 'register' may repeat); got {self.prefix!r}.")
 
   @property
   def num_prefix_tokens(self) -> int:
-    """Tokens before the patches."""
+    """Tokens before the patches (CLS, distillation, registers): excluded from the spatial ones."""
     return len(self.prefix)
 
   @property

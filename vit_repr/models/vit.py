@@ -4,16 +4,25 @@ The ViT of google-research/vision_transformer, the main model family of Raghu et
 Transformers See Like Convolutional Neural Networks?" (NeurIPS 2021), and the layouts of
 google-research/big_vision's ViT (SigLIP image towers among them): attention pooling
 (classifier='map'), the fixed 2-D sine-cosine position embedding (posemb='sincos2d') and the
-So400m sizes; and LayerScale (layer_scale_init), as DeiT III and DINOv2 use it. Module and
-parameter names are those of the public `.npz` checkpoints, so loading one is an unflatten of
-its '/'-joined keys (see `vit_repr.checkpoints`). With T tokens (N = (image_size /
-patch_size)^2 patches, plus one CLS token for classifier='token'), D = hidden_size, H heads of
-size d = D / H, F = mlp_dim, R = representation_size and C = num_classes, the parameters are:
+So400m sizes; and the options of timm's ViT families (DeiT / DeiT III, DINOv2, OpenAI and
+OpenCLIP image towers): LayerScale (layer_scale_init), the MLP activation (mlp_activation), the
+LayerNorm epsilon (layer_norm_eps), a patch embedding without bias (patch_bias), a LayerNorm
+before the first block (pre_norm), register tokens (num_registers) and DeiT's distillation token
+and head (distillation). Module and parameter names are those of the public `.npz` checkpoints,
+so loading one is an unflatten of its '/'-joined keys (see `vit_repr.checkpoints`). With P prefix
+tokens (CLS for classifier='token', then the distillation token, then R' = num_registers
+registers), N = (image_size / patch_size)^2 patches and T = P + N tokens, D = hidden_size, H heads
+of size d = D / H, F = mlp_dim, R = representation_size and C = num_classes, the parameters are:
 
-  embedding/{kernel [p, p, 3, D], bias [D]}             patch embedding (a stride-p convolution)
+  embedding/{kernel [p, p, 3, D], bias [D]}             patch embedding (a stride-p convolution;
+                                                           no bias if patch_bias=False)
   cls                                           [1, 1, D]  (classifier='token' only)
-  Transformer/posembed_input/pos_embedding      [1, T, D]  (posemb='learn' only;
-                                                           [1, N, D] if posemb_includes_cls=False)
+  dist                                          [1, 1, D]  (distillation only)
+  registers                                     [1, R', D] (num_registers > 0 only)
+  Transformer/posembed_input/pos_embedding      [1, T, D]  (posemb='learn' only; a slot per prefix
+                                                           token, in token order; [1, N, D] if
+                                                           posemb_includes_cls=False)
+  Transformer/pre_norm/{scale, bias}            [D]        (pre_norm only)
   Transformer/encoderblock_{i}/LayerNorm_0/{scale, bias}                 [D]
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query, key, value}/kernel [D, H, d]
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query, key, value}/bias   [H, d]
@@ -34,14 +43,23 @@ size d = D / H, F = mlp_dim, R = representation_size and C = num_classes, the pa
   MAPHead_0/MlpBlock_0/Dense_1/{kernel [F, D], bias [D]}   (MAPHead_0: classifier='map' only)
   pre_logits/{kernel [D, R], bias [R]}                     (representation_size set only)
   head/{kernel [D or R, C], bias [C]}
+  head_dist/{kernel [D, C], bias [C]}                      (distillation only)
 
-As in the original: pre-norm blocks, LayerNorm eps 1e-6, GELU with the tanh approximation
-(Flax's default), attention logits scaled by 1/sqrt(d), the CLS token concatenated BEFORE the
-position embedding is added (posemb_includes_cls=True; big_vision checkpoints add it to the
-patches before concatenating CLS, posemb_includes_cls=False), the encoder norm applied to all
-tokens before pooling ('token': the CLS output; 'gap': the mean over tokens; 'map': big_vision's
-MAPHead on the normalised tokens), pre-logits `tanh(dense(x))` when representation_size is set,
-and a zero-initialised head.
+As in the original: pre-norm blocks, LayerNorm eps 1e-6 (layer_norm_eps; OpenAI CLIP: 1e-5),
+GELU with the tanh approximation (Flax's default; mlp_activation='gelu_tanh'; 'gelu' is the exact
+erf GELU of timm's nn.GELU, 'quick_gelu' CLIP's x * sigmoid(1.702 x), in every MlpBlock, the
+MAP head's included), attention logits scaled by 1/sqrt(d), the prefix tokens concatenated BEFORE
+the position embedding is added (posemb_includes_cls=True, timm's no_embed_class=False;
+big_vision checkpoints add it to the patches before concatenating them, posemb_includes_cls=False,
+timm's no_embed_class=True), with pre_norm a LayerNorm of those tokens (CLIP's ln_pre, timm's
+norm_pre), the encoder norm applied to all tokens before pooling ('token': the CLS output; 'gap':
+the mean over the N patch tokens, every prefix token excluded, as timm's global_pool='avg' does
+with num_prefix_tokens; 'map': big_vision's MAPHead on all T normalised tokens, registers
+included, as timm's attn_pool), pre-logits `tanh(dense(x))` when representation_size is set, and
+a zero-initialised head. With distillation (classifier='token', no pre-logits layer), the logits
+are (head(CLS output) + head_dist(distillation-token output)) / 2, timm's
+VisionTransformerDistilled at inference (whose own pre_logits is the mean of the two tokens; here
+`pre_logits` is the CLS output and `pre_logits_dist` the distillation token's).
 
 big_vision's MAPHead (classifier='map') pools the normalised tokens t `[b, T, D]` with a learned
 probe: a = MHA(query = probe, keys and values = t) `[b, 1, D]` (H heads, the model's num_heads),
@@ -55,8 +73,9 @@ Intermediates, sown into the 'intermediates' collection (names are module path +
 '/'-joined; `vit_repr.models.flatten_intermediates` gives a flat dict), for a batch of b images:
 
   Transformer/in                               [b, T, D]     tokens entering block 0: patch
-                                                             embeddings, CLS concatenated and the
-                                                             position embedding added
+                                                             embeddings, prefix tokens
+                                                             concatenated, position embedding
+                                                             added (then pre_norm, if set)
   Transformer/encoderblock_{i}/in              [b, T, D]     block input z
   Transformer/encoderblock_{i}/attn_probs      [b, H, T, T]  softmax attention weights
                                                              (queries x keys)
@@ -77,6 +96,8 @@ Intermediates, sown into the 'intermediates' collection (names are module path +
   pre_logits                                   [b, D or R]   pooled representation the head sees
                                                              (the MAPHead output for 'map', then
                                                              the tanh pre-logits layer if set)
+  pre_logits_dist                              [b, D]        the distillation token's output that
+                                                             head_dist sees (distillation only)
   logits                                       [b, C]        float32
 
 Blocks listed in `remove_skips` drop both residual additions: mid = f(z) and out = g(mid).
@@ -85,19 +106,21 @@ are always float32. `pre_logits` is a parameter pytree of the top-level module r
 submodule so that the sown tag can carry the same name (Flax forbids a sown variable named like a
 submodule of the same scope); its parameter paths are those of the checkpoints.
 
-The model describes itself (`vit_repr.models.layout`): `token_layout()` (CLS for
-classifier='token', then the (image_size / patch_size)^2 patches, row-major; no prefix token for
-'gap' and 'map') and `residual_sublayers()` (per block 'attn': z = in, f = attn_branch; 'mlp':
+The model describes itself (`vit_repr.models.layout`): `token_layout()` (the prefix kinds in
+token order: 'cls' for classifier='token', 'distillation', then one 'register' per register; no
+CLS for 'gap' and 'map'; then the (image_size / patch_size)^2 patches, row-major) and
+`residual_sublayers()` (per block 'attn': z = in, f = attn_branch; 'mlp':
 z = mid, f = mlp_branch; blocks in `remove_skips` left out) and `attention_layers()` (per block
 its attn_probs and head_outputs; the MAPHead's cross-attention is not a block's self-attention
 and is not listed).
 
-One module for the family (~610 lines, over two fifths of them docstrings with the sown names,
+One module for the family (~735 lines, over two fifths of them docstrings with the sown names,
 shapes and formulas): the embeddings, the encoder block, the poolings (CLS, GAP, MAP) and the
 registered sizes are one model, read together.
 """
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -109,6 +132,14 @@ from vit_repr.models import layout, variants
 
 LAYER_NORM_EPS = 1e-6
 CLASSIFIERS = ("token", "gap", "map")
+# CLIP's quick GELU x * sigmoid(1.702 x), a sigmoid approximation of GELU.
+QUICK_GELU_SCALE = 1.702
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),  # Flax's default.
+    "gelu": functools.partial(nn.gelu, approximate=False),  # torch / timm nn.GELU (erf).
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(QUICK_GELU_SCALE * x),  # OpenAI CLIP.
+}
+MLP_ACTIVATIONS = tuple(_ACTIVATIONS)
 POSEMBS = ("learn", "sincos2d")
 # big_vision's `posemb_sincos_2d` default (MoCo v3's): frequencies temperature^(-k / (q - 1)).
 SINCOS_TEMPERATURE = 10_000.0
@@ -176,16 +207,18 @@ def posemb_sincos_2d(rows: int, columns: int, width: int,
 
 
 class MlpBlock(nn.Module):
-  """Transformer feed-forward block: Dense_0 (width `mlp_dim`), tanh-GELU, Dense_1 (input width).
+  """Transformer feed-forward block: Dense_0 (width `mlp_dim`), activation, Dense_1 (input width).
 
   Attributes:
     mlp_dim: hidden width F.
-    dropout_rate: dropout after the GELU and after Dense_1 (training only).
+    dropout_rate: dropout after the activation and after Dense_1 (training only).
     dtype: compute dtype.
+    activation: one of `MLP_ACTIVATIONS` (see `VisionTransformer.mlp_activation`).
   """
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -193,7 +226,7 @@ class MlpBlock(nn.Module):
     dense = dict(dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                  bias_init=nn.initializers.normal(stddev=1e-6))
     y = nn.Dense(self.mlp_dim, name="Dense_0", **dense)(x)
-    y = nn.gelu(y, approximate=True)
+    y = _ACTIVATIONS[self.activation](y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     y = nn.Dense(x.shape[-1], name="Dense_1", **dense)(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=not train)
@@ -303,6 +336,8 @@ class Encoder1DBlock(nn.Module):
     dtype: compute dtype.
     layer_scale_init: None for no LayerScale; else the initial value of `ls1/gamma` and
       `ls2/gamma`, the learned scales of the attention and MLP branches.
+    activation: the MLP activation, one of `MLP_ACTIVATIONS`.
+    layer_norm_eps: epsilon of both LayerNorms.
   """
   num_heads: int
   mlp_dim: int
@@ -311,12 +346,14 @@ class Encoder1DBlock(nn.Module):
   skip: bool = True
   dtype: Any = jnp.float32
   layer_scale_init: float | None = None
+  activation: str = "gelu_tanh"
+  layer_norm_eps: float = LAYER_NORM_EPS
 
   @nn.compact
   def __call__(self, z: jax.Array, *, train: bool = False) -> jax.Array:
     """Maps tokens `[b, T, D]` to `[b, T, D]`, sowing the block's intermediates."""
     self.sow("intermediates", "in", z)
-    y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="LayerNorm_0")(z)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(z)
     attn, probs, heads = MultiHeadDotProductAttention(
         self.num_heads, self.attention_dropout_rate, self.dtype,
         name="MultiHeadDotProductAttention_1")(y, train=train)
@@ -328,8 +365,9 @@ class Encoder1DBlock(nn.Module):
     self.sow("intermediates", "attn_branch", attn)
     mid = z + attn if self.skip else attn
     self.sow("intermediates", "mid", mid)
-    y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="LayerNorm_2")(mid)
-    mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, train=train)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_2")(mid)
+    mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation,
+                   name="MlpBlock_3")(y, train=train)
     if self.layer_scale_init is not None:
       mlp = LayerScale(self.layer_scale_init, name="ls2")(mlp)
     self.sow("intermediates", "mlp_branch", mlp)
@@ -358,14 +396,18 @@ class Encoder(nn.Module):
     mlp_dim: MLP width.
     dropout_rate: dropout after the position embedding and on every branch (training only).
     attention_dropout_rate: dropout on the attention weights (training only).
-    posemb_includes_cls: True: the CLS token is concatenated first and the position embedding
-      has a CLS slot (vision_transformer); False: the embedding is added to the patches only and
-      CLS is concatenated afterwards (big_vision).
+    posemb_includes_cls: True: the prefix tokens are concatenated first and the position
+      embedding has a slot for each (vision_transformer; timm's no_embed_class=False); False: the
+      embedding is added to the patches only and the prefix tokens are concatenated afterwards
+      (big_vision; timm's no_embed_class=True).
     remove_skips: indices of the blocks without skip connections.
     dtype: compute dtype.
     posemb: 'learn' (the `posembed_input` parameter) or 'sincos2d' (`posemb_sincos_2d` of the
       patch grid, no parameter; added to the patches only, posemb_includes_cls must be False).
     layer_scale_init: see `Encoder1DBlock`.
+    activation: the MLP activation, one of `MLP_ACTIVATIONS`.
+    layer_norm_eps: epsilon of every LayerNorm.
+    pre_norm: adds the LayerNorm `pre_norm` of the tokens before block 0.
   """
   depth: int
   num_heads: int
@@ -377,37 +419,49 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   posemb: str = "learn"
   layer_scale_init: float | None = None
+  activation: str = "gelu_tanh"
+  layer_norm_eps: float = LAYER_NORM_EPS
+  pre_norm: bool = False
 
   @nn.compact
-  def __call__(self, grid: jax.Array, cls: jax.Array | None, *, train: bool = False
+  def __call__(self, grid: jax.Array, prefix: jax.Array | None, *, train: bool = False
                ) -> jax.Array:
-    """Encodes the patch embeddings `grid` `[b, rows, columns, D]` (and CLS `[1, 1, D]`, if any).
+    """Encodes the patch embeddings `grid` `[b, rows, columns, D]` and prefix tokens `[1, P, D]`.
+
+    Args:
+      grid: the patch embeddings `[b, rows, columns, D]`.
+      prefix: the P prefix tokens `[1, P, D]` in token order (CLS, distillation, registers), or
+        None for none.
+      train: enables dropout.
 
     Returns:
-      The normalised tokens `[b, T, D]`, CLS first when given, then the patches row-major.
+      The normalised tokens `[b, T, D]`: the prefix tokens, then the patches row-major.
     """
     batch, rows, columns, width = grid.shape
     patches = grid.reshape(batch, rows * columns, width)
 
-    def with_cls(x):
-      if cls is None:
+    def with_prefix(x):
+      if prefix is None:
         return x
-      return jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+      return jnp.concatenate([jnp.tile(prefix.astype(x.dtype), (batch, 1, 1)), x], axis=1)
 
-    x = with_cls(patches) if self.posemb_includes_cls else patches
+    x = with_prefix(patches) if self.posemb_includes_cls else patches
     if self.posemb == "learn":
       x = AddPositionEmbs(name="posembed_input")(x)
     else:
       x = x + posemb_sincos_2d(rows, columns, width).astype(x.dtype)
-    x = x if self.posemb_includes_cls else with_cls(x)
+    x = x if self.posemb_includes_cls else with_prefix(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="pre_norm")(x)
     self.sow("intermediates", "in", x)
     removed = set(self.remove_skips)
     for i in range(self.depth):
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
                          self.attention_dropout_rate, i not in removed, self.dtype,
-                         self.layer_scale_init, name=f"encoderblock_{i}")(x, train=train)
-    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="encoder_norm")(x)
+                         self.layer_scale_init, self.activation, self.layer_norm_eps,
+                         name=f"encoderblock_{i}")(x, train=train)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
     self.sow("intermediates", "encoder_norm_out", x)
     return x
 
@@ -422,10 +476,14 @@ class MAPHead(nn.Module):
     num_heads: attention heads H; must divide the token width D.
     mlp_dim: MLP width F.
     dtype: compute dtype.
+    activation: the MLP activation, one of `MLP_ACTIVATIONS`.
+    layer_norm_eps: epsilon of its LayerNorm.
   """
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  activation: str = "gelu_tanh"
+  layer_norm_eps: float = LAYER_NORM_EPS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -436,8 +494,9 @@ class MAPHead(nn.Module):
     attn, probs, _ = MultiHeadDotProductAttention(
         self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")(probe, x)
     self.sow("intermediates", "attn_probs", probs)
-    y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="LayerNorm_0")(attn)
-    pooled = attn + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(attn)
+    pooled = attn + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
+                             name="MlpBlock_0")(y)
     return pooled[:, 0]
 
 
@@ -452,19 +511,34 @@ class VisionTransformer(nn.Module):
     depth: number of Transformer blocks.
     num_heads: attention heads H; must divide hidden_size.
     mlp_dim: MLP width F.
-    classifier: 'token' (CLS token), 'gap' (mean over tokens) or 'map' (big_vision's
+    classifier: 'token' (CLS token), 'gap' (mean over the patch tokens) or 'map' (big_vision's
       `MAPHead`, attention pooling).
     representation_size: width R of the tanh pre-logits layer, or None for none.
     dropout_rate: dropout after the position embedding and on every branch (training only).
     attention_dropout_rate: dropout on attention weights (training only).
-    posemb_includes_cls: see `Encoder`; True for vision_transformer checkpoints, False for
-      big_vision ones. Irrelevant for classifier='gap' and 'map'.
+    posemb_includes_cls: see `Encoder`: whether the learned position embedding has a slot for
+      every prefix token (CLS, distillation, registers); True for vision_transformer checkpoints
+      (timm's no_embed_class=False), False for big_vision ones (no_embed_class=True). Irrelevant
+      without prefix tokens.
     posemb: 'learn' (a learned position embedding) or 'sincos2d' (big_vision's fixed 2-D
       sine-cosine embedding, `posemb_sincos_2d`; needs hidden_size a multiple of 4, at least 8,
-      and, with classifier='token', posemb_includes_cls=False).
+      and, with prefix tokens, posemb_includes_cls=False).
     layer_scale_init: None (default) for no LayerScale; a positive float adds LayerScale to
       every block's two branches (DeiT III, DINOv2), `ls1/gamma` and `ls2/gamma` initialised to
       it.
+    mlp_activation: the activation of every MlpBlock (the MAP head's included): 'gelu_tanh'
+      (default; vision_transformer, big_vision), 'gelu' (exact erf GELU, timm's nn.GELU: DeiT,
+      DINOv2, OpenCLIP) or 'quick_gelu' (x * sigmoid(1.702 x), OpenAI CLIP).
+    layer_norm_eps: epsilon of every LayerNorm (1e-6; OpenAI CLIP 1e-5).
+    patch_bias: False builds the patch embedding without `embedding/bias` (CLIP).
+    pre_norm: True adds the LayerNorm `Transformer/pre_norm` of the tokens entering block 0,
+      after the prefix tokens and position embedding (CLIP's ln_pre, timm's norm_pre).
+    num_registers: register tokens (Darcet et al., "Vision Transformers Need Registers", ICLR
+      2024), the learned `registers` `[1, num_registers, D]` placed after CLS and the
+      distillation token (DINOv2's order).
+    distillation: DeiT's distillation token `dist` `[1, 1, D]`, right after CLS, and its head
+      `head_dist`; the logits are the mean of the two heads' (classifier='token' and no
+      representation_size only).
     remove_skips: 0-based indices of the blocks whose two skip connections are removed.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
   """
@@ -482,6 +556,12 @@ class VisionTransformer(nn.Module):
   posemb_includes_cls: bool = True
   posemb: str = "learn"
   layer_scale_init: float | None = None
+  mlp_activation: str = "gelu_tanh"
+  layer_norm_eps: float = LAYER_NORM_EPS
+  patch_bias: bool = True
+  pre_norm: bool = False
+  num_registers: int = 0
+  distillation: bool = False
   remove_skips: Sequence[int] = ()
   dtype: Any = jnp.float32
 
@@ -502,16 +582,39 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"posemb='sincos2d' needs hidden_size a multiple of 4 and at least 8 (four "
                        f"sine-cosine groups of at least 2 frequencies); got hidden_size="
                        f"{self.hidden_size}. Choose such a width or posemb='learn'.")
-    if self.posemb == "sincos2d" and self.classifier == "token" and self.posemb_includes_cls:
-      raise ValueError("posemb='sincos2d' (big_vision's) is added to the patches before the CLS "
-                       "token is concatenated and has no CLS slot; build the model with "
-                       "posemb_includes_cls=False.")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"mlp_activation must be one of {MLP_ACTIVATIONS} ('gelu_tanh': "
+                       f"vision_transformer, big_vision; 'gelu': timm's nn.GELU; 'quick_gelu': "
+                       f"OpenAI CLIP); got {self.mlp_activation!r}.")
+    if (not isinstance(self.layer_norm_eps, (float, int, np.floating, np.integer))
+        or isinstance(self.layer_norm_eps, bool) or not self.layer_norm_eps > 0):
+      raise ValueError(f"layer_norm_eps must be a positive float such as 1e-6 (vision_transformer,"
+                       f" timm) or 1e-5 (OpenAI CLIP); got {self.layer_norm_eps!r}.")
+    if (not isinstance(self.num_registers, (int, np.integer))
+        or isinstance(self.num_registers, bool) or self.num_registers < 0):
+      raise ValueError(f"num_registers must be a non-negative integer (0: no registers; 4: "
+                       f"DINOv2 with registers); got {self.num_registers!r}.")
+    flags = {k: getattr(self, k) for k in ("patch_bias", "pre_norm", "distillation")}
+    bad = {k: v for k, v in flags.items() if not isinstance(v, (bool, np.bool_))}
+    if bad:
+      raise ValueError(f"ViT fields {sorted(bad)} must be True or False; got {bad}.")
+    if self.distillation and self.classifier != "token":
+      raise ValueError(f"distillation=True (DeiT's distillation token, pooled beside the CLS "
+                       f"token) needs classifier='token'; got classifier={self.classifier!r}.")
+    if self.distillation and self.representation_size is not None:
+      raise ValueError("distillation=True has no pre-logits layer (DeiT's heads read the tokens "
+                       "directly); build the model with representation_size=None.")
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size="
                        f"{self.patch_size}; choose an image_size divisible by the patch size.")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} does not divide hidden_size="
                        f"{self.hidden_size}; choose a divisor.")
+    if (self.posemb == "sincos2d" and self.posemb_includes_cls
+        and self.token_layout().num_prefix_tokens):
+      raise ValueError("posemb='sincos2d' (big_vision's) is added to the patches before the "
+                       "prefix tokens (CLS, distillation, registers) are concatenated and has no "
+                       "slot for them; build the model with posemb_includes_cls=False.")
     if self.layer_scale_init is not None and not (
         isinstance(self.layer_scale_init, (float, int, np.floating, np.integer))
         and not isinstance(self.layer_scale_init, bool) and self.layer_scale_init > 0):
@@ -526,11 +629,13 @@ class VisionTransformer(nn.Module):
 
   @nn.nowrap
   def token_layout(self) -> layout.TokenLayout:
-    """The tokens `[T, D]` of every block: the CLS token ('token' classifier), then the
-    `image_size / patch_size` square grid of patches, row-major."""
+    """The tokens `[T, D]` of every block: the prefix tokens in order (CLS for the 'token'
+    classifier, the distillation token, the registers), then the `image_size / patch_size`
+    square grid of patches, row-major."""
     side = int(self.image_size // self.patch_size)
-    return layout.TokenLayout(grid=(side, side), patch_size=int(self.patch_size),
-                              prefix=("cls",) if self.classifier == "token" else ())
+    prefix = (("cls",) * (self.classifier == "token") + ("distillation",) * self.distillation
+              + ("register",) * int(self.num_registers))
+    return layout.TokenLayout(grid=(side, side), patch_size=int(self.patch_size), prefix=prefix)
 
   @nn.nowrap
   def attention_layers(self) -> tuple[layout.AttentionLayer, ...]:
@@ -572,28 +677,40 @@ class VisionTransformer(nn.Module):
     images = jnp.asarray(images)
     variants.check_images(images, self.image_size, "ViT")
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
-                strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
-                name="embedding")(images)
+                strides=(self.patch_size, self.patch_size), padding="VALID",
+                use_bias=self.patch_bias, dtype=self.dtype, name="embedding")(images)
     channels = x.shape[-1]
-    cls = None
+    prefix = []
     if self.classifier == "token":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, channels), jnp.float32)
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate,
-                self.attention_dropout_rate, self.posemb_includes_cls, self.remove_skips,
-                self.dtype, self.posemb, self.layer_scale_init, name="Transformer")(
-                    x, cls, train=train)
+      prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, channels), jnp.float32))
+    if self.distillation:
+      prefix.append(self.param("dist", nn.initializers.normal(stddev=0.02), (1, 1, channels),
+                               jnp.float32))
+    if self.num_registers:
+      prefix.append(self.param("registers", nn.initializers.normal(stddev=1e-6),
+                               (1, self.num_registers, channels), jnp.float32))
+    tokens = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate,
+                     self.attention_dropout_rate, self.posemb_includes_cls, self.remove_skips,
+                     self.dtype, self.posemb, self.layer_scale_init, self.mlp_activation,
+                     self.layer_norm_eps, self.pre_norm, name="Transformer")(
+                         x, jnp.concatenate(prefix, axis=1) if prefix else None, train=train)
     if self.classifier == "token":
-      x = x[:, 0]
-    elif self.classifier == "gap":
-      x = jnp.mean(x, axis=1)
+      x = tokens[:, 0]
+    elif self.classifier == "gap":  # the patch tokens only, as timm's global_pool='avg'.
+      x = jnp.mean(tokens[:, self.token_layout().num_prefix_tokens:], axis=1)
     else:
-      x = MAPHead(self.num_heads, self.mlp_dim, self.dtype, name="MAPHead_0")(x)
+      x = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.mlp_activation,
+                  self.layer_norm_eps, name="MAPHead_0")(tokens)
     if self.representation_size is not None:
       pre = self.param("pre_logits", dense_tanh_params, channels, self.representation_size)
       x = jnp.tanh(x @ pre["kernel"].astype(self.dtype) + pre["bias"].astype(self.dtype))
     self.sow("intermediates", "pre_logits", x)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                      name="head")(x).astype(jnp.float32)
+    head = dict(dtype=self.dtype, kernel_init=nn.initializers.zeros)
+    logits = nn.Dense(self.num_classes, name="head", **head)(x).astype(jnp.float32)
+    if self.distillation:
+      self.sow("intermediates", "pre_logits_dist", tokens[:, 1])
+      logits_dist = nn.Dense(self.num_classes, name="head_dist", **head)(tokens[:, 1])
+      logits = (logits + logits_dist.astype(jnp.float32)) / 2
     self.sow("intermediates", "logits", logits)
     return logits
 
@@ -606,6 +723,7 @@ def from_variant(variant: str, **overrides) -> VisionTransformer:
     **overrides: replace the variant's defaults; any constructor field (num_classes, image_size,
       patch_size, hidden_size, depth, num_heads, mlp_dim, classifier, representation_size,
       dropout_rate, attention_dropout_rate, posemb_includes_cls, posemb, layer_scale_init,
+      mlp_activation, layer_norm_eps, patch_bias, pre_norm, num_registers, distillation,
       remove_skips, dtype).
 
   Returns:

@@ -22,6 +22,8 @@ setuptools.setup(
         "numpy>=1.26",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        # timm's .safetensors ViT files, read without torch (vit_repr.timm_checkpoints).
+        "safetensors>=0.4",
         # The embedded offline dataset (scikit-learn's bundled handwritten digits).
         "scikit-learn>=1.3",
         # ndimage.zoom: the original ViT position-embedding resize (vit_repr.checkpoints).

@@ -8,13 +8,15 @@ r"""Study 1: CKA heatmaps within and across models (Raghu et al. 2021, Figs 1-2)
 
 The arg names model A and optionally model B joined by '+': `vit_b32`, `vit_b16`, `vit_l16`,
 `vit_h14`, `r50` (BiT-M R50x1), `r152` (BiT-M R152x2), `mixer_b16`; e.g. `vit_l16` (within
-ViT-L/16, Fig 1), `vit_b16+r50` (Fig 2). Paper variants read ImageNet validation images with
-the public ImageNet-21k checkpoints (the paper's JFT-300M checkpoints are not public) from the
-vision_transformer and big_transfer buckets; point `model_a.checkpoint` at a local copy if you
-have one. `runlocal`: alone, tiny randomly initialised ViT and BiT on the embedded 'digits' data
-(seconds); after a paper setting (e.g. 'vit_b16+r50,runlocal'), that setting with random narrow
-weights at the paper's depth, grid and resolution on a few embedded images
-(`configs/common.smoke_test`).
+ViT-L/16, Fig 1), `vit_b16+r50` (Fig 2). Beyond the paper: `siglip_b16`, `dinov2_b14`,
+`deit3_b16`, `clip_b16`, `mae_b16` (configs/common.py `PUBLIC_CHECKPOINTS`: where each file is
+and how to fetch it), e.g. `dinov2_b14+siglip_b16` or `dinov2_b14+r50`. Paper variants read
+ImageNet validation images with the public ImageNet-21k checkpoints (the paper's JFT-300M
+checkpoints are not public) from the vision_transformer and big_transfer buckets; point
+`model_a.checkpoint` at a local copy if you have one. `runlocal`: alone, tiny randomly
+initialised ViT and BiT on the embedded 'digits' data (seconds); after a paper setting (e.g.
+'vit_b16+r50,runlocal'), that setting with random narrow weights at the paper's depth, grid and
+resolution on a few embedded images (`configs/common.smoke_test`).
 
 Layers: ViT, the representation after each sub-layer's residual addition ('mid' after
 attention, 'out' after the MLP) of every block; Mixer likewise; ResNet, every unit's output.
@@ -41,7 +43,8 @@ VIT_LAYERS = (r"Transformer/encoderblock_\d+/(mid|out)",)
 MIXER_LAYERS = (r"MixerBlock_\d+/(mid|out)",)
 RESNET_LAYERS = (r"block\d/unit\d+/out",)
 LAYERS = {"ViT": VIT_LAYERS, "BiT": RESNET_LAYERS, "Mixer": MIXER_LAYERS}
-MODELS = ("vit_b32", "vit_b16", "vit_l16", "vit_h14", "r50", "r152", "mixer_b16")
+MODELS = ("vit_b32", "vit_b16", "vit_l16", "vit_h14", "r50", "r152", "mixer_b16",
+          "siglip_b16", "dinov2_b14", "deit3_b16", "clip_b16", "mae_b16")
 
 
 def paper_model(key: str) -> ml_collections.ConfigDict:

@@ -40,6 +40,28 @@ PUBLIC_CHECKPOINTS = {
     "r50": ("BiT-R50x1", "gs://bit_models/BiT-M-R50x1.npz"),
     "r152": ("BiT-R152x2", "gs://bit_models/BiT-M-R152x2.npz"),
     "mixer_b16": ("Mixer-B/16", "gs://mixer_models/imagenet21k/Mixer-B_16.npz"),
+    # Beyond the paper: the ViT families studied today. SigLIP's image tower from big_vision's
+    # bucket; the others are timm's `.safetensors` files on the Hugging Face hub, fetched with
+    # `huggingface-cli download timm/<repo> model.safetensors --local-dir checkpoints/<repo>`
+    # (their paths here are relative to where the study runs).
+    "siglip_b16": ("ViT-B/16", "gs://big_vision/siglip/webli_en_b16_224_63724782.npz"),
+    "dinov2_b14": ("ViT-B/16", "checkpoints/vit_base_patch14_reg4_dinov2.lvd142m/"
+                               "model.safetensors"),
+    "deit3_b16": ("ViT-B/16", "checkpoints/deit3_base_patch16_224.fb_in22k_ft_in1k/"
+                              "model.safetensors"),
+    "clip_b16": ("ViT-B/16", "checkpoints/vit_base_patch16_clip_224.openai/model.safetensors"),
+    "mae_b16": ("ViT-B/16", "checkpoints/vit_base_patch16_224.mae/model.safetensors"),
+}
+# The constructor fields that make the registered ViT one of those families (vit_repr.models.vit;
+# timm's models use exact GELU, big_vision's the tanh approximation, the default).
+FAMILY_OVERRIDES = {
+    "siglip_b16": dict(classifier="map", posemb_includes_cls=False),
+    "dinov2_b14": dict(patch_size=14, num_registers=4, layer_scale_init=1e-5,
+                       posemb_includes_cls=False, mlp_activation="gelu"),
+    "deit3_b16": dict(layer_scale_init=1e-6, posemb_includes_cls=False, mlp_activation="gelu"),
+    "clip_b16": dict(pre_norm=True, layer_norm_eps=1e-5, patch_bias=False,
+                     mlp_activation="gelu"),
+    "mae_b16": dict(mlp_activation="gelu"),
 }
 
 # The paper's minibatch-CKA settings (Raghu et al. 2021, Appendix A): minibatch 1024, 10,240
@@ -71,9 +93,10 @@ def model_spec(name: str = "", checkpoint: str = "", layers=(), overrides=None,
 
 
 def public_model(key: str, layers=()) -> ml_collections.ConfigDict:
-  """The spec of public checkpoint `key` of `PUBLIC_CHECKPOINTS`."""
+  """The spec of public checkpoint `key` of `PUBLIC_CHECKPOINTS` (with its family's
+  `FAMILY_OVERRIDES`)."""
   name, checkpoint = PUBLIC_CHECKPOINTS[key]
-  return model_spec(name, checkpoint, layers)
+  return model_spec(name, checkpoint, layers, overrides=FAMILY_OVERRIDES.get(key))
 
 
 def eval_data(**values) -> ml_collections.ConfigDict:

@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT
 PARTS = {
     "base": ["vit_repr/parallel", "vit_repr/files"],
     "models": ["vit_repr/models"],
-    "checkpoints": ["vit_repr/checkpoints"],
+    "checkpoints": ["vit_repr/checkpoints", "vit_repr/timm_checkpoints"],
     "data": ["vit_repr/data"],
     "analyses": ["vit_repr/streaming", "vit_repr/cka", "vit_repr/attention",
                  "vit_repr/receptive_field", "vit_repr/residual", "vit_repr/localization",

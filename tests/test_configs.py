@@ -23,7 +23,7 @@ from tests.conftest import REPO_ROOT
 # Every documented arg of every config (model combinations: each model once, and options).
 ARGS = {
     "cka_heatmap": ["runlocal", *cka_heatmap.MODELS, "vit_b16+r50", "vit_l16,cheap",
-                    "vit_b16+r50,runlocal"],
+                    "vit_b16+r50,runlocal", "dinov2_b14+siglip_b16,runlocal"],
     "attention_distance": ["runlocal", *attention_distance.PAPER_VITS, "vit_b16+r50",
                            "vit_b16+r50,runlocal"],
     "receptive_field": ["runlocal", *receptive_field.MODELS, "vit_b32+r50", "vit_b32+r50,runlocal"],

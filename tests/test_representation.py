@@ -128,3 +128,20 @@ representation.run(config, {str(tmp_path)!r} + '/' + str(jax.device_count()))
   np.testing.assert_allclose(eight["cka_ab"], one["cka_ab"], atol=1e-6)
   # Error bars of near-1 CKA pairs carry float32 cancellation: equal to ~1% of their size.
   np.testing.assert_allclose(eight["stderr_ab"], one["stderr_ab"], rtol=1e-2, atol=5e-6)
+
+
+@pytest.mark.slow
+def test_todays_vit_families_at_full_depth(tmp_path):
+  """`dinov2_b14+siglip_b16,runlocal`: a DINOv2 ViT-B/14 (4 registers, LayerScale, 16 x 16
+  grid) against a SigLIP ViT-B/16 (MAP head, 14 x 14 grid), 12 blocks each, random narrow
+  weights: each model's heatmap has a unit diagonal and is symmetric."""
+  config = cka_heatmap.get_config("dinov2_b14+siglip_b16,runlocal")
+  returned = representation.run(config, str(tmp_path))
+  assert returned.summary["layers"] == {"a": 24, "b": 24}
+  for block in ("aa", "bb"):
+    heatmap = returned.arrays[f"cka_{block}"]
+    np.testing.assert_allclose(np.diag(heatmap), 1.0, atol=1e-5)
+    np.testing.assert_allclose(heatmap, heatmap.T, atol=1e-5)
+  assert np.all(np.isfinite(returned.arrays["cka_ab"]))
+  assert returned.metadata["models"]["a"]["overrides"]["num_registers"] == 4
+  assert returned.metadata["models"]["b"]["overrides"]["classifier"] == "map"

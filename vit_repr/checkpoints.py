@@ -21,6 +21,8 @@ or gs://, converts it to the parameter tree of a `vit_repr.models` module and ch
   posemb='sincos2d' embedding has no position-embedding parameter, and none is expected or
   resized; a learned one missing from the file is reported as a missing key.
 - big_transfer (google-research/big_transfer): BiT keys under `resnet/` (prefix stripped).
+- timm (huggingface/pytorch-image-models): a ViT's `.safetensors` state dict, read without
+  torch and renamed by `vit_repr.timm_checkpoints` (its docstring has the table).
 
 Repairs, each logged, as the original fine-tuning code makes them (vision_transformer's
 `checkpoint.load_pretrained`): a head whose shape differs from the model's (another number of
@@ -52,7 +54,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from vit_repr import files
+from vit_repr import files, timm_checkpoints
 
 POS_EMBEDDING = "Transformer/posembed_input/pos_embedding"
 # big_vision's block sub-module names -> vision_transformer's (and ours).
@@ -326,7 +328,13 @@ def convert(flat: Mapping[str, np.ndarray], model: nn.Module, *, origin: str = "
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   expected = traverse_util.flatten_dict(
       jax.eval_shape(model.init, jax.random.key(0), images)["params"], sep="/")
-  layout, flat = to_model_keys(flat)
+  if timm_checkpoints.is_timm_layout(flat):
+    if not hasattr(model, "num_heads"):
+      raise ValueError(f"{origin} is a timm Vision Transformer state dict; load it into a ViT "
+                       f"(vit_repr.models.create('ViT-...')), not a {type(model).__name__}.")
+    layout, flat = "timm", timm_checkpoints.to_model_keys(flat, model.num_heads)
+  else:
+    layout, flat = to_model_keys(flat)
   logging.info("checkpoints: %s: %d arrays in the %s layout.", origin, len(flat), layout)
 
   if any(k.startswith("pre_logits/") for k in flat) and not any(
@@ -364,10 +372,10 @@ def convert(flat: Mapping[str, np.ndarray], model: nn.Module, *, origin: str = "
 
 
 def load(path: str | epath.PathLike, model: nn.Module) -> dict[str, Any]:
-  """Loads an original ViT / Mixer / BiT `.npz` checkpoint into `model`'s parameters.
+  """Loads an original ViT / Mixer / BiT `.npz` or a timm ViT `.safetensors` into `model`.
 
   Args:
-    path: local path or gs:// URL of the `.npz`.
+    path: local path or gs:// URL of the `.npz` or `.safetensors` file.
     model: an unbound `vit_repr.models` module, e.g. `create('ViT-B/16', num_classes=1000)`.
 
   Returns:
@@ -378,6 +386,8 @@ def load(path: str | epath.PathLike, model: nn.Module) -> dict[str, Any]:
     ValueError: see `convert`.
   """
   logging.info("checkpoints: loading %s into %s.", path, type(model).__name__)
+  if str(path).endswith(".safetensors"):
+    return convert(timm_checkpoints.read_safetensors(path), model, origin=str(path))
   return convert(read_npz(path), model, origin=str(path))
 
 

@@ -14,6 +14,10 @@ images at 224 px (the paper's JFT-300M checkpoints are not public):
                                heads in the lower blocks.
   vit_b16_i21k_augreg          The ImageNet-21k AugReg counterpart of vit_b16_i1k (same recipe
                                family, more data).
+  siglip_b16, dinov2_b14, deit3_b16, clip_b16, mae_b16
+                               Beyond the paper: today's ViT families (configs/common.py
+                               `PUBLIC_CHECKPOINTS`); register and distillation tokens are left
+                               out like CLS.
 The paper's setting: 5,000 ImageNet validation images (drawn at random, `data.sample_seed`).
 Compute: one forward pass per image (ViT-B/16 ~17.6 GFLOPs, L/16 ~61.6, H/14 ~167); with '+r50'
 add R50 forwards and the per-head Grams (2 b^2 p FLOPs per head per minibatch, p = 196 x 64).
@@ -39,10 +43,9 @@ from configs import common
 _ATTENTION = (r"Transformer/encoderblock_\d+/attn_probs",)
 _RESNET_LOWER = (r"block1/unit\d+/out", r"block2/unit\d+/out")
 _AUGREG = "gs://vit_models/augreg/"
-PAPER_VITS = {
-    "vit_b16": common.PUBLIC_CHECKPOINTS["vit_b16"],
-    "vit_l16": common.PUBLIC_CHECKPOINTS["vit_l16"],
-    "vit_h14": common.PUBLIC_CHECKPOINTS["vit_h14"],
+VITS = {
+    **{key: common.PUBLIC_CHECKPOINTS[key]
+       for key in ("vit_b16", "vit_l16", "vit_h14", *common.FAMILY_OVERRIDES)},
     "vit_b16_i1k": ("ViT-B/16", _AUGREG + "B_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.03-do_0.0-"
                                           "sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz"),
     "vit_l16_i1k": ("ViT-L/16", _AUGREG + "L_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.03-do_0.0-"
@@ -82,10 +85,11 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     config.log_every = 3
     return config
   vit, _, resnet = parsed.models.partition("+")
-  if vit not in PAPER_VITS or (resnet and resnet not in RESNETS):
+  if vit not in VITS or (resnet and resnet not in RESNETS):
     raise ValueError(f"Bad attention_distance config arg {arg!r}: use 'runlocal' or one of "
-                     f"{sorted(PAPER_VITS)}, optionally followed by '+r50'.")
-  config.model = common.model_spec(*PAPER_VITS[vit], layers=_ATTENTION)
+                     f"{sorted(VITS)}, optionally followed by '+r50'.")
+  config.model = common.model_spec(*VITS[vit], layers=_ATTENTION,
+                                   overrides=common.FAMILY_OVERRIDES.get(vit))
   if resnet:
     config.resnet = common.public_model(resnet, _RESNET_LOWER)
   return common.smoke_test(config) if parsed.runlocal else config

@@ -9,7 +9,9 @@ r"""Spatial localization: token-vs-input-patch CKA maps (Raghu et al. 2021, Figs
 The arg names the models (one row of maps each) joined by '+': `vit_b32`, `vit_b16`, `vit_l16`
 (ViT with a CLS head, public ImageNet-21k checkpoints of vision_transformer; the paper's
 JFT-300M ones are not public), `r50`, `r152` (BiT-M ResNets; their final 7x7 feature map
-compared with the 32x32-pixel input patches at 224 px). Those ViT checkpoints all have
+compared with the 32x32-pixel input patches at 224 px), and beyond the paper `siglip_b16`
+(MAP head, no CLS), `dinov2_b14` (16x16 grid, registers), `deit3_b16`, `clip_b16`, `mae_b16`
+(configs/common.py `PUBLIC_CHECKPOINTS`). Those vision_transformer checkpoints all have
 CLS-token heads; for the paper's GAP comparison, option `gap=<params dir>` adds a row
 'vit_gap' for a ViT-B/16 with classifier='gap' trained with
 `configs/train.py:imagenet_vit_b16 --config.model.overrides.classifier=gap` (its
@@ -41,7 +43,9 @@ _VIT_B_LAYERS = (r"Transformer/encoderblock_(0|5|11)/out",)
 _VIT_L_LAYERS = (r"Transformer/encoderblock_(0|11|23)/out",)
 _RESNET_LAYERS = ("block3/out", "block4/out")
 MODELS = {"vit_b32": _VIT_B_LAYERS, "vit_b16": _VIT_B_LAYERS, "vit_l16": _VIT_L_LAYERS,
-          "r50": _RESNET_LAYERS, "r152": _RESNET_LAYERS}
+          "r50": _RESNET_LAYERS, "r152": _RESNET_LAYERS,
+          # Beyond the paper: today's ViT families (configs/common.py PUBLIC_CHECKPOINTS).
+          **dict.fromkeys(common.FAMILY_OVERRIDES, _VIT_B_LAYERS)}
 
 
 def _base() -> ml_collections.ConfigDict:

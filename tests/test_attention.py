@@ -227,3 +227,17 @@ def test_runlocal_end_to_end_resumes_and_matches_references(tmp_path):
   assert list(arrays["head_block"]) == [0, 0, 0, 1, 1, 1]
   for stem in ("attention_distance", "head_cka_vs_distance"):
     assert (tmp_path / "figures" / f"{stem}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_dinov2_registers_are_left_out_like_cls(tmp_path):
+  """`dinov2_b14,runlocal`: 12 blocks, a 16 x 16 grid of 14 px patches behind CLS and 4
+  registers; every head's distance is that of the patch-to-patch weights only, so it lies
+  between 0 and the grid's diagonal."""
+  config = attention_config.get_config("dinov2_b14,runlocal")
+  summary = attention_distance.run(config, str(tmp_path)).summary
+  arrays, metadata = results.read_results(str(tmp_path), "attention_distance")
+  assert metadata["num_prefix_tokens"] == 5 and metadata["patch_grid"] == [16, 16]
+  assert arrays["distance"].shape == (12, 12)  # ViT-B: 12 blocks x 12 heads.
+  assert np.all(arrays["distance"] > 0) and np.all(arrays["distance"] < 15 * 14 * np.sqrt(2))
+  assert len(summary["mean_distance_per_layer"]) == 12

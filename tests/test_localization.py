@@ -325,3 +325,27 @@ np.save({str(tmp_path)!r} + "/maps.npy", maps["t"])
   one = np.load(tmp_path / "maps.npy")
   np.testing.assert_allclose(eight, one, atol=1e-6)
   assert np.all(localization.peaks_at_own_patch(one))
+
+
+@pytest.mark.slow
+def test_todays_vit_families_map_their_own_grids(tmp_path):
+  """`dinov2_b14+siglip_b16,runlocal`: DINOv2's 16 x 16 grid behind CLS and 4 registers and
+  SigLIP's 14 x 14 grid without any prefix token, at 12 blocks: one map per grid position.
+  The upsampled digits leave some input patches constant (background), and in the first block
+  the tokens at those positions too: their CKA is undefined (NaN), so a map entry is NaN exactly
+  where its patch or its token is constant."""
+  study.run(localization_config.get_config("dinov2_b14+siglip_b16,runlocal"), str(tmp_path))
+  arrays, metadata = results.read_results(str(tmp_path), "localization")
+  for model, grid in (("dinov2_b14", 16), ("siglip_b16", 14)):
+    layers = list(arrays[f"layers/{model}"])
+    assert layers == [f"Transformer/encoderblock_{i}/out" for i in (0, 5, 11)]
+    for layer in layers:
+      maps = arrays[f"maps/{model}/{layer}"]
+      assert maps.shape == (grid,) * 4
+      undefined = np.isnan(maps)  # [token row, token column, patch row, patch column]
+      constant_patches = undefined.all(axis=(0, 1))
+      constant_tokens = undefined.all(axis=(2, 3))
+      np.testing.assert_array_equal(
+          undefined, constant_tokens[:, :, None, None] | constant_patches[None, None])
+      assert constant_patches.sum() < grid * grid and np.isfinite(maps).any()
+      assert metadata["layers"][model][layer]["grid"] == grid

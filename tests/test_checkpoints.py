@@ -714,3 +714,56 @@ def test_orbax_save_restore_round_trip(tmp_path):
   zeros = jax.tree.map(jnp.zeros_like, params)
   checkpoints.save(directory, zeros, overwrite=True)
   assert not any(np.any(np.asarray(a)) for a in jax.tree.leaves(checkpoints.restore(directory)))
+
+
+# --- FlexiViT's patch-embedding resize ---------------------------------------------------------
+
+def _tf_resize(patches, size):
+  """`tf.image.resize(..., 'bilinear')` of `[n, p, p, c]` patches: the resize FlexiViT inverts."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.image.resize(patches, (size, size), method="bilinear").numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("old,new", [(8, 16), (16, 32), (16, 14), (14, 16), (16, 8)])
+def test_patch_resize_matrix_is_tf_bilinear(old, new):
+  """The resize the pseudo-inverse is taken of equals TensorFlow's bilinear resize (big_vision
+  builds it by resizing basis patches with tf.image.resize)."""
+  basis = np.eye(old * old).reshape(old * old, old, old, 1)
+  expected = _tf_resize(basis, new).reshape(old * old, new * new).T  # [new^2, old^2]
+  axis = checkpoints._bilinear_matrix(old, new)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.kron(axis, axis), expected, atol=1e-5)  # TF: float32.
+
+
+@pytest.mark.parametrize("old,new", [(8, 16), (16, 32), (14, 16)])
+def test_resized_patch_embedding_sees_upsampled_patches_as_the_original(old, new):
+  """<resize(x), w'> = <x, w> for every patch x when the patch grows (FlexiViT's property)."""
+  rng = np.random.default_rng(0)
+  kernel = rng.standard_normal((old, old, 3, 5)).astype(np.float32)
+  patches = rng.uniform(-1, 1, (7, old, old, 3))
+  resized = checkpoints.resize_patch_embedding(kernel, new)
+  assert resized.shape == (new, new, 3, 5) and resized.dtype == np.float32
+  np.testing.assert_allclose(np.einsum("nhwc,hwcd->nd", _tf_resize(patches, new), resized),
+                             np.einsum("nhwc,hwcd->nd", patches, kernel), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_flexivit_file_loads_into_another_patch_size(tmp_path, caplog):
+  """A patch-16 ViT-B/16 file (12 blocks, 14 x 14 grid) loaded into a patch-32 model at 448 px
+  (the same grid): on images whose every patch is upsampled 2x it gives the original model's
+  logits."""
+  w = vit_checkpoint(depth=12, grid=14, patch=16)
+  path = write(tmp_path, "vit_p16.npz", w)
+  original = create("ViT-B/16", image_size=224, hidden_size=WIDTH, num_heads=HEADS,
+                    mlp_dim=MLP, num_classes=CLASSES)
+  flexible = create("ViT-B/16", image_size=448, patch_size=32, hidden_size=WIDTH,
+                    num_heads=HEADS, mlp_dim=MLP, num_classes=CLASSES)
+  with caplog.at_level(logging.INFO):
+    params = checkpoints.load(path, flexible)
+  assert "pseudo-inverse resize" in caplog.text
+  x = np.random.default_rng(3).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)
+  patches = x.reshape(2, 14, 16, 14, 16, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 16, 16, 3)
+  upsampled = _tf_resize(patches, 32).reshape(2, 14, 14, 32, 32, 3).transpose(0, 1, 3, 2, 4, 5)
+  upsampled = upsampled.reshape(2, 448, 448, 3).astype(np.float32)
+  np.testing.assert_allclose(logits(flexible, params, upsampled),
+                             logits(original, checkpoints.load(path, original), x),
+                             rtol=1e-4, atol=1e-4)

@@ -32,7 +32,9 @@ is resized by order-1 (bilinear, corner-aligned) `scipy.ndimage.zoom` of the gri
 entries (one per prefix token of the model's `token_layout()`: CLS, distillation, registers)
 kept as they are. The number of prefix slots a file's embedding has (none, or the model's number
 of prefix tokens, or one CLS slot) is read from its shape, preferring the model's own convention
-when a shape fits both. Anything
+when a shape fits both. A ViT patch-embedding kernel of another patch size is resized with
+FlexiViT's pseudo-inverse resize (`resize_patch_embedding`), e.g. a FlexiViT file into a model
+of any patch size (build it with that patch size and the image size that keeps its grid). Anything
 else that does not match raises one ValueError listing the missing, unexpected and mis-shaped
 keys. Files are read with `allow_pickle=False`; nothing in them is executed.
 
@@ -61,6 +63,7 @@ from flax import traverse_util
 from vit_repr import files, timm_checkpoints
 
 POS_EMBEDDING = "Transformer/posembed_input/pos_embedding"
+PATCH_KERNEL = "embedding/kernel"
 # big_vision's block sub-module names -> vision_transformer's (and ours).
 _BIG_VISION_BLOCK_NAMES = {"LayerNorm_0": "LayerNorm_0",
                            "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
@@ -185,6 +188,42 @@ def _grid_side(num_tokens: int) -> int | None:
   """The side of a square grid of `num_tokens` patches, or None if not a square."""
   side = int(round(np.sqrt(num_tokens)))
   return side if side * side == num_tokens else None
+
+
+def _bilinear_matrix(old: int, new: int) -> np.ndarray:
+  """`[new, old]`: 1-D bilinear resampling with half-pixel centres and edge clamping (what
+  `tf.image.resize(..., 'bilinear')` does without antialiasing): output i samples the input at
+  (i + 0.5) * old / new - 0.5."""
+  position = np.clip((np.arange(new) + 0.5) * old / new - 0.5, 0, old - 1)
+  low = np.floor(position).astype(int)
+  high = np.minimum(low + 1, old - 1)
+  matrix = np.zeros((new, old))
+  np.add.at(matrix, (np.arange(new), low), 1 - (position - low))
+  np.add.at(matrix, (np.arange(new), high), position - low)
+  return matrix
+
+
+def resize_patch_embedding(kernel: np.ndarray, patch_size: int) -> np.ndarray:
+  """FlexiViT's pseudo-inverse resize of a patch-embedding kernel to another patch size.
+
+  With B `[p'^2, p^2]` the bilinear resize of a p x p patch to p' x p' (`_bilinear_matrix`
+  along each axis), each kernel slice w `[p^2]` becomes w' = pinv(B^T) w (Beyer et al.,
+  "FlexiViT", CVPR 2023; big_vision's `resample_patchemb`), so that <B x, w'> = <x, w> for
+  every patch x when p' >= p: the token of an image resized by the same factor is unchanged.
+
+  Args:
+    kernel: `[p, p, channels, D]`.
+    patch_size: the new side p'.
+
+  Returns:
+    `[p', p', channels, D]`, the dtype of `kernel`.
+  """
+  old = kernel.shape[0]
+  axis = _bilinear_matrix(old, patch_size)
+  resize = np.kron(axis, axis)  # [p'^2, p^2] on row-major flattened patches.
+  flat = kernel.reshape(old * old, -1).astype(np.float64)
+  resized = np.linalg.pinv(resize.T) @ flat
+  return resized.reshape(patch_size, patch_size, *kernel.shape[2:]).astype(kernel.dtype)
 
 
 def resize_pos_embedding(pos_embedding: np.ndarray, grid_side: int, num_prefix: int
@@ -359,6 +398,13 @@ def convert(flat: Mapping[str, np.ndarray], model: nn.Module, *, origin: str = "
       flat.update({k: np.zeros(expected[k].shape, expected[k].dtype) for k in head})
   if POS_EMBEDDING in flat and POS_EMBEDDING in expected:
     _fix_pos_embedding(flat, tuple(expected[POS_EMBEDDING].shape), model)
+  kernel, wanted = flat.get(PATCH_KERNEL), expected.get(PATCH_KERNEL)
+  if (kernel is not None and wanted is not None and kernel.ndim == 4 and kernel.shape[0] ==
+      kernel.shape[1] and kernel.shape[2:] == tuple(wanted.shape[2:])
+      and kernel.shape[:2] != tuple(wanted.shape[:2])):
+    logging.info("checkpoints: resizing the patch embedding %s -> %s (FlexiViT's pseudo-inverse "
+                 "resize).", kernel.shape, tuple(wanted.shape))
+    flat[PATCH_KERNEL] = resize_patch_embedding(kernel, wanted.shape[0])
 
   missing = sorted(expected.keys() - flat.keys())
   unexpected = sorted(flat.keys() - expected.keys())

@@ -3,9 +3,10 @@
 A reference check, not a test (timm lives in a separate PyTorch environment). Two stages:
 
 1. `--stage=timm`, run with the PyTorch env's python: builds each family's full-size timm model
-   (DeiT III, DeiT distilled, DINOv2 with registers, OpenAI CLIP, MAE, SigLIP, a plain ViT),
-   replaces every parameter by random values (timm's own initialisation leaves LayerScale at
-   1e-5 and heads at zero, which would hide a wrong mapping), saves its state dict as
+   (DeiT III, DeiT distilled, DINOv2 with registers, OpenAI CLIP with timm's exact and
+   OpenAI's quick GELU, MAE, SigLIP, a plain ViT), replaces every parameter by random values
+   (timm's own initialisation leaves LayerScale at 1e-5 and heads at zero, which would hide a
+   wrong mapping), saves its state dict as
    `.safetensors`, and saves timm's logits and pre-logits (`forward_head(pre_logits=True)`)
    for one batch of images. Models timm builds without a head (MAE, SigLIP) get a 1000-class
    one, so their logits are compared too.
@@ -42,6 +43,9 @@ FAMILIES = {
         dict(img_size=IMAGE, num_classes=1000)),
     "vit_base_patch16_clip_224.openai": (
         "ViT-B/16", dict(mlp_activation="gelu", pre_norm=True, layer_norm_eps=1e-5,
+                         patch_bias=False, num_classes=512), {}),
+    "vit_base_patch16_clip_quickgelu_224.openai": (
+        "ViT-B/16", dict(mlp_activation="quick_gelu", pre_norm=True, layer_norm_eps=1e-5,
                          patch_bias=False, num_classes=512), {}),
     "vit_base_patch16_224.mae": (
         "ViT-B/16", dict(mlp_activation="gelu", num_classes=1000), dict(num_classes=1000)),

@@ -53,14 +53,16 @@ PUBLIC_CHECKPOINTS = {
     "mae_b16": ("ViT-B/16", "checkpoints/vit_base_patch16_224.mae/model.safetensors"),
 }
 # The constructor fields that make the registered ViT one of those families (vit_repr.models.vit;
-# timm's models use exact GELU, big_vision's the tanh approximation, the default).
+# timm's models use exact GELU but for OpenAI CLIP's quick GELU, big_vision's the tanh
+# approximation, the default).
 FAMILY_OVERRIDES = {
     "siglip_b16": dict(classifier="map", posemb_includes_cls=False),
     "dinov2_b14": dict(patch_size=14, num_registers=4, layer_scale_init=1e-5,
                        posemb_includes_cls=False, mlp_activation="gelu"),
     "deit3_b16": dict(layer_scale_init=1e-6, posemb_includes_cls=False, mlp_activation="gelu"),
+    # OpenAI's CLIP uses quick GELU (timm's `*_clip_quickgelu_224.openai`, the same file).
     "clip_b16": dict(pre_norm=True, layer_norm_eps=1e-5, patch_bias=False,
-                     mlp_activation="gelu"),
+                     mlp_activation="quick_gelu"),
     "mae_b16": dict(mlp_activation="gelu"),
 }
 

@@ -102,7 +102,7 @@ def stage_ours(workdir: str) -> None:
   reference = np.load(os.path.join(workdir, "timm_outputs.npz"))
   print(f"batch={len(images)}, {IMAGE}x{IMAGE}, float32, jax {jax.__version__} on "
         f"{jax.default_backend()}")
-  print(f"{'timm model':<36}{'output':<12}{'max |ours - timm|':>19}{'max |timm|':>12}")
+  print(f"{'timm model':<44}{'output':<12}{'max |ours - timm|':>19}{'max |timm|':>12}")
   for name, (model_name, overrides, _) in FAMILIES.items():
     model = models.create(model_name, image_size=IMAGE, **overrides)
     params = checkpoints.load(_file(workdir, name), model)
@@ -113,7 +113,7 @@ def stage_ours(workdir: str) -> None:
       theirs = reference[f"{name}/{output}"]
       if output == "pre_logits" and overrides.get("distillation"):
         continue  # timm's distilled pre-logits average the CLS and dist outputs; ours is CLS's.
-      print(f"{name:<36}{output:<12}{np.max(np.abs(np.asarray(ours[output]) - theirs)):>19.3e}"
+      print(f"{name:<44}{output:<12}{np.max(np.abs(np.asarray(ours[output]) - theirs)):>19.3e}"
             f"{np.max(np.abs(theirs)):>12.3f}")
 
 

@@ -41,7 +41,7 @@ keys. Files are read with `allow_pickle=False`; nothing in them is executed.
 `save(directory, params)` / `restore(directory, target)` store our own trained parameters with
 orbax's StandardCheckpointer.
 
-One module (~440 lines): the layouts' renames, the repairs and the one mismatch check are a
+One module (~490 lines): the layouts' renames, the repairs and the one mismatch check are a
 single conversion, read together; timm's renames, a table of their own, are
 `vit_repr.timm_checkpoints`.
 """

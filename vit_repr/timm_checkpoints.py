@@ -68,10 +68,11 @@ _TOP_NAMES = {
     "attn_pool.mlp.fc2.weight": ("MAPHead_0/MlpBlock_0/Dense_1/kernel", True),
     "attn_pool.mlp.fc2.bias": ("MAPHead_0/MlpBlock_0/Dense_1/bias", False),
 }
-# timm attention tensor -> (our projections it holds, in order along its output axis).
-_ATTENTION_PARTS = {"attn.qkv": ("query", "key", "value"), "attn.proj": ("out",),
-                    "attn_pool.q": ("query",), "attn_pool.kv": ("key", "value"),
-                    "attn_pool.proj": ("out",)}
+# timm attention tensor -> (our projections it holds, in order along its output axis): a block's
+# self-attention and SigLIP's attention pool.
+_BLOCK_ATTENTION = {"attn.qkv": ("query", "key", "value"), "attn.proj": ("out",)}
+_POOL_ATTENTION = {"attn_pool.q": ("query",), "attn_pool.kv": ("key", "value"),
+                   "attn_pool.proj": ("out",)}
 _ATTENTION = "MultiHeadDotProductAttention_1"
 
 
@@ -115,7 +116,7 @@ def _attention(module: str, tensor: str, kind: str, value: np.ndarray, num_heads
   Raises:
     ValueError: the tensor's width is not a multiple of `num_heads` per projection.
   """
-  parts = _ATTENTION_PARTS[tensor]
+  parts = {**_BLOCK_ATTENTION, **_POOL_ATTENTION}[tensor]
   if value.shape[0] % (len(parts) * num_heads):
     raise ValueError(f"{tensor}.{kind} {value.shape} is not {len(parts)} x {num_heads} heads "
                      "wide: build the model with the checkpoint's num_heads.")
@@ -156,10 +157,10 @@ def to_model_keys(flat: Mapping[str, np.ndarray], num_heads: int) -> dict[str, n
     elif key in _TOP_NAMES:
       name, linear = _TOP_NAMES[key]
       out[name] = value.T if linear else value
-    elif tensor in _ATTENTION_PARTS:
+    elif tensor in _POOL_ATTENTION:
       out.update(_attention("MAPHead_0/MultiHeadDotProductAttention_0", tensor, kind, value,
                             num_heads))
-    elif match and match.group(2).rpartition(".")[0] in _ATTENTION_PARTS:
+    elif match and match.group(2).rpartition(".")[0] in _BLOCK_ATTENTION:
       out.update(_attention(
           f"Transformer/encoderblock_{match.group(1)}/{_ATTENTION}",
           match.group(2).rpartition(".")[0], kind, value, num_heads))

@@ -9,7 +9,10 @@ A reference check, not a test (timm lives in a separate PyTorch environment). Tw
    wrong mapping), saves its state dict as
    `.safetensors`, and saves timm's logits and pre-logits (`forward_head(pre_logits=True)`)
    for one batch of images. Models timm builds without a head (MAE, SigLIP) get a 1000-class
-   one, so their logits are compared too.
+   one, so their logits are compared too. The row `...dinov2@518` saves DINOv2 at timm's
+   default 518 px (a 37 x 37 position-embedding grid) and takes the reference from timm's own
+   224-px model loaded from that file (`pretrained_cfg_overlay=dict(file=...)`: timm resizes
+   the grid with its antialiased bicubic), so it checks our resize of a timm file too.
 2. `--stage=ours` (default: both, the first in a subprocess), run with this repo's venv: loads
    each file with `vit_repr.checkpoints.load` into the model `FAMILIES` names, and prints
    max |ours - timm| of the pre-logits and logits, beside the largest |timm| value.
@@ -28,7 +31,8 @@ import numpy as np
 
 IMAGE = 224
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# timm model name -> (our registered model, our overrides, timm create_model kwargs).
+# row (a timm model name, '@<size>' for a file saved at another image size) -> (our registered
+# model, our overrides, timm create_model kwargs of the reference model).
 FAMILIES = {
     "vit_base_patch16_224": (
         "ViT-B/16", dict(mlp_activation="gelu", num_classes=1000), {}),
@@ -38,6 +42,10 @@ FAMILIES = {
     "deit_base_distilled_patch16_224": (
         "ViT-B/16", dict(mlp_activation="gelu", distillation=True, num_classes=1000), {}),
     "vit_base_patch14_reg4_dinov2": (
+        "ViT-B/16", dict(patch_size=14, mlp_activation="gelu", layer_scale_init=1e-5,
+                         num_registers=4, posemb_includes_cls=False, num_classes=1000),
+        dict(img_size=IMAGE, num_classes=1000)),
+    "vit_base_patch14_reg4_dinov2@518": (
         "ViT-B/16", dict(patch_size=14, mlp_activation="gelu", layer_scale_init=1e-5,
                          num_registers=4, posemb_includes_cls=False, num_classes=1000),
         dict(img_size=IMAGE, num_classes=1000)),
@@ -73,7 +81,9 @@ def stage_timm(workdir: str, batch: int) -> None:
   x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
   outputs = {}
   for name, (_, _, kwargs) in FAMILIES.items():
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    timm_name, _, file_size = name.partition("@")
+    file_kwargs = {**kwargs, "img_size": int(file_size)} if file_size else kwargs
+    model = timm.create_model(timm_name, pretrained=False, **file_kwargs).eval()
     with torch.no_grad():
       for key, value in model.state_dict().items():
         if key.endswith("gamma"):
@@ -84,10 +94,14 @@ def stage_timm(workdir: str, batch: int) -> None:
           value.normal_(0.0, 1.0 / np.sqrt(np.prod(value.shape[1:])))
         else:
           value.normal_(0.0, 0.1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, _file(workdir, name))
+    if file_size:
+      model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(
+          file=_file(workdir, name), num_classes=kwargs["num_classes"]), **kwargs).eval()
+    with torch.no_grad():
       features = model.forward_features(x)
       outputs[f"{name}/pre_logits"] = model.forward_head(features, pre_logits=True).numpy()
       outputs[f"{name}/logits"] = model(x).numpy()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, _file(workdir, name))
     print(f"timm: {name} written.", flush=True)
   np.savez(os.path.join(workdir, "timm_outputs.npz"), **outputs)
 

@@ -6,11 +6,12 @@ r"""Study 1: CKA heatmaps within and across models (Raghu et al. 2021, Figs 1-2)
         --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/cka_l16
     python -m experiments.cka_heatmap --config=configs/cka_heatmap.py:runlocal --workdir=/tmp/cka
 
-The arg names model A and optionally model B joined by '+': `vit_b32`, `vit_b16`, `vit_l16`,
+The arg names model A and optionally models B and C joined by '+': `vit_b32`, `vit_b16`, `vit_l16`,
 `vit_h14`, `r50` (BiT-M R50x1), `r152` (BiT-M R152x2), `mixer_b16`; e.g. `vit_l16` (within
 ViT-L/16, Fig 1), `vit_b16+r50` (Fig 2). Beyond the paper: `siglip_b16`, `dinov2_b14`,
 `deit3_b16`, `clip_b16`, `mae_b16` (configs/common.py `PUBLIC_CHECKPOINTS`: where each file is
-and how to fetch it), e.g. `dinov2_b14+siglip_b16` or `dinov2_b14+r50`. Paper variants read
+and how to fetch it), e.g. `dinov2_b14+siglip_b16` or `dinov2_b14+siglip_b16+r50` (three
+models: six heatmaps, every within- and cross-model pair, from one pass). Paper variants read
 ImageNet validation images with the public ImageNet-21k checkpoints (the paper's JFT-300M
 checkpoints are not public) from the vision_transformer and big_transfer buckets; point
 `model_a.checkpoint` at a local copy if you have one. `runlocal`: alone, tiny randomly
@@ -58,6 +59,7 @@ def get_base() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model_a = common.model_spec()
   config.model_b = common.model_spec()  # name '' = within model A only.
+  config.model_c = common.model_spec()  # name '' = models A and B only.
   config.data = common.eval_data(num_examples=common.PAPER_CKA["num_examples"], sample_seed=0)
   config.analysis = ml_collections.ConfigDict(dict(
       minibatch_size=common.PAPER_CKA["minibatch_size"],  # Examples per minibatch (= device).
@@ -81,13 +83,14 @@ def use_cheap_estimator(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: '[<model>[+<model>]][,cheap][,runlocal]' (module docstring)."""
+  """Returns the config for `arg`: '[<model>[+<model>[+<model>]]][,cheap][,runlocal]' (module
+  docstring)."""
   parsed = common.parse_arg(arg, models="", cheap=False, runlocal=False)
   config = get_base()
   if not parsed.models:
     if not parsed.runlocal:
-      raise ValueError(f"Bad cka_heatmap config arg {arg!r}: name one or two of {list(MODELS)} "
-                       "joined by '+', or use 'runlocal'.")
+      raise ValueError(f"Bad cka_heatmap config arg {arg!r}: name one to three of "
+                       f"{list(MODELS)} joined by '+', or use 'runlocal'.")
     config.model_a = common.model_spec("ViT-Ti/16", layers=VIT_LAYERS, overrides=dict(
         patch_size=8, depth=4))
     config.model_b = common.model_spec("BiT-R50x1", layers=RESNET_LAYERS, overrides=dict(
@@ -98,10 +101,10 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     config.log_every = 3
     return config
   names = parsed.models.split("+")
-  if any(n not in MODELS for n in names) or not 1 <= len(names) <= 2:
-    raise ValueError(f"Bad cka_heatmap config arg {arg!r}: use 'runlocal' or one or two of "
+  if any(n not in MODELS for n in names) or not 1 <= len(names) <= 3:
+    raise ValueError(f"Bad cka_heatmap config arg {arg!r}: use 'runlocal' or one to three of "
                      f"{list(MODELS)} joined by '+', optionally followed by ',cheap'.")
-  for key, name in zip(("model_a", "model_b"), names):
+  for key, name in zip(("model_a", "model_b", "model_c"), names):
     config[key] = paper_model(name)
   if parsed.cheap:
     use_cheap_estimator(config)

@@ -57,6 +57,13 @@ def _run_notebook_and_check_its_figures(path: str, workdir: str) -> None:
            for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
   expected = [figure for key in _notebook_steps(notebook)
               for figure in reproduction.figures(workdir, key)]
+  if any("beyond-paper" in c.metadata.get("tags", []) for c in notebook.cells):
+    # Today's families (DINOv2, SigLIP, BiT-R50) in one CKA study, at full depth.
+    expected.append(os.path.join(workdir, "families", "figures", "cka_heatmap.png"))
+    _, metadata = results.read_results(os.path.join(workdir, "families"), "cka_heatmap")
+    assert [metadata["models"][k]["name"] for k in "abc"] == [
+        "ViT-B/16", "ViT-B/16", "BiT-R50x1"]
+    assert metadata["models"]["a"]["overrides"]["patch_size"] == 14
   assert len(shown) == len(expected) > 0
   for png, figure in zip(shown, expected):
     with open(figure, "rb") as f:
@@ -68,7 +75,7 @@ def _run_notebook_and_check_its_figures(path: str, workdir: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.seconds(260)
+@pytest.mark.seconds(350)
 def test_notebooks_then_the_demo_command(tmp_path):
   workdir = str(tmp_path)
   for path in NOTEBOOKS:

@@ -23,13 +23,15 @@ from tests.conftest import REPO_ROOT
 # Every documented arg of every config (model combinations: each model once, and options).
 ARGS = {
     "cka_heatmap": ["runlocal", *cka_heatmap.MODELS, "vit_b16+r50", "vit_l16,cheap",
-                    "vit_b16+r50,runlocal", "dinov2_b14+siglip_b16,runlocal"],
+                    "vit_b16+r50,runlocal", "dinov2_b14+siglip_b16,runlocal",
+                    "dinov2_b14+siglip_b16+r50", "dinov2_b14+siglip_b16+r50,runlocal"],
     "attention_distance": ["runlocal", *attention_distance.VITS, "vit_b16+r50",
                            "vit_b16+r50,runlocal", "dinov2_b14+r50,runlocal"],
     "receptive_field": ["runlocal", *receptive_field.MODELS, "vit_b32+r50", "vit_b32+r50,runlocal"],
     "skip_connections": ["vit_b16", "local", "runlocal", "vit_b16,runlocal"],
     "localization": ["runlocal", *localization.MODELS, "vit_b16+r50,gap=/runs/gap/params,cheap",
-                     "vit_b16+r50,runlocal", "dinov2_b14+siglip_b16,runlocal"],
+                     "vit_b16+r50,runlocal", "dinov2_b14+siglip_b16,runlocal",
+                    "dinov2_b14+siglip_b16+r50", "dinov2_b14+siglip_b16+r50,runlocal"],
     "linear_probes": ["runlocal", *linear_probes.PAPER_MODELS, "vit_b16+r50,full",
                       "vit_b16+r50,runlocal"],
     "data_scale": [*data_scale.SETTINGS, "runlocal", "local,fractions=0.03/0.1/0.3",

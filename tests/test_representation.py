@@ -131,17 +131,46 @@ representation.run(config, {str(tmp_path)!r} + '/' + str(jax.device_count()))
 
 
 @pytest.mark.slow
-def test_todays_vit_families_at_full_depth(tmp_path):
-  """`dinov2_b14+siglip_b16,runlocal`: a DINOv2 ViT-B/14 (4 registers, LayerScale, 16 x 16
-  grid) against a SigLIP ViT-B/16 (MAP head, 14 x 14 grid), 12 blocks each, random narrow
-  weights: each model's heatmap has a unit diagonal and is symmetric."""
-  config = cka_heatmap.get_config("dinov2_b14+siglip_b16,runlocal")
+def test_three_models_give_every_pair_from_one_accumulator(tmp_path):
+  """Models A and C the same 2-block ViT, B another seed: each block of the joint heatmap is
+  cut at its model's offset (A x C equals A x A, B x C the transpose of A x B)."""
+  config = tiny_config(num_passes=1)
+  config.model_b.seed = 1
+  config.model_c = common.model_spec(config.model_a.name, layers=config.model_a.layers,
+                                     overrides=config.model_a.overrides.to_dict())
   returned = representation.run(config, str(tmp_path))
-  assert returned.summary["layers"] == {"a": 24, "b": 24}
-  for block in ("aa", "bb"):
+  assert sorted(k for k in returned.arrays if k.startswith("cka_")) == [
+      "cka_aa", "cka_ab", "cka_ac", "cka_bb", "cka_bc", "cka_cc"]
+  arrays = returned.arrays
+  np.testing.assert_allclose(arrays["cka_ac"], arrays["cka_aa"], atol=1e-6)
+  np.testing.assert_allclose(arrays["cka_cc"], arrays["cka_aa"], atol=1e-6)
+  np.testing.assert_allclose(arrays["cka_bc"], arrays["cka_ab"].T, atol=1e-6)
+  assert np.abs(arrays["cka_ab"] - arrays["cka_aa"]).max() > 1e-3  # B is another model.
+  assert list(arrays["names_c"]) == list(arrays["names_a"])
+
+
+def test_model_c_without_model_b_is_refused(tmp_path):
+  config = tiny_config()
+  config.model_c, config.model_b = config.model_b, common.model_spec()
+  with pytest.raises(ValueError, match="model_c .* is set but model_b is not"):
+    representation.run(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_todays_vit_families_at_full_depth(tmp_path):
+  """`dinov2_b14+siglip_b16+r50,runlocal`: a DINOv2 ViT-B/14 (4 registers, LayerScale,
+  16 x 16 grid), a SigLIP ViT-B/16 (MAP head, 14 x 14 grid), 12 blocks each, and a BiT-R50x1
+  (16 units), random narrow weights: each model's heatmap has a unit diagonal and is
+  symmetric, and all three cross-model heatmaps are there."""
+  config = cka_heatmap.get_config("dinov2_b14+siglip_b16+r50,runlocal")
+  returned = representation.run(config, str(tmp_path))
+  assert returned.summary["layers"] == {"a": 24, "b": 24, "c": 16}
+  for block in ("aa", "bb", "cc"):
     heatmap = returned.arrays[f"cka_{block}"]
     np.testing.assert_allclose(np.diag(heatmap), 1.0, atol=1e-5)
     np.testing.assert_allclose(heatmap, heatmap.T, atol=1e-5)
-  assert np.all(np.isfinite(returned.arrays["cka_ab"]))
+  for block, shape in (("ab", (24, 24)), ("ac", (24, 16)), ("bc", (24, 16))):
+    assert returned.arrays[f"cka_{block}"].shape == shape
+    assert np.all(np.isfinite(returned.arrays[f"cka_{block}"]))
   assert returned.metadata["models"]["a"]["overrides"]["num_registers"] == 4
   assert returned.metadata["models"]["b"]["overrides"]["classifier"] == "map"

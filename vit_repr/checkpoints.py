@@ -28,9 +28,11 @@ Repairs, each logged, as the original fine-tuning code makes them (vision_transf
 `checkpoint.load_pretrained`): a head whose shape differs from the model's (another number of
 classes) is replaced by a zero-initialised one (so is DeiT's `head_dist`); pre-logits weights are
 dropped when the model has no pre-logits layer; a ViT position embedding for another patch grid
-is resized by order-1 (bilinear, corner-aligned) `scipy.ndimage.zoom` of the grid, the prefix
-entries (one per prefix token of the model's `token_layout()`: CLS, distillation, registers)
-kept as they are. The number of prefix slots a file's embedding has (none, or the model's number
+is resized with the interpolation of the code that made the file (`resize_pos_embedding`): an
+`.npz` (vision_transformer, big_vision) by order-1 (bilinear, corner-aligned)
+`scipy.ndimage.zoom` of the grid, a timm file (e.g. DINOv2's 37 x 37 grid at 224 px) by timm's
+antialiased bicubic, the prefix entries (one per prefix token of the model's `token_layout()`:
+CLS, distillation, registers) kept as they are. The number of prefix slots a file's embedding has (none, or the model's number
 of prefix tokens, or one CLS slot) is read from its shape, preferring the model's own convention
 when a shape fits both. A ViT patch-embedding kernel of another patch size is resized with
 FlexiViT's pseudo-inverse resize (`resize_patch_embedding`), e.g. a FlexiViT file into a model
@@ -226,34 +228,51 @@ def resize_patch_embedding(kernel: np.ndarray, patch_size: int) -> np.ndarray:
   return resized.reshape(patch_size, patch_size, *kernel.shape[2:]).astype(kernel.dtype)
 
 
-def resize_pos_embedding(pos_embedding: np.ndarray, grid_side: int, num_prefix: int
-                         ) -> np.ndarray:
-  """Resizes a ViT position embedding to another square patch grid, as vision_transformer does.
+POS_EMBEDDING_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def resize_pos_embedding(pos_embedding: np.ndarray, grid_side: int, num_prefix: int,
+                         interpolation: str = "bilinear") -> np.ndarray:
+  """Resizes a ViT position embedding to another square patch grid, as its original code does.
 
   The first `num_prefix` entries (the prefix slots) are kept; the square grid of the rest is
-  resampled with `scipy.ndimage.zoom(grid, (new/old, new/old, 1), order=1)`: bilinear
-  interpolation with the corner patches aligned (output patch i samples input position
-  i * (old - 1) / (new - 1)).
+  resampled by
+  - 'bilinear' (vision_transformer and big_vision): `scipy.ndimage.zoom(grid, (new/old,
+    new/old, 1), order=1)`, bilinear with the corner patches aligned (output patch i samples
+    input position i * (old - 1) / (new - 1));
+  - 'bicubic' (timm's `resample_abs_pos_embed` when it loads a file: `F.interpolate(...,
+    mode='bicubic', antialias=True)`): Keys' cubic kernel (a = -0.5) with half-pixel centres,
+    stretched by old / new when shrinking (antialiasing) and renormalised at the edges;
+    `jax.image.resize(..., 'bicubic', antialias=True)` computes the same resampling.
 
   Args:
     pos_embedding: `[1, num_prefix + old**2, D]`.
     grid_side: the new grid side `new`.
     num_prefix: leading non-grid entries: one per prefix token with a slot (CLS,
       distillation, registers), else 0.
+    interpolation: one of `POS_EMBEDDING_INTERPOLATIONS`.
 
   Returns:
     `[1, num_prefix + new**2, D]`, same dtype.
 
   Raises:
-    ValueError: the grid entries do not form a square.
+    ValueError: the grid entries do not form a square, or an unknown interpolation.
   """
+  if interpolation not in POS_EMBEDDING_INTERPOLATIONS:
+    raise ValueError(f"Unknown position-embedding interpolation {interpolation!r}; use one of "
+                     f"{POS_EMBEDDING_INTERPOLATIONS}.")
   prefix, grid = pos_embedding[:, :num_prefix], pos_embedding[0, num_prefix:]
   old = _grid_side(grid.shape[0])
   if old is None:
     raise ValueError(f"Position embedding {pos_embedding.shape} minus {num_prefix} prefix "
                      f"entries does not hold a square grid of patches; cannot resize it.")
   grid = grid.reshape(old, old, -1)
-  grid = scipy.ndimage.zoom(grid, (grid_side / old, grid_side / old, 1), order=1)
+  if interpolation == "bilinear":
+    grid = scipy.ndimage.zoom(grid, (grid_side / old, grid_side / old, 1), order=1)
+  else:
+    grid = np.asarray(jax.image.resize(grid.astype(np.float32), (grid_side, grid_side,
+                                                                 grid.shape[2]),
+                                       method="bicubic", antialias=True), grid.dtype)
   grid = grid.reshape(1, grid_side * grid_side, -1)
   return np.concatenate([prefix, grid], axis=1)
 
@@ -267,12 +286,13 @@ def _prefix_slots(tokens: int, candidates: tuple[int, ...]) -> int | None:
 
 
 def _fix_pos_embedding(flat: dict[str, np.ndarray], expected_shape: tuple[int, ...],
-                       model: nn.Module) -> None:
+                       model: nn.Module, interpolation: str) -> None:
   """Checks the prefix-slot convention and resizes the grid when it differs (in place).
 
   The model has P prefix tokens (its `token_layout()`) and wants a slot for each when built with
   posemb_includes_cls=True, none otherwise. The file's slots are read from its shape: the
   model's count if the rest is a square grid, else none, else P, else one (a CLS slot).
+  `interpolation`: see `resize_pos_embedding`.
   """
   pos_embedding = flat[POS_EMBEDDING]
   if pos_embedding.ndim != 3 or pos_embedding.shape[2] != expected_shape[2]:
@@ -318,9 +338,9 @@ def _fix_pos_embedding(flat: dict[str, np.ndarray], expected_shape: tuple[int, .
   if tokens != expected_shape[1]:
     side = _grid_side(expected_shape[1] - found)
     logging.info("checkpoints: resizing the position embedding %s -> %s (patch grid %d -> %d, "
-                 "order-1 zoom, %d prefix entries kept).", pos_embedding.shape, expected_shape,
-                 _grid_side(tokens - found), side, found)
-    flat[POS_EMBEDDING] = resize_pos_embedding(pos_embedding, side, found)
+                 "%s, %d prefix entries kept).", pos_embedding.shape, expected_shape,
+                 _grid_side(tokens - found), side, interpolation, found)
+    flat[POS_EMBEDDING] = resize_pos_embedding(pos_embedding, side, found, interpolation)
 
 
 def _mismatch_error(origin: str, model: nn.Module, missing: list[str], unexpected: list[str],
@@ -397,7 +417,8 @@ def convert(flat: Mapping[str, np.ndarray], model: nn.Module, *, origin: str = "
       flat = {k: v for k, v in flat.items() if not k.startswith(module)}
       flat.update({k: np.zeros(expected[k].shape, expected[k].dtype) for k in head})
   if POS_EMBEDDING in flat and POS_EMBEDDING in expected:
-    _fix_pos_embedding(flat, tuple(expected[POS_EMBEDDING].shape), model)
+    _fix_pos_embedding(flat, tuple(expected[POS_EMBEDDING].shape), model,
+                       "bicubic" if layout == "timm" else "bilinear")
   kernel, wanted = flat.get(PATCH_KERNEL), expected.get(PATCH_KERNEL)
   if (kernel is not None and wanted is not None and kernel.ndim == 4 and kernel.shape[0] ==
       kernel.shape[1] and kernel.shape[2:] == tuple(wanted.shape[2:])

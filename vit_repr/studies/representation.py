@@ -1,9 +1,10 @@
 """Study 1, representation structure: CKA heatmaps within and across models (paper Figs 1-2).
 
-Streams one dataset through model A (and optionally model B) once per pass and accumulates
-minibatch CKA (`vit_repr.cka.MinibatchCKA`, unbiased HSIC) between every pair of selected
-layers. The layers of both models go into ONE accumulator, so a single Gram per layer per
-minibatch gives the within-A, within-B and cross A x B heatmaps together. Each device's shard
+Streams one dataset through model A (and optionally models B and C) once per pass and
+accumulates minibatch CKA (`vit_repr.cka.MinibatchCKA`, unbiased HSIC) between every pair of
+selected layers. The layers of all models go into ONE accumulator, so a single Gram per layer
+per minibatch gives every within-model and cross-model heatmap together (A, B, C, A x B, A x C,
+B x C). Each device's shard
 of a global batch is one minibatch of `analysis.minibatch_size` examples.
 
 Passes: pass 0 reads the examples in canonical order, pass p > 0 in an order shuffled by
@@ -16,8 +17,9 @@ fingerprint of the config; a rerun with the same config skips the batches alread
 (reading but not computing them) and ends with the same numbers as an uninterrupted run. A
 state from another config is refused.
 
-Outputs in the workdir: `cka_heatmap.{npz,json}` (heatmaps `cka_aa`, `cka_bb`, `cka_ab` with
-standard errors `stderr_*`, layer names, example counts, config, models, versions) and
+Outputs in the workdir: `cka_heatmap.{npz,json}` (heatmaps `cka_<xy>` for every pair of models
+x <= y, e.g. `cka_aa`, `cka_bb`, `cka_ab`, with standard errors `stderr_<xy>`, layer names
+`names_<x>`, example counts, config, models, versions) and
 `figures/cka_heatmap.{png,pdf}`.
 """
 
@@ -31,10 +33,19 @@ from vit_repr.studies import loading, runner
 STATE_FILE = "cka_state.npz"
 
 
+MODEL_KEYS = ("a", "b", "c")
+
+
 def _model_specs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(key, spec) of model A and of each of models B, C that the config names, in that order."""
   specs = [("a", config.model_a)]
-  if config.model_b.name:
-    specs.append(("b", config.model_b))
+  for key in MODEL_KEYS[1:]:
+    spec = config.get(f"model_{key}")
+    if spec is not None and spec.name:
+      specs.append((key, spec))
+  if len(specs) == 2 and specs[1][0] == "c":
+    raise ValueError(f"model_c ({config.model_c.name}) is set but model_b is not; name model B "
+                     "first (--config.model_b.name=...).")
   return specs
 
 
@@ -42,12 +53,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
   """Computes the within- and cross-model CKA heatmaps of `config` into `workdir`.
 
   Args:
-    config: a `configs/cka_heatmap.py` config (model_a, model_b, data, analysis).
+    config: a `configs/cka_heatmap.py` config (model_a, model_b, model_c, data, analysis).
     workdir: output directory (also holds the resumable accumulator state).
 
   Returns:
-    The result: arrays `cka_<xy>`, `stderr_<xy>` (xy in aa, bb, ab), `names_<a|b>`; summary:
-    example count, minibatches, layer counts, examples/s.
+    The result: arrays `cka_<xy>`, `stderr_<xy>` (xy: every pair of models x <= y, e.g. aa, bb,
+    ab), `names_<x>`; summary: example count, minibatches, layer counts, examples/s.
+
+  Raises:
+    ValueError: model C named without model B.
   """
   study = runner.Study(config, workdir)
   analysis = config.analysis
@@ -79,9 +93,11 @@ def _finish(study: runner.Study, result: cka.CKAResult,
   """Splits the joint heatmap into its within/cross blocks; writes arrays, metadata, figure."""
   config = study.config
   sizes = {k: len(e.names) for k, e in extractors.items()}
-  offsets = {"a": 0, "b": sizes["a"]}
+  keys = list(sizes)
+  offsets = dict(zip(keys, np.cumsum([0] + [sizes[k] for k in keys[:-1]])))
   arrays, panels = {}, []
-  blocks = [("a", "a"), ("b", "b"), ("a", "b")] if "b" in sizes else [("a", "a")]
+  blocks = [(k, k) for k in keys] + [(row, col) for i, row in enumerate(keys)
+                                     for col in keys[i + 1:]]
   for row, col in blocks:
     rows = slice(offsets[row], offsets[row] + sizes[row])
     cols = slice(offsets[col], offsets[col] + sizes[col])

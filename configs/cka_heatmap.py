@@ -33,6 +33,19 @@ layers: 15 GB); on smaller accelerators use option `cheap`: the public minibatch
 defaults (minibatch 256, 10 passes over 10,000 examples; the paper reports that minibatch 128
 made no noticeable difference).
 Options after the models: `cheap`.
+
+Beyond CKA (`vit_repr.similarity`, README "Similarity measures"): `--config.analysis.measure=`
+'angular_cka' (streams like CKA), or 'svcca', 'pwcca', 'procrustes', 'rsa', 'mutual_knn',
+'cknna' (every example's features held at once: pick a pooled token_mode and a few thousand
+examples), e.g.
+
+    python -m experiments.cka_heatmap --config=configs/cka_heatmap.py:dinov2_b14+siglip_b16 \
+        --config.analysis.measure=cknna --config.analysis.measure_options.k=10 \
+        --config.analysis.token_mode=mean --config.data.num_examples=5000 \
+        --config.analysis.num_permutations=100 --workdir=/tmp/cknna
+
+Calibration: `analysis.num_permutations=K` (a p-value and a chance level per cell; the figure
+dots cells not above chance), `analysis.num_bootstrap=B` (CKA: bootstrap intervals).
 """
 
 import ml_collections
@@ -68,6 +81,21 @@ def get_base() -> ml_collections.ConfigDict:
       token_mode="all",     # 'all' | 'cls' | 'spatial' | 'mean' (vit_repr.features).
       grams='auto',         # Where Grams run: 'auto' | 'host' (CPU BLAS) | 'device'.
       gram_blocks=1,        # SYRK-like row blocks of each device Gram (see vit_repr.cka).
+      # The measure (vit_repr.similarity.MEASURES): 'cka' and 'angular_cka' stream; 'svcca',
+      # 'pwcca', 'procrustes', 'rsa', 'mutual_knn', 'cknna' hold every example's features.
+      measure="cka",
+      measure_options=ml_collections.ConfigDict(dict(  # Unset: the measure's default.
+          variance_kept=config_dict.placeholder(float),  # svcca (0.99), pwcca (1.0).
+          dissimilarity=config_dict.placeholder(str),    # rsa: 'correlation' | 'euclidean'.
+          comparison=config_dict.placeholder(str),       # rsa: 'spearman' | 'pearson'.
+          k=config_dict.placeholder(int),                # mutual_knn, cknna (10).
+      )),
+      max_host_gib=16.0,    # Full-set measures: refuse features larger than this on the host.
+      num_permutations=0,   # K > 0: permutation null per cell (p-values, chance levels).
+      num_bootstrap=0,      # B > 0 (cka, angular_cka): Poisson-bootstrap intervals.
+      confidence=0.95,      # Level of the bootstrap intervals.
+      alpha=0.05,           # The figure dots cells with p >= alpha (not above chance).
+      calibration_seed=0,   # Seed of the permutations and bootstrap weights.
   ))
   config.checkpoint_every = 20  # Batches between saves of the accumulator state.
   config.log_every = 10

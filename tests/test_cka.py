@@ -698,3 +698,233 @@ def test_unknown_precision_is_refused():
     cka.MinibatchCKA(precision="fp32")
   with pytest.raises(ValueError, match="precision must be one of"):
     cka.linear_cka(np.ones((8, 3)), np.ones((8, 2)), precision="float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: permutation nulls and bootstrap intervals (vit_repr.cka.calibration).
+
+
+def test_u_centring_is_permutation_equivariant():
+  # U(P K Pᵀ) = P U(K) Pᵀ: the streamed null permutes B's U-centred Grams, not its features.
+  x, _ = features(40, n=12)
+  gram, perm = ref_gram_linear(x), np.random.default_rng(0).permutation(12)
+  u = np.asarray(cka.full_batch._u_centre(gram))
+  np.testing.assert_allclose(cka.full_batch._u_centre(gram[perm][:, perm]), u[perm][:, perm],
+                             atol=1e-4)  # float32 rounding: the sums in another order
+
+
+def ref_calibrated(xs, ys, b, num_permutations, num_bootstrap, seed, confidence=0.95):
+  """Float64 null and bootstrap of minibatch CKA over consecutive minibatches of b, with B's
+  FEATURE rows explicitly permuted by the estimator's permutations and the estimator's
+  Poisson weights, minibatch i drawing with index i."""
+  from vit_repr.cka import calibration  # pylint: disable=g-import-not-at-top
+  nb = len(xs[0]) // b
+  batches = lambda a: np.asarray(a, np.float64)[:nb * b].reshape(nb, b, -1)
+  perms = np.stack([np.asarray(calibration._minibatch_permutations(seed, i, num_permutations, b))
+                    for i in range(nb)])  # [nb, K, b]
+  weights = np.stack([np.asarray(calibration._minibatch_weights(seed, i, num_bootstrap))
+                      for i in range(nb)])  # [nb, B]
+  shape = (len(xs), len(ys))
+  p_value, null_mean, low, high = (np.zeros(shape) for _ in range(4))
+  for a, x in enumerate(xs):
+    for c, y in enumerate(ys):
+      xb, yb = batches(x), batches(y)
+      xy, xx, yy = ref_batch_terms(xb, yb)
+      observed = xy.mean() / np.sqrt(xx.mean() * yy.mean())
+      null = np.array([ref_batch_terms(xb, np.stack([yb[i][perms[i, k]] for i in range(nb)]))[0]
+                       .mean() for k in range(num_permutations)]) / np.sqrt(xx.mean() * yy.mean())
+      p_value[a, c] = (1 + np.sum(null >= observed)) / (num_permutations + 1)
+      null_mean[a, c] = null.mean()
+      star = (weights.T @ xy) / np.sqrt((weights.T @ xx) * (weights.T @ yy))
+      low[a, c], high[a, c] = np.nanquantile(star, [(1 - confidence) / 2, (1 + confidence) / 2])
+  return p_value, null_mean, low, high
+
+
+@pytest.mark.parametrize("grams,within", [("host", False), ("device", False), ("host", True)],
+                         ids=["host", "device", "within-host"])
+def test_streamed_null_and_bootstrap_match_float64_with_permuted_features(grams, within):
+  xs, ys = layered(41, n=96, a_shapes=((6,), (2, 2, 2)), b_shapes=((5,), (3, 3)))
+  ys = xs if within else ys
+  estimator = cka.MinibatchCKA(grams=grams, num_permutations=6, num_bootstrap=40, seed=3,
+                               confidence=0.8)
+  state = estimator.init(xs, None if within else ys)
+  for i in range(6):
+    rows = slice(16 * i, 16 * (i + 1))
+    state = estimator.update(state, [x[rows] for x in xs],
+                             None if within else [y[rows] for y in ys])
+  result = estimator.result(state)
+  p_value, null_mean, low, high = ref_calibrated(xs, ys, 16, 6, 40, seed=3, confidence=0.8)
+  np.testing.assert_allclose(result.cka, ref_heatmap(xs, ys, 16), atol=2e-6)
+  np.testing.assert_array_equal(result.p_value, p_value)
+  np.testing.assert_allclose(result.null_mean, null_mean, atol=2e-6)
+  np.testing.assert_allclose(result.ci_low, low, atol=2e-6)
+  np.testing.assert_allclose(result.ci_high, high, atol=2e-6)
+  assert np.all(result.ci_low <= result.cka) and np.all(result.cka <= result.ci_high)
+  # Another confidence from the same state: a narrower interval inside.
+  narrower = estimator.result(state, confidence=0.5)
+  assert np.all(narrower.ci_low >= result.ci_low) and np.all(narrower.ci_high <= result.ci_high)
+  np.testing.assert_array_equal(narrower.cka, result.cka)
+
+
+def test_null_of_independent_layers_and_of_a_rotation():
+  rng = np.random.default_rng(42)
+  n, k = 16 * 12, 40
+  xs = [rng.normal(size=(n, 20)).astype(np.float32) for _ in range(6)]
+  ys = [rng.normal(size=(n, 20)).astype(np.float32) for _ in range(6)]
+  result = cka.minibatch_cka(xs, ys, batch_size=16, num_permutations=k, seed=1)
+  assert np.mean(result.p_value < 0.05) <= 0.2  # 36 independent pairs: p roughly uniform
+  assert 0.2 < np.mean(result.p_value) < 0.8
+  assert np.max(np.abs(result.null_mean)) < 0.02 and np.max(np.abs(result.cka)) < 0.1
+  q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+  rotated = cka.minibatch_cka(xs[:1], [xs[0] @ q.astype(np.float32)], batch_size=16,
+                              num_permutations=k)
+  np.testing.assert_allclose(rotated.cka, 1.0, atol=1e-5)
+  np.testing.assert_array_equal(rotated.p_value, 1 / (k + 1))
+  assert np.abs(rotated.null_mean[0, 0]) < 0.1
+
+
+def test_bootstrap_interval_shrinks_with_minibatches_and_matches_the_delta_method():
+  b = 8
+  xs, ys = layered(43, n=b * 400, a_shapes=((5,),), b_shapes=((4,),))
+  results = [cka.minibatch_cka([x[:b * m] for x in xs], [y[:b * m] for y in ys], batch_size=b,
+                               num_bootstrap=400, seed=2) for m in (100, 400)]
+  widths = [r.ci_high[0, 0] - r.ci_low[0, 0] for r in results]
+  for r, width in zip(results, widths):
+    assert r.ci_low[0, 0] < r.cka[0, 0] < r.ci_high[0, 0]
+    assert 0.6 < width / (2 * 1.96 * r.stderr[0, 0]) < 1.6
+  assert 0.35 < widths[1] / widths[0] < 0.7  # 4x the minibatches: about half the width
+
+
+def test_calibrated_eight_devices_equal_one_device(tmp_path):
+  grams = "device"  # Host Grams: the same U-centred Grams (test_streamed_null_and_bootstrap_...)
+  xs, ys = layered(44, n=8 * 8 * 3 + 3 * 8, a_shapes=((6,), (5,)), b_shapes=((4,),))
+  np.savez(tmp_path / "data.npz", *xs, *ys)
+  options = "num_permutations=7, num_bootstrap=30, seed=5"
+  code = f"""
+import numpy as np, jax
+from vit_repr import cka, parallel
+assert jax.device_count() == 8
+data = np.load({str(tmp_path / 'data.npz')!r})
+xs, ys = [data['arr_0'], data['arr_1']], [data['arr_2']]
+mesh = parallel.make_mesh()
+est = cka.MinibatchCKA(mesh, grams={grams!r}, {options})
+state = est.init(xs, ys)
+for s in range(3):
+  batch = lambda layers: [parallel.global_batch(a[64 * s:64 * (s + 1)], mesh) for a in layers]
+  state = est.update(state, batch(xs), batch(ys))
+pad = lambda a: np.concatenate([a[192:216], np.full((40,) + a.shape[1:], np.nan, a.dtype)])
+state = est.update(state, [pad(x) for x in xs], [pad(y) for y in ys],
+                   valid=parallel.global_batch(np.arange(64) < 24, mesh))
+res = est.result(state)
+whole = cka.minibatch_cka(xs, ys, batch_size=8, mesh=mesh, {options})
+np.savez({str(tmp_path / 'out.npz')!r}, **{{f: getattr(res, f) for f in
+         ('cka', 'p_value', 'null_mean', 'ci_low', 'ci_high')}},
+         **{{'whole_' + f: getattr(whole, f) for f in ('p_value', 'null_mean', 'ci_low')}})
+"""
+  run_python(code, num_devices=8)
+  estimator = cka.MinibatchCKA(num_permutations=7, num_bootstrap=30, seed=5)
+  state = estimator.init(xs, ys)
+  for i in range(27):
+    state = estimator.update(state, [x[8 * i:8 * (i + 1)] for x in xs],
+                             [y[8 * i:8 * (i + 1)] for y in ys])
+  single = estimator.result(state)
+  whole = cka.minibatch_cka(xs, ys, batch_size=8, num_permutations=7, num_bootstrap=30, seed=5)
+  out = np.load(tmp_path / "out.npz")
+  np.testing.assert_allclose(out["cka"], single.cka, atol=1e-6)
+  np.testing.assert_array_equal(out["p_value"], single.p_value)
+  assert 0 < single.p_value.min() and single.p_value.max() < 1  # not all at one end
+  for field in ("null_mean", "ci_low", "ci_high"):
+    np.testing.assert_allclose(out[field], getattr(single, field), atol=1e-6)
+  # minibatch_cka numbers minibatch j as j whatever the device count.
+  np.testing.assert_array_equal(out["whole_p_value"], whole.p_value)
+  np.testing.assert_allclose(out["whole_null_mean"], whole.null_mean, atol=1e-6)
+  np.testing.assert_allclose(out["whole_ci_low"], whole.ci_low, atol=1e-6)
+
+
+def test_calibrated_state_saves_restores_and_refuses_other_settings(tmp_path):
+  xs, ys = layered(45, n=96)
+  batches = [([x[16 * i:16 * (i + 1)] for x in xs], [y[16 * i:16 * (i + 1)] for y in ys])
+             for i in range(6)]
+  estimator = cka.MinibatchCKA(num_permutations=5, num_bootstrap=20, seed=7)
+  state = estimator.init(xs, ys)
+  for batch in batches:
+    state = estimator.update(state, *batch)
+  uninterrupted = estimator.result(state)
+  state = estimator.init(xs, ys)
+  for batch in batches[:3]:
+    state = estimator.update(state, *batch)
+  np.savez(tmp_path / "state.npz", **state.to_numpy())
+  with np.load(tmp_path / "state.npz", allow_pickle=False) as saved:
+    restored = cka.MinibatchCKAState.from_numpy(dict(saved))
+  assert restored.calibration == (5, 20, 7) and restored.null_sums.shape == (5, 3, 2)
+  for other in (dict(num_permutations=4, num_bootstrap=20, seed=7),
+                dict(num_permutations=5, num_bootstrap=20, seed=8), {}):
+    with pytest.raises(ValueError, match=r"made with num_permutations=5, num_bootstrap=20, "
+                                         r"seed=7.*mix two calibrations"):
+      cka.MinibatchCKA(**other).update(restored, *batches[3])
+  with pytest.raises(ValueError, match="mix two calibrations"):
+    cka.MinibatchCKA(num_permutations=5, seed=7).result(restored)
+  resumed = cka.MinibatchCKA(num_permutations=5, num_bootstrap=20, seed=7)
+  for batch in batches[3:]:
+    restored = resumed.update(restored, *batch)
+  result = resumed.result(restored)
+  for field in ("cka", "stderr", "p_value", "null_mean", "ci_low", "ci_high"):
+    np.testing.assert_array_equal(getattr(result, field), getattr(uninterrupted, field))
+  # A state saved before the calibrations existed restores as an uncalibrated one.
+  plain = cka.MinibatchCKA()
+  old = plain.update(plain.init(xs, ys), *batches[0]).to_numpy()
+  for field in ("calibration", "null_sums", "null_compensation", "bootstrap_sums",
+                "bootstrap_compensation"):
+    del old[field]
+  again = plain.result(plain.update(cka.MinibatchCKAState.from_numpy(old), *batches[1]))
+  assert again.p_value is None and again.ci_low is None and again.num_batches == 2
+
+
+def test_bad_calibration_inputs_raise_naming_the_fix():
+  for bad in (dict(num_permutations=-1), dict(num_bootstrap=-5), dict(num_permutations=2.5)):
+    with pytest.raises(ValueError, match="must be an integer >= 0"):
+      cka.MinibatchCKA(**bad)
+  for confidence in (0.0, 1.0, 1.5):
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), e.g. 0.95"):
+      cka.MinibatchCKA(num_bootstrap=10, confidence=confidence)
+  xs, ys = layered(46, n=12)
+  estimator = cka.MinibatchCKA(num_permutations=10)
+  state = estimator.init(xs, ys)
+  with pytest.raises(ValueError, match="at least 4 examples.*use a multiple"):
+    estimator.update(state, [x[:3] for x in xs], [y[:3] for y in ys])
+  with pytest.raises(ValueError, match="batch_size must be >= 4"):
+    cka.minibatch_cka(xs, ys, batch_size=3, num_permutations=10)
+  with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+    estimator.result(estimator.update(state, [x[:8] for x in xs], [y[:8] for y in ys]),
+                     confidence=2)
+  x, y = features(47, n=12)
+  with pytest.raises(ValueError, match="num_permutations must be an integer >= 1"):
+    cka.permutation_test(x, y, num_permutations=0)
+  with pytest.raises(ValueError, match="num_resamples must be an integer >= 1"):
+    cka.bootstrap_interval(x, y, num_resamples=-1)
+  with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+    cka.bootstrap_interval(x, y, num_resamples=10, confidence=1)
+  with pytest.raises(ValueError, match="at least 4 examples"):
+    cka.permutation_test(x[:3], y[:3], num_permutations=10)
+
+
+def test_full_batch_permutation_test_and_bootstrap_match_float64_loops():
+  from vit_repr.cka import calibration  # pylint: disable=g-import-not-at-top
+  x, y = features(48, n=24)
+  key = jax.random.key(9)
+  observed = ref_cka(ref_gram_linear(x), ref_gram_linear(y), ref_hsic1)
+  null = np.array([ref_cka(ref_gram_linear(x), ref_gram_linear(y[p]), ref_hsic1)
+                   for p in np.asarray(calibration._permutations(key, 50, 24))])
+  p_value, null_mean = cka.permutation_test(x, y, num_permutations=50, seed=9)
+  np.testing.assert_allclose(p_value, (1 + np.sum(null >= observed)) / 51, atol=1e-7)
+  np.testing.assert_allclose(null_mean, null.mean(), atol=2e-6)
+
+  def resampled(index):  # Features centred over all n; copies' entries zeroed (diagonal).
+    k, l = (ref_gram_linear((a - a.mean(0))[index]) * (index[:, None] != index[None, :])
+            for a in (x, y))
+    return ref_cka(k, l, ref_hsic1)
+
+  stars = [resampled(i) for i in np.asarray(calibration._resample_indices(key, 60, 24))]
+  low, high = cka.bootstrap_interval(x, y, num_resamples=60, confidence=0.9, seed=9)
+  np.testing.assert_allclose([low, high], np.quantile(stars, [0.05, 0.95]), atol=2e-6)
+  assert low < observed < high

@@ -7,8 +7,9 @@ import pytest
 
 from configs import cka_heatmap, common
 from tests.conftest import run_python
-from vit_repr import results
-from vit_repr.studies import representation
+from tests.test_similarity import ref_procrustes
+from vit_repr import data, features, parallel, results
+from vit_repr.studies import loading, representation
 
 
 def tiny_config(**analysis):
@@ -112,12 +113,14 @@ def test_bad_config_arg():
 
 @pytest.mark.slow
 def test_eight_devices_equal_one_device(tmp_path):
-  """Each device's shard is a minibatch: 8 devices x 5 examples == 1 device x 5 examples."""
+  """Each device's shard is a minibatch: 8 devices x 5 examples == 1 device x 5 examples,
+  the calibrations (permutation null, bootstrap) included: their draws follow the global
+  minibatch numbers, not the devices."""
   code = f"""
 import jax
 from tests.test_representation import tiny_config
 from vit_repr.studies import representation
-config = tiny_config(minibatch_size={{mb}})
+config = tiny_config(minibatch_size={{mb}}, num_permutations=19, num_bootstrap=50)
 representation.run(config, {str(tmp_path)!r} + '/' + str(jax.device_count()))
 """
   run_python(code.replace("{mb}", "5"), num_devices=8)
@@ -128,6 +131,12 @@ representation.run(config, {str(tmp_path)!r} + '/' + str(jax.device_count()))
   np.testing.assert_allclose(eight["cka_ab"], one["cka_ab"], atol=1e-6)
   # Error bars of near-1 CKA pairs carry float32 cancellation: equal to ~1% of their size.
   np.testing.assert_allclose(eight["stderr_ab"], one["stderr_ab"], rtol=1e-2, atol=5e-6)
+  np.testing.assert_array_equal(eight["p_value_ab"], one["p_value_ab"])
+  np.testing.assert_allclose(eight["null_mean_ab"], one["null_mean_ab"], atol=1e-5)
+  for bound in ("ci_low_ab", "ci_high_ab"):
+    np.testing.assert_allclose(eight[bound], one[bound], atol=1e-5)
+  assert np.all(one["ci_low_ab"] <= one["cka_ab"]) and np.all(one["cka_ab"] <= one["ci_high_ab"])
+  assert eight_meta["calibration"]["permutations"] == 19
 
 
 @pytest.mark.slow
@@ -174,3 +183,99 @@ def test_todays_vit_families_at_full_depth(tmp_path):
     assert np.all(np.isfinite(returned.arrays[f"cka_{block}"]))
   assert returned.metadata["models"]["a"]["overrides"]["num_registers"] == 4
   assert returned.metadata["models"]["b"]["overrides"]["classifier"] == "map"
+
+
+# --- Other similarity measures (vit_repr.similarity) --------------------------------------------
+
+
+def _reference_features(config, key, token_mode):
+  """Model `key`'s features of the study's examples, computed outside the study: the model
+  loaded from its spec, the pipeline's batches of pass 0, padding rows dropped."""
+  mesh = parallel.make_mesh()
+  spec = config[f"model_{key}"]
+  model, params = loading.load_model(spec, image_size=config.data.image_size,
+                                     num_classes=data.dataset_info("digits").num_classes,
+                                     mesh=mesh)
+  extractor = features.FeatureExtractor(model, list(spec.layers),
+                                        image_size=config.data.image_size, token_mode=token_mode)
+  rows = {name: [] for name in extractor.names}
+  for batch in data.eval_batches("digits", config.data.split, image_size=config.data.image_size,
+                                 global_batch_size=config.analysis.minibatch_size, mesh=mesh,
+                                 num_examples=config.data.num_examples):
+    valid = np.asarray(batch["valid"])
+    for name, value in extractor(params, batch["image"]).items():
+      rows[name].append(np.asarray(value, np.float64)[valid])
+  return {name: np.concatenate(value) for name, value in rows.items()}
+
+
+@pytest.mark.slow
+def test_full_set_measure_matches_float64_reference(tmp_path):
+  """measure='procrustes', token_mode='mean': every block of the joint heatmap equals the
+  Procrustes distance computed in float64 from features extracted outside the study."""
+  config = tiny_config(minibatch_size=20)
+  config.model_b.seed = 1
+  config.analysis.update(measure="procrustes", token_mode="mean")
+  returned = representation.run(config, str(tmp_path))
+  assert returned.summary["measure"] == "procrustes" and returned.summary["num_examples"] == 120
+  assert returned.metadata["measure"]["kind"] == "distance"
+  feats = {key: _reference_features(config, key, "mean") for key in "ab"}
+  for row, col in ("aa", "bb", "ab"):
+    want = np.array([[ref_procrustes(x, y) for y in feats[col].values()]
+                     for x in feats[row].values()])
+    np.testing.assert_allclose(returned.arrays[f"procrustes_{row}{col}"], want, atol=2e-4,
+                               err_msg=row + col)
+  assert "stderr_ab" not in returned.arrays and "cka_ab" not in returned.arrays
+  assert os.path.getsize(tmp_path / "figures" / "cka_heatmap.png") > 1000
+
+
+@pytest.mark.slow
+def test_full_set_measure_with_permutation_null(tmp_path):
+  """measure='rsa' with K = 9 permutations, options from the command line's fields: each layer
+  against itself has the smallest p-value 1 / (K + 1); chance levels are far below 1."""
+  config = tiny_config(minibatch_size=20)
+  config.analysis.update(measure="rsa", token_mode="mean", num_permutations=9)
+  config.analysis.measure_options.comparison = "pearson"
+  returned = representation.run(config, str(tmp_path))
+  assert returned.metadata["measure"]["options"] == {"dissimilarity": "correlation",
+                                                     "comparison": "pearson"}
+  np.testing.assert_allclose(np.diag(returned.arrays["p_value_ab"]), 0.1)
+  np.testing.assert_allclose(np.diag(returned.arrays["rsa_ab"]), 1.0, atol=1e-6)
+  assert np.all(np.abs(returned.arrays["null_mean_ab"]) < 0.5)
+  assert returned.metadata["calibration"]["permutations"] == 9
+
+
+@pytest.mark.parametrize("analysis,message", [
+    (dict(measure="cca"), "Unknown similarity measure 'cca'"),
+    (dict(measure="svcca", num_bootstrap=10), "bootstrap intervals are computed for the "
+                                              "streaming measures"),
+    (dict(measure="procrustes", max_host_gib=1e-6), "needs every example's features at once"),
+], ids=["unknown-measure", "bootstrap-of-full-set-measure", "features-too-large"])
+def test_bad_measure_settings_are_clear_errors(tmp_path, analysis, message):
+  config = tiny_config()
+  config.analysis.update(analysis)
+  with pytest.raises(ValueError, match=message):
+    representation.run(config, str(tmp_path))
+
+
+def test_measure_option_it_does_not_take_is_refused(tmp_path):
+  config = tiny_config()
+  config.analysis.measure = "svcca"
+  config.analysis.measure_options.k = 5
+  with pytest.raises(ValueError, match="Unknown option.*'k' for measure 'svcca'"):
+    representation.run(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_angular_cka_streams_with_its_calibration(tmp_path):
+  """measure='angular_cka': the angle of minibatch CKA, a distance (0 on the diagonal of a
+  model against itself), its bootstrap interval around it and a p-value per cell."""
+  config = tiny_config(num_passes=1, num_permutations=9, num_bootstrap=30)
+  config.analysis.measure = "angular_cka"
+  returned = representation.run(config, str(tmp_path))
+  arrays = returned.arrays
+  assert "cka_ab" not in arrays and returned.metadata["measure"]["kind"] == "distance"
+  np.testing.assert_allclose(np.diag(arrays["angular_cka_ab"]), 0.0, atol=5e-3)
+  assert np.all((arrays["angular_cka_ab"] >= 0) & (arrays["angular_cka_ab"] <= np.pi / 2))
+  assert np.all(arrays["ci_low_ab"] <= arrays["angular_cka_ab"] + 1e-6)
+  assert np.all(arrays["angular_cka_ab"] <= arrays["ci_high_ab"] + 1e-6)
+  np.testing.assert_allclose(np.diag(arrays["p_value_ab"]), 0.1)

@@ -81,6 +81,7 @@ class HeatmapPanel:
     row_label: y-axis label, e.g. 'Layers ViT-B/16'.
     column_label: x-axis label.
     title: panel title.
+    marked: `[rows, columns]` bool or None: cells drawn with a dot (e.g. not above chance).
   """
   values: np.ndarray
   row_names: Sequence[str]
@@ -88,6 +89,7 @@ class HeatmapPanel:
   row_label: str
   column_label: str
   title: str = ""
+  marked: np.ndarray | None = None
 
 
 def _layer_ticks(names: Sequence[str], max_ticks: int = 16) -> tuple[np.ndarray, list[str]]:
@@ -126,6 +128,12 @@ def plot_heatmaps(panels: Sequence[HeatmapPanel], stem: str, *, vmin: float = 0.
                        f"{len(panel.row_names)} row and {len(panel.column_names)} column names.")
     image = ax.imshow(values, origin="lower", vmin=vmin, vmax=vmax, cmap=cmap,
                       aspect="auto", interpolation="nearest")
+    if panel.marked is not None:
+      if np.shape(panel.marked) != values.shape:
+        raise ValueError(f"Panel {panel.title!r}: marked {np.shape(panel.marked)} does not "
+                         f"match values {values.shape}.")
+      rows, columns = np.nonzero(np.asarray(panel.marked, bool))
+      ax.scatter(columns, rows, s=4, c="white", edgecolors="black", linewidths=0.3)
     for set_ticks, names in ((ax.set_yticks, panel.row_names),
                              (ax.set_xticks, panel.column_names)):
       positions, labels = _layer_ticks(list(names))

@@ -15,10 +15,14 @@ passed stacked, as one group `[batch, k, ...]` of k layers (`MinibatchCKA.update
 stacked=True)`): the k Grams are then one batched product, and the compiled program grows with
 the number of groups, not of layers.
 
+Optional calibrations (`vit_repr.cka.calibration`): a permutation null per cell (`p_value`,
+`null_mean`; `num_permutations`) and Poisson-bootstrap intervals over minibatches (`ci_low`,
+`ci_high`; `num_bootstrap`), both streamed in the state.
+
 Layers may be NumPy, JAX or any array convertible by `np.asarray` (e.g. PyTorch CPU tensors).
 Every matrix product runs at `precision`, 'highest' by default (see `vit_repr.cka.full_batch`).
 The per-minibatch computation lives in `sharded_update` (the jitted update) and `host_grams`
-(Grams by the host's BLAS). This module stays whole (~460 lines, two fifths of them
+(Grams by the host's BLAS). This module stays whole (~565 lines, two fifths of them
 docstrings): the state, the result and the estimator that builds, checks and reads them are one
 API, read together.
 """
@@ -33,6 +37,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from vit_repr import parallel, streaming
+from vit_repr.cka import calibration as calib
 from vit_repr.cka.full_batch import _check_precision
 from vit_repr.cka.host_grams import _host_grams
 from vit_repr.cka.sharded_update import _CPU_FEATURE_CHUNK, _PRODUCTS, _TERMS, _update
@@ -59,6 +64,12 @@ class MinibatchCKAState(streaming.State):
       (channels xy, xx, yy) then of the products d_xy², d_xx², d_yy², d_xy d_xx, d_xy d_yy,
       d_xx d_yy.
     compensation: `[9, La, Lb]` Kahan compensation of `sums` (`streaming.kahan_add`).
+    null_sums: `[K, La, Lb]` float32 sums over minibatches of the permuted cross terms
+      HSIC1(K_i, P_ik L_i P_ikᵀ) of the K null replicates (K = 0 when off).
+    null_compensation: its Kahan compensation.
+    bootstrap_sums: `[B, 3, La, Lb]` float32 sums over minibatches of the Poisson-weighted
+      terms w_ir (xy, xx, yy) of the B bootstrap replicates (B = 0 when off).
+    bootstrap_compensation: its Kahan compensation.
     num_batches: int32 number of minibatches accumulated.
     num_examples: int32 number of examples accumulated.
     nonfinite_x: `[La]` bool, whether a layer of model A ever had NaN/Inf features.
@@ -67,10 +78,15 @@ class MinibatchCKAState(streaming.State):
     varied_y: `[Lb]` bool, same for model B.
     names_x: layer names of model A (static).
     names_y: layer names of model B, empty for a within-model heatmap (static).
+    calibration: `(num_permutations, num_bootstrap, seed)` it was made with (static).
   """
   shift: jax.Array
   sums: jax.Array
   compensation: jax.Array
+  null_sums: jax.Array
+  null_compensation: jax.Array
+  bootstrap_sums: jax.Array
+  bootstrap_compensation: jax.Array
   num_batches: jax.Array
   num_examples: jax.Array
   nonfinite_x: jax.Array
@@ -79,6 +95,18 @@ class MinibatchCKAState(streaming.State):
   varied_y: jax.Array
   names_x: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
   names_y: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+  calibration: tuple[int, int, int] = dataclasses.field(default=(0, 0, 0),
+                                                        metadata=dict(static=True))
+
+  @classmethod
+  def from_numpy(cls, arrays: Mapping[str, Any]) -> "MinibatchCKAState":
+    """`streaming.State.from_numpy`; a state saved before the calibrations existed restores
+    as one without them."""
+    arrays = dict(arrays)
+    if "calibration" not in arrays and "sums" in arrays:
+      arrays.update(calibration=np.zeros(3, int),
+                    **calib.empty_sums((0, 0, 0), *np.shape(arrays["sums"])[1:]))
+    return super().from_numpy(arrays)
 
 
 _STATE_ARRAYS = tuple(f.name for f in dataclasses.fields(MinibatchCKAState)
@@ -95,6 +123,11 @@ class CKAResult(NamedTuple):
     names_y: layer names of model B (columns); equal to names_x within a model.
     num_batches: minibatches accumulated.
     num_examples: examples accumulated.
+    null_mean: `[La, Lb]` mean CKA of the permutation null (about 0), or None when off.
+    p_value: `[La, Lb]` one-sided permutation p-value (1 + #{k: null_k >= cka}) / (K + 1),
+      or None when off.
+    ci_low: `[La, Lb]` lower end of the Poisson-bootstrap percentile interval, or None.
+    ci_high: `[La, Lb]` upper end, or None.
   """
   cka: np.ndarray
   stderr: np.ndarray
@@ -102,6 +135,10 @@ class CKAResult(NamedTuple):
   names_y: tuple[str, ...]
   num_batches: int
   num_examples: int
+  null_mean: np.ndarray | None = None
+  p_value: np.ndarray | None = None
+  ci_low: np.ndarray | None = None
+  ci_high: np.ndarray | None = None
 
 
 
@@ -188,7 +225,9 @@ class MinibatchCKA:
   """
 
   def __init__(self, mesh: Mesh | None = None, *, grams: str = "auto", gram_blocks: int = 1,
-               feature_chunk: int | None = None, precision: str = "highest"):
+               feature_chunk: int | None = None, precision: str = "highest",
+               num_permutations: int = 0, num_bootstrap: int = 0, confidence: float = 0.95,
+               seed: int = 0):
     """Builds the estimator.
 
     Args:
@@ -210,10 +249,20 @@ class MinibatchCKA:
       precision: matrix-product precision, one of `PRECISIONS`: 'highest' (float32-accurate
         on every backend), or 'default' for the backend's fastest (TF32 / bfloat16 passes
         on GPUs / TPUs).
+      num_permutations: K > 0 keeps a permutation null per cell (`CKAResult.p_value`,
+        `null_mean`; `vit_repr.cka.calibration`): per minibatch, K gathers of B's U-centred
+        Grams and K more `[La, b²] x [b², Lb]` products (2 La Lb b² FLOPs each, no new
+        Gram); state `[K, La, Lb]` x2. 0 (default): off.
+      num_bootstrap: B > 0 keeps B Poisson-bootstrap replicates over minibatches
+        (`CKAResult.ci_low`, `ci_high`): 3 B La Lb multiply-adds per minibatch; state
+        `[B, 3, La, Lb]` x2. 0 (default): off.
+      confidence: level of the bootstrap interval, in (0, 1) (`result` may override it).
+      seed: seed of `jax.random.key` for both, folded with each minibatch's global index.
 
     Raises:
       ValueError: on a mesh without the data axis, an unknown `grams`, 'host' Grams on a
-        mesh of accelerators, gram_blocks < 1, feature_chunk < 0 or an unknown precision.
+        mesh of accelerators, gram_blocks < 1, feature_chunk < 0, an unknown precision,
+        negative num_permutations / num_bootstrap or a confidence outside (0, 1).
     """
     mesh = streaming.data_mesh(mesh, "MinibatchCKA")
     on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
@@ -234,6 +283,8 @@ class MinibatchCKA:
     self.gram_blocks = gram_blocks
     self.feature_chunk = feature_chunk
     self.precision = _check_precision(precision)
+    self.calibration = calib.check_options(num_permutations, num_bootstrap, confidence, seed)
+    self.confidence = float(confidence)
 
   def init(self, xs: Layers, ys: Layers | None = None, *,
            names_x: Sequence[str] | None = None,
@@ -257,6 +308,7 @@ class MinibatchCKA:
     zeros = np.zeros((len(_TERMS) + len(_PRODUCTS), la, lb), np.float32)
     state = MinibatchCKAState(
         shift=np.zeros((len(_TERMS), la, lb), np.float32), sums=zeros, compensation=zeros,
+        calibration=self.calibration, **calib.empty_sums(self.calibration, la, lb),
         num_batches=np.zeros((), np.int32), num_examples=np.zeros((), np.int32),
         nonfinite_x=np.zeros(la, bool), nonfinite_y=np.zeros(lb, bool),
         varied_x=np.zeros(la, bool), varied_y=np.zeros(lb, bool),
@@ -264,8 +316,8 @@ class MinibatchCKA:
     return streaming.replicated(state, self.mesh)
 
   def update(self, state: MinibatchCKAState, xs: Layers, ys: Layers | None = None, *,
-             stacked: bool = False,
-             valid: jax.typing.ArrayLike | None = None) -> MinibatchCKAState:
+             stacked: bool = False, valid: jax.typing.ArrayLike | None = None,
+             minibatch_index: jax.typing.ArrayLike | None = None) -> MinibatchCKAState:
     """Folds one global batch into `state`. With device Grams it is jitted and does not wait
     for the host; with host Grams it waits for the features, computes their Grams, and
     returns once the jitted rest is dispatched.
@@ -285,6 +337,12 @@ class MinibatchCKA:
       valid: `[global_batch]` bool, sharded like the layers (default all True): a device's
         minibatch counts only when all its rows are valid, so padding minibatches (the
         batch's `valid` of `data.eval_batches(..., minibatch_size=...)`) add nothing.
+      minibatch_index: `[global_batch]` int, sharded like the layers: each row's global
+        minibatch number (the same on a device's rows), which seeds the calibrations'
+        draws, unique over the stream (e.g. the data plan's `parallel.minibatch_slots`, plus
+        the pass times the minibatches per pass). Default: the minibatches' places in the
+        stream (those accumulated before, plus the counted ones before it in mesh order),
+        the same for any device count when every step holds the next minibatches in order.
 
     Returns:
       The new state.
@@ -292,8 +350,10 @@ class MinibatchCKA:
     Raises:
       ValueError: on layers that differ from `init` (with `stacked`: groups whose k's do not
         add up to the layer count), mismatched example counts, a batch that does not split
-        over the devices, or fewer than 4 examples per device.
+        over the devices, fewer than 4 examples per device, or a state made with other
+        calibration settings.
     """
+    self._check_calibration(state)
     within = not state.names_y
     if within != (ys is None):
       raise ValueError(
@@ -327,10 +387,12 @@ class MinibatchCKA:
     if np.shape(valid) != (batch,):
       raise ValueError(f"valid must be one flag per example, shape ({batch},); got "
                        f"{np.shape(valid)}.")
-    if not isinstance(valid, jax.Array):  # The same flags on every host.
-      valid = np.asarray(valid, bool)
-      valid = jax.make_array_from_callback((batch,), parallel.batch_sharding(self.mesh),
-                                           lambda index: valid[index])
+    valid = self._rows(valid, batch, bool)
+    if minibatch_index is not None:
+      if np.shape(minibatch_index) != (batch,):
+        raise ValueError(f"minibatch_index must be one number per example, shape ({batch},); "
+                         f"got {np.shape(minibatch_index)}.")
+      minibatch_index = self._rows(minibatch_index, batch, np.int32)
     traced = any(isinstance(a, jax.core.Tracer) for _, _, a in named)
     if traced and self.grams == "host":
       raise ValueError("grams='host' needs concrete arrays, but update is being traced (inside "
@@ -344,10 +406,28 @@ class MinibatchCKA:
     arrays = _update(arrays, valid, arrays_x, None if within else arrays_y,
                      minibatch_size=batch // devices, host_grams=host_grams,
                      stacked=stacked, mesh=self.mesh, gram_blocks=self.gram_blocks,
-                     feature_chunk=self.feature_chunk, precision=self.precision)
-    return MinibatchCKAState(**arrays, names_x=state.names_x, names_y=state.names_y)
+                     feature_chunk=self.feature_chunk, precision=self.precision,
+                     calibration=self.calibration, index=minibatch_index)
+    return MinibatchCKAState(**arrays, names_x=state.names_x, names_y=state.names_y,
+                             calibration=state.calibration)
 
-  def result(self, state: MinibatchCKAState) -> CKAResult:
+  def _rows(self, flags: Any, batch: int, dtype: Any) -> Any:
+    """Per-example values `[batch]` sharded like the layers (the same on every host)."""
+    if isinstance(flags, jax.Array):
+      return flags
+    flags = np.asarray(flags, dtype)
+    return jax.make_array_from_callback((batch,), parallel.batch_sharding(self.mesh),
+                                        lambda index: flags[index])
+
+  def _check_calibration(self, state: MinibatchCKAState) -> None:
+    if tuple(state.calibration) != self.calibration:
+      describe = lambda c: f"num_permutations={c[0]}, num_bootstrap={c[1]}, seed={c[2]}"
+      raise ValueError(
+          f"The state was made with {describe(state.calibration)}, this MinibatchCKA has "
+          f"{describe(self.calibration)}: continuing would mix two calibrations. Use a "
+          "MinibatchCKA with the state's settings, or start a new state with init.")
+
+  def result(self, state: MinibatchCKAState, *, confidence: float | None = None) -> CKAResult:
     """The heatmap and its standard errors (one host synchronisation).
 
     With m = the means over B minibatches of the terms (h_xy, h_xx, h_yy), CKA =
@@ -358,16 +438,24 @@ class MinibatchCKA:
     one example set make it an error bar for the minibatch sampling only) and is NaN for
     B = 1.
 
+    With `num_permutations` K, `p_value` and `null_mean` compare CKA with its K null
+    replicates; with `num_bootstrap`, `ci_low` and `ci_high` are the percentile interval of
+    the bootstrap replicates (NaN for B = 1). See `vit_repr.cka.calibration`.
+
     Args:
       state: the accumulated state.
+      confidence: level of the bootstrap interval (default the constructor's).
 
     Returns:
       A `CKAResult`. Rows (columns) of layers that never varied within a minibatch, for
       which CKA is undefined, are NaN, with a logged warning naming them.
 
     Raises:
-      ValueError: if no minibatch was accumulated, or a layer had NaN/Inf features (named).
+      ValueError: if no minibatch was accumulated, a layer had NaN/Inf features (named), the
+        state was made with other calibration settings, or a confidence outside (0, 1).
     """
+    self._check_calibration(state)
+    confidence = calib.check_confidence(self.confidence if confidence is None else confidence)
     host = state.to_numpy()
     names_y = state.names_y or state.names_x
     num_batches = streaming.check_accumulated(host["num_batches"], "minibatch")
@@ -400,17 +488,24 @@ class MinibatchCKA:
         logging.warning(
             "CKA is undefined (NaN) for constant (zero-variance) layers of model %s: %s.",
             model, ", ".join(n for n, u in zip(names, undefined) if u))
-    for a in (cka, stderr):
-      a[undefined_x, :] = np.nan
-      a[:, undefined_y] = np.nan
+    cka[undefined_x, :] = np.nan
+    cka[:, undefined_y] = np.nan
+    calibrated = calib.calibrated_result(host, cka, m_xx, m_yy, num_batches,
+                                         self.calibration, confidence)
+    for a in (stderr, *calibrated.values()):
+      if a is not None:
+        a[undefined_x, :] = np.nan
+        a[:, undefined_y] = np.nan
     return CKAResult(cka=cka, stderr=stderr, names_x=state.names_x, names_y=names_y,
-                     num_batches=num_batches, num_examples=int(host["num_examples"]))
+                     num_batches=num_batches, num_examples=int(host["num_examples"]),
+                     **calibrated)
 
 
 def minibatch_cka(xs: Layers, ys: Layers | None = None, *, batch_size: int = 256,
                   mesh: Mesh | None = None, names_x: Sequence[str] | None = None,
-                  names_y: Sequence[str] | None = None,
-                  precision: str = "highest") -> np.ndarray:
+                  names_y: Sequence[str] | None = None, precision: str = "highest",
+                  num_permutations: int = 0, num_bootstrap: int = 0,
+                  confidence: float = 0.95, seed: int = 0) -> np.ndarray | CKAResult:
   """Minibatch CKA heatmap over whole arrays, in consecutive minibatches.
 
   Args:
@@ -423,18 +518,26 @@ def minibatch_cka(xs: Layers, ys: Layers | None = None, *, batch_size: int = 256
     names_x: layer names for a sequence xs.
     names_y: layer names for a sequence ys.
     precision: matrix-product precision, one of `PRECISIONS` (see `MinibatchCKA`).
+    num_permutations: K null replicates (see `MinibatchCKA`); 0: off.
+    num_bootstrap: B bootstrap replicates over minibatches (see `MinibatchCKA`); 0: off.
+    confidence: level of the bootstrap interval.
+    seed: seed of both; minibatch j (examples `[j b, (j + 1) b)`) draws with index j, so
+      the numbers are the same for any device count.
 
   Returns:
-    `[len(xs), len(ys)]` float64 CKA heatmap (`[len(xs), len(xs)]` when ys is None). The
+    `[len(xs), len(ys)]` float64 CKA heatmap (`[len(xs), len(xs)]` when ys is None); with a
+    calibration, the whole `CKAResult` (heatmap `.cka`, `.p_value`, `.ci_low`, ...). The
     trailing examples that do not fill a minibatch are dropped (logged). Use `MinibatchCKA` for
-    standard errors, several passes or streaming.
+    several passes or streaming.
 
   Raises:
-    ValueError: on mismatched example counts, batch_size < 4 or too few examples.
+    ValueError: on mismatched example counts, batch_size < 4, too few examples or bad
+      calibration settings.
   """
   if batch_size < 4:
     raise ValueError(f"batch_size must be >= 4 (HSIC1 divides by b - 3); got {batch_size}.")
-  estimator = MinibatchCKA(mesh, precision=precision)
+  estimator = MinibatchCKA(mesh, precision=precision, num_permutations=num_permutations,
+                           num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
   state = estimator.init(xs, ys, names_x=names_x, names_y=names_y)
   arrays = _ordered(xs, state.names_x, "xs") + (
       () if ys is None else _ordered(ys, state.names_y, "ys"))
@@ -456,5 +559,8 @@ def minibatch_cka(xs: Layers, ys: Layers | None = None, *, batch_size: int = 256
     state = estimator.update(
         state, chunk(arrays[:len(state.names_x)]),
         None if ys is None else chunk(arrays[len(state.names_x):]),
-        valid=np.repeat(slots >= 0, batch_size))
-  return estimator.result(state).cka
+        valid=np.repeat(slots >= 0, batch_size),
+        minibatch_index=np.repeat(np.maximum(slots, 0), batch_size) if (
+            num_permutations or num_bootstrap) else None)
+  result = estimator.result(state)
+  return result if num_permutations or num_bootstrap else result.cka

@@ -6,7 +6,8 @@ takes every layer's Gram (column-centred, computed here by XLA in feature chunks
 unbiased HSIC1 (Song et al., 2012) of every pair of layers from a single `[La, b²] x [b², Lb]`
 product: HSIC1(K, L) = <U(K), U(L)>_F / (b (b - 3)), one Gram per layer per minibatch. The
 terms are shifted, multiplied pairwise (for the error bars), summed over the devices
-(`jax.shard_map`) and added to the state's Kahan-compensated sums (`streaming.kahan_add`).
+(`jax.shard_map`) and added to the state's Kahan-compensated sums (`streaming.kahan_add`),
+with the permutation null and Poisson bootstrap sums when asked (`calibration`).
 A stacked group `[b, k, ...]` of k layers takes its k Grams as one batched computation, so the
 compiled program grows with the number of groups, not of layers.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from vit_repr import parallel, streaming
+from vit_repr.cka.calibration import _device_calibration, _minibatch_index
 from vit_repr.cka.full_batch import _u_centre
 
 # Channels of `MinibatchCKAState.sums`: three shifted per-batch terms, then their products.
@@ -136,14 +138,17 @@ def _u_centred(grams: jax.Array, centred_sq: jax.Array,
 
 
 
-def _device_sums(shift: jax.Array, first: jax.Array, valid: jax.Array,
-                 xs: tuple[jax.Array, ...] | jax.Array,
+def _device_sums(shift: jax.Array, num_batches: jax.Array, valid: jax.Array,
+                 index: jax.Array | None, xs: tuple[jax.Array, ...] | jax.Array,
                  ys: tuple[jax.Array, ...] | jax.Array | None, host_grams: bool, stacked: bool,
-                 gram_blocks: int, feature_chunk: int) -> tuple[jax.Array, ...]:
+                 gram_blocks: int, feature_chunk: int,
+                 calibration: tuple[int, int, int]) -> tuple[jax.Array, ...]:
   """Per-device minibatch terms, summed over the mesh (runs inside shard_map); a device
   whose minibatch is not all `valid` (padding) adds nothing. With `host_grams`, xs and ys
-  are this device's `host_grams._host_grams` blocks `[L, b, b + 2]`, else its layers."""
+  are this device's `host_grams._host_grams` blocks `[L, b, b + 2]`, else its layers.
+  `index`: this device's rows' global minibatch index (None: its place in the stream)."""
   counts = jnp.all(valid)
+  first = num_batches == 0
 
   def u_centred(layers):
     if host_grams:
@@ -174,41 +179,59 @@ def _device_sums(shift: jax.Array, first: jax.Array, valid: jax.Array,
   moments = jnp.where(counts, moments, 0)
   flags = [jax.lax.psum((f & counts).astype(jnp.int32), axis) > 0
            for f in (bad_x, bad_y, varied_x, varied_y)]
-  return (shift, jax.lax.psum(moments, axis), num_minibatches, *flags)
+  if index is None and any(calibration[:2]):
+    index = _minibatch_index(num_batches, counts, axis)
+  calibrated = _device_calibration(ux, ux if ys is None else uy, terms, counts,
+                                   None if index is None else index.reshape(-1)[0], calibration,
+                                   axis)
+  return (shift, jax.lax.psum(moments, axis), num_minibatches, *flags, *calibrated)
 
 
 @functools.partial(jax.jit,
                    static_argnames=("minibatch_size", "host_grams", "stacked", "mesh",
-                                    "gram_blocks", "feature_chunk", "precision"),
+                                    "gram_blocks", "feature_chunk", "precision", "calibration"),
                    donate_argnums=0)
 def _update(state: dict[str, jax.Array], valid: jax.Array, xs: tuple[jax.Array, ...] | jax.Array,
             ys: tuple[jax.Array, ...] | jax.Array | None, *, minibatch_size: int,
             host_grams: bool, stacked: bool, mesh: Mesh, gram_blocks: int, feature_chunk: int,
-            precision: str) -> dict[str, jax.Array]:
+            precision: str, calibration: tuple[int, int, int] = (0, 0, 0),
+            index: jax.Array | None = None) -> dict[str, jax.Array]:
   """One jitted update of the state's arrays (names stay outside, so they never recompile);
   every matrix product at `precision`. xs / ys: layers, or with `host_grams` the
-  `host_grams._host_grams` arrays."""
+  `host_grams._host_grams` arrays. calibration: `(num_permutations, num_bootstrap, seed)`.
+  index: `[global_batch]` global minibatch index of each row, sharded like `valid`, or None
+  for the minibatches' places in the stream."""
   with jax.default_matmul_precision(precision):
     return _update_body(state, valid, xs, ys, minibatch_size=minibatch_size,
                         host_grams=host_grams, stacked=stacked, mesh=mesh,
-                        gram_blocks=gram_blocks, feature_chunk=feature_chunk)
+                        gram_blocks=gram_blocks, feature_chunk=feature_chunk,
+                        calibration=calibration, index=index)
 
 
 def _update_body(state: dict[str, jax.Array], valid: jax.Array,
                  xs: tuple[jax.Array, ...] | jax.Array,
                  ys: tuple[jax.Array, ...] | jax.Array | None, *, minibatch_size: int,
                  host_grams: bool, stacked: bool, mesh: Mesh, gram_blocks: int,
-                 feature_chunk: int) -> dict[str, jax.Array]:
+                 feature_chunk: int, calibration: tuple[int, int, int],
+                 index: jax.Array | None) -> dict[str, jax.Array]:
   data = PartitionSpec(parallel.DATA_AXIS)
-  in_specs = (PartitionSpec(), PartitionSpec(), data, data, None if ys is None else data)
+  in_specs = (PartitionSpec(), PartitionSpec(), data, None if index is None else data, data,
+              None if ys is None else data)
   sums_fn = jax.shard_map(
       functools.partial(_device_sums, host_grams=host_grams, stacked=stacked,
-                        gram_blocks=gram_blocks, feature_chunk=feature_chunk),
+                        gram_blocks=gram_blocks, feature_chunk=feature_chunk,
+                        calibration=calibration),
       mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec())
-  shift, moments, num_minibatches, bad_x, bad_y, varied_x, varied_y = sums_fn(
-      state["shift"], state["num_batches"] == 0, valid, xs, ys)
+  shift, moments, num_minibatches, bad_x, bad_y, varied_x, varied_y, null, boot = sums_fn(
+      state["shift"], state["num_batches"], valid, index, xs, ys)
   sums, compensation = streaming.kahan_add(state["sums"], state["compensation"], moments)
+  null_sums, null_compensation = streaming.kahan_add(state["null_sums"],
+                                                     state["null_compensation"], null)
+  bootstrap_sums, bootstrap_compensation = streaming.kahan_add(
+      state["bootstrap_sums"], state["bootstrap_compensation"], boot)
   return dict(
+      null_sums=null_sums, null_compensation=null_compensation,
+      bootstrap_sums=bootstrap_sums, bootstrap_compensation=bootstrap_compensation,
       shift=shift, sums=sums, compensation=compensation,
       num_batches=state["num_batches"] + num_minibatches,
       num_examples=state["num_examples"] + num_minibatches * minibatch_size,

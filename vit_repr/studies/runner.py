@@ -17,10 +17,11 @@ read another study's files back.
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 
@@ -69,6 +70,36 @@ class Interrupted:
 Outcome = StudyResult | Interrupted
 
 
+class NumberedMinibatches:
+  """The batches of a minibatch plan, each with its rows' global minibatch numbers.
+
+  Yields the batches of `batches` with `'minibatch'`: `[B]` int32, sharded like the batch, the
+  number of the minibatch each row belongs to (-1 on padding rows): minibatch j of pass p
+  (the examples at positions `[j m, (j + 1) m)` of the pass's sequence) is `p * M + j`, M the
+  minibatches per pass. The numbers depend on neither the device nor the host count, so draws
+  seeded by them (`cka.MinibatchCKA`'s calibrations) do not either. `len`, `plan` and `info`
+  are those of `batches`.
+  """
+
+  def __init__(self, batches: data.EvalBatches, minibatch_size: int, pass_index: int,
+               mesh: jax.sharding.Mesh):
+    self._batches = batches
+    self._sharding = parallel.batch_sharding(mesh)
+    self.plan, self.info = batches.plan, batches.info
+    positions = self.plan.positions
+    first = pass_index * (self.plan.num_examples // minibatch_size)
+    self._numbers = np.where(positions >= 0, first + positions // minibatch_size,
+                             -1).astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self._batches)
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    for batch, numbers in zip(self._batches, self._numbers):
+      yield {**batch, "minibatch": jax.make_array_from_callback(
+          numbers.shape, self._sharding, lambda index, numbers=numbers: numbers[index])}
+
+
 class Study:
   """One study's run in one work directory.
 
@@ -103,7 +134,8 @@ class Study:
                                      token_mode=token_mode), params
 
   def passes(self, *, minibatch_size: int | None = None, global_batch_size: int | None = None,
-             shuffle_seed: int | None = None) -> Callable[[int], data.EvalBatches]:
+             shuffle_seed: int | None = None
+             ) -> Callable[[int], "data.EvalBatches | NumberedMinibatches"]:
     """`pass_index -> batches` over `config.data`.
 
     Args:
@@ -122,11 +154,14 @@ class Study:
     def batches(pass_index: int) -> data.EvalBatches:
       seed = None if pass_index == 0 or shuffle_seed is None else shuffle_seed + pass_index
       cfg = self.config.data
-      return data.eval_batches(
+      read = data.eval_batches(
           cfg.name, cfg.split, image_size=cfg.image_size, global_batch_size=global_batch_size,
           mesh=self.mesh, num_examples=cfg.num_examples, data_dir=cfg.data_dir,
           crop_fraction=cfg.crop_fraction, sample_seed=cfg.sample_seed, shuffle_seed=seed,
           minibatch_size=minibatch_size)
+      if minibatch_size is None:
+        return read
+      return NumberedMinibatches(read, minibatch_size, pass_index, self.mesh)
     return batches
 
   def accumulate(self, state: State, update: Callable[[State, dict], State],

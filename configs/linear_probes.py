@@ -4,13 +4,21 @@ r"""Linear probes per layer and per token (Raghu et al. 2021, Fig 11 and the Fig
         --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/probes_b16
     python -m experiments.linear_probes \
         --config=configs/linear_probes.py:vit_b16_i1k+vit_b16_i21k --workdir=/tmp/probes_i1k_i21k
+    python -m experiments.linear_probes --config=configs/linear_probes.py:dinov2_b14 \
+        --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/probes_dinov2
     python -m experiments.linear_probes --config=configs/linear_probes.py:runlocal --workdir=/tmp/p
 
 The arg names the probed models joined by '+': `vit_b32`, `vit_b16`, `vit_l16` (ImageNet-21k
 checkpoints of vision_transformer), `vit_b16_i1k` / `vit_b16_i21k` (the AugReg ViT-B/16
 pre-trained on ImageNet-1k only / on ImageNet-21k, same recipe: the public pair closest to the
-paper's data-scale comparison), `r50` (BiT-M R50x1), then options: `full` (big_vision's 1, 5,
-10 and 25 shots and full softmax-regression probes besides the paper's 10-shot ones).
+paper's data-scale comparison), `r50` (BiT-M R50x1), and beyond the paper `siglip_b16`,
+`dinov2_b14`, `deit3_b16`, `clip_b16`, `mae_b16` (configs/common.py `PUBLIC_CHECKPOINTS`: where
+each file is and how to fetch it; e.g. `dinov2_b14+siglip_b16`), then options: `full`
+(big_vision's 1, 5, 10 and 25 shots and full softmax-regression probes besides the paper's
+10-shot ones). Token kinds follow each model's `token_layout()`: 'cls' probes the CLS token
+(skipped for SigLIP's MAP head, which has none), 'mean' averages the patch tokens only (CLS,
+distillation and register tokens left out), and the per-token figure compares the CLS token with
+the mean of the patch tokens' probes (DINOv2: 16 x 16 patches behind CLS and 4 registers).
 
 The paper's setting: 10-shot closed-form probes (big_vision's few-shot linear regression,
 averaged over 3 shot samplings) of the 12 (24) block outputs on ImageNet: shots drawn from the
@@ -47,7 +55,8 @@ _VIT_LAYERS = (r"Transformer/encoderblock_\d+/out",)
 _RESNET_LAYERS = (r"block\d/unit\d+/out",)
 _AUGREG = "gs://vit_models/augreg/"
 
-# name -> (registered model, public checkpoint, layer patterns).
+# name -> (registered model, public checkpoint, layer patterns); a name of
+# `common.FAMILY_OVERRIDES` also takes its family's overrides (`paper_model`).
 PAPER_MODELS = {
     "vit_b32": (*common.PUBLIC_CHECKPOINTS["vit_b32"], _VIT_LAYERS),
     "vit_b16": (*common.PUBLIC_CHECKPOINTS["vit_b16"], _VIT_LAYERS),
@@ -57,7 +66,15 @@ PAPER_MODELS = {
     "vit_b16_i21k": ("ViT-B/16", _AUGREG + "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-"
                      "sd_0.0.npz", _VIT_LAYERS),
     "r50": (*common.PUBLIC_CHECKPOINTS["r50"], _RESNET_LAYERS),
+    **{key: (*common.PUBLIC_CHECKPOINTS[key], _VIT_LAYERS) for key in common.FAMILY_OVERRIDES},
 }
+
+
+def paper_model(name: str) -> ml_collections.ConfigDict:
+  """The spec of `PAPER_MODELS[name]`, with its family's `common.FAMILY_OVERRIDES` if any."""
+  model, checkpoint, layers = PAPER_MODELS[name]
+  return common.model_spec(model, checkpoint, layers,
+                           overrides=common.FAMILY_OVERRIDES.get(name))
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -129,8 +146,7 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     raise ValueError(f"Bad linear_probes config arg {arg!r}: use 'runlocal' or models of "
                      f"{sorted(PAPER_MODELS)} joined by '+', optionally followed by ',full'.")
   for name in names:
-    model, checkpoint, layers = PAPER_MODELS[name]
-    config.specs[name] = common.model_spec(model, checkpoint, layers)
+    config.specs[name] = paper_model(name)
   if parsed.full:
     use_full_probes(config)
   return common.smoke_test(config) if parsed.runlocal else config

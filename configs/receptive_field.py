@@ -2,14 +2,20 @@ r"""Study 2b: effective receptive fields of ViT and ResNet layers (Raghu et al. 
 
     python -m experiments.receptive_field --config=configs/receptive_field.py:vit_b32+r50 \
         --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/erf
+    python -m experiments.receptive_field --config=configs/receptive_field.py:dinov2_b14 \
+        --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/erf_dinov2
     python -m experiments.receptive_field --config=configs/receptive_field.py:runlocal \
         --workdir=/tmp/erf
 
 The arg names model A and optionally model B joined by '+': `vit_b32` (ViT-B/32, the paper's
 appendix figure), `vit_l16`, `vit_b16`, `r50` (BiT-M R50x1) with the public ImageNet-21k
 checkpoints, on ImageNet validation images at 224 px: the paper's 32 random images
-(`data.sample_seed`). Layers: ViT, every block's 'mid' (after the attention residual addition)
-and 'out' (after the MLP one); ResNet, the stem and every unit output. `runlocal`: alone,
+(`data.sample_seed`). Beyond the paper: `siglip_b16`, `dinov2_b14`, `deit3_b16`, `clip_b16`,
+`mae_b16` (configs/common.py `PUBLIC_CHECKPOINTS`: where each file is and how to fetch it), e.g.
+`dinov2_b14+r50`; the centre location is a patch token of the family's own grid (DINOv2: 16 x 16
+patches of 14 px behind CLS and 4 registers; SigLIP: 14 x 14, no CLS). Layers: ViT, every
+block's 'mid' (after the attention residual addition) and 'out' (after the MLP one); ResNet,
+the stem and every unit output. `runlocal`: alone,
 tiny randomly initialised ViT and BiT on the embedded 'digits' data; after a paper setting
 (e.g. 'vit_b32+r50,runlocal'), that setting with random narrow weights at the paper's depth,
 grid and resolution on a few embedded images (`configs/common.smoke_test`).
@@ -36,7 +42,7 @@ from configs import common
 _VIT_LAYERS = (r"Transformer/encoderblock_\d+/(mid|out)",)
 _RESNET_LAYERS = (r"root_block/out", r"block\d/unit\d+/out")
 MODELS = {"vit_b32": _VIT_LAYERS, "vit_b16": _VIT_LAYERS, "vit_l16": _VIT_LAYERS,
-          "r50": _RESNET_LAYERS}
+          "r50": _RESNET_LAYERS, **dict.fromkeys(common.FAMILY_OVERRIDES, _VIT_LAYERS)}
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:

@@ -2,15 +2,18 @@ r"""Study 3: skip connections (Raghu et al. 2021, Figs 7-8).
 
     python -m experiments.skip_connections --config=configs/skip_connections.py:vit_b16 \
         --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/skip_b16
+    python -m experiments.skip_connections --config=configs/skip_connections.py:dinov2_b14+r50 \
+        --config.data.data_dir=gs://my-bucket/tensorflow_datasets --workdir=/tmp/skip_dinov2
     python -m experiments.skip_connections --config=configs/skip_connections.py:local \
         --config.models_dir=/tmp/models --workdir=/tmp/skip
     python -m experiments.skip_connections --config=configs/skip_connections.py:runlocal \
         --workdir=/tmp/skip_smoke
 
 Two parts (`vit_repr.studies.skip_connections`):
-(a) norm ratios ||z|| / ||f(z)|| of every residual sub-layer (`vit_repr.residual`), CLS token
-    and spatial tokens apart, for the models of `norm_ratio.models` (public checkpoints or
-    random init) and the trained models named in `norm_ratio.trained`, over `data`;
+(a) norm ratios ||z|| / ||f(z)|| of every residual sub-layer (`vit_repr.residual`), the CLS
+    (and distillation) token, the spatial tokens and the register tokens apart, for the models
+    of `norm_ratio.models` (public checkpoints or random init) and the trained models named in
+    `norm_ratio.trained`, over `data`;
 (b) the ablation: the trained models of `ablation.models` (a ViT without both skip
     connections of one block each) and the unablated `ablation.reference`, trained with
     `vit_repr.training.run` into `<models_dir>/<name>` (or reused), then Study 1's CKA heatmaps
@@ -38,6 +41,17 @@ Args:
             120 images). After `vit_b16`
             ('vit_b16,runlocal'): the paper setting with random narrow weights at full
             depth, a few embedded images and training steps (`configs/common.smoke_test`).
+  <key>[+<key>...]
+            Part (a) alone, no ablation: the norm ratios of the public checkpoints named (keys
+            of configs/common.py `PUBLIC_CHECKPOINTS`: `vit_b32`, `vit_b16`, `vit_l16`,
+            `vit_h14`, `r50`, `r152`, `mixer_b16`, and beyond the paper `siglip_b16`,
+            `dinov2_b14`, `deit3_b16`, `clip_b16`, `mae_b16`: where each file is and how to
+            fetch it) on the 10,000 ImageNet validation images of `vit_b16`; e.g.
+            'dinov2_b14+siglip_b16' or 'vit_b16+mixer_b16+r50' (`vit_b16` alone is the paper
+            setting above). DINOv2's 4 registers form the 'register' group, apart from CLS;
+            SigLIP's MAP head has no CLS token (its 'cls' column is NaN). After it, `runlocal`
+            ('dinov2_b14,runlocal') runs it with random narrow weights at full depth and token
+            grid on a few embedded images.
 
 Paper-unknown settings (recorded in the metadata): the averaging of the norm ratio
 (`norm_ratio.statistic`, default 'ratio_of_means': mean ||z|| / mean ||f(z)|| over examples
@@ -54,6 +68,8 @@ from configs import train as train_configs
 _VIT_LAYERS = (r"Transformer/encoderblock_\d+/(mid|out)",)
 STATISTICS = ("ratio_of_means", "mean_of_ratios")
 SETTINGS = ("vit_b16", "local")
+MODELS = tuple(common.PUBLIC_CHECKPOINTS)  # Norm-ratio models a setting may name.
+_PAPER_NORM_RATIO_MODELS = ("vit_b16", "mixer_b16", "r50")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -95,14 +111,21 @@ def _ablation_models(recipe: str, blocks: tuple[int, ...], suffix: str
 
 
 def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
-  """Returns the config for `arg`: '[vit_b16|local][,runlocal]' (see module docstring)."""
+  """Returns the config for `arg`: '[vit_b16|local|<key>[+<key>...]][,runlocal]' (see the
+  module docstring)."""
   parsed = common.parse_arg(arg, setting="local", runlocal=False)
-  if parsed.setting not in SETTINGS:
-    raise ValueError(f"Bad skip_connections config arg {arg!r}; the settings are {SETTINGS}, "
-                     "optionally followed by ',runlocal'.")
+  keys = parsed.setting.split("+")
+  if parsed.setting not in SETTINGS and any(key not in MODELS for key in keys):
+    raise ValueError(f"Bad skip_connections config arg {arg!r}; the settings are {SETTINGS} "
+                     f"or norm-ratio models of {list(MODELS)} joined by '+', optionally "
+                     "followed by ',runlocal'.")
   config = _base()
+  if parsed.setting not in SETTINGS:  # Norm ratios of the named models only.
+    config.norm_ratio.models.update({key: common.public_model(key) for key in keys})
+    _link_data(config)
+    return common.smoke_test(config) if parsed.runlocal else config
   if parsed.setting == "vit_b16":
-    for key in ("vit_b16", "mixer_b16", "r50"):
+    for key in _PAPER_NORM_RATIO_MODELS:
       config.norm_ratio.models[key] = common.public_model(key)
     reference = train_configs.get_config("imagenet_vit_b16")
     config.models["imagenet_vit_b16"] = reference

@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections.config_flags import config_flags, config_path
 
 from configs import attention_distance, cka_heatmap, data_scale, linear_probes, localization
-from configs import common, receptive_field, train
+from configs import common, receptive_field, skip_connections, train
 from tests.conftest import REPO_ROOT
 
 # Every documented arg of every config (model combinations: each model once, and options).
@@ -27,13 +27,16 @@ ARGS = {
                     "dinov2_b14+siglip_b16+r50", "dinov2_b14+siglip_b16+r50,runlocal"],
     "attention_distance": ["runlocal", *attention_distance.VITS, "vit_b16+r50",
                            "vit_b16+r50,runlocal", "dinov2_b14+r50,runlocal"],
-    "receptive_field": ["runlocal", *receptive_field.MODELS, "vit_b32+r50", "vit_b32+r50,runlocal"],
-    "skip_connections": ["vit_b16", "local", "runlocal", "vit_b16,runlocal"],
+    "receptive_field": ["runlocal", *receptive_field.MODELS, "vit_b32+r50", "vit_b32+r50,runlocal",
+                        "dinov2_b14+siglip_b16,runlocal"],
+    "skip_connections": ["vit_b16", "local", "runlocal", "vit_b16,runlocal",
+                         *(key for key in skip_connections.MODELS if key != "vit_b16"),
+                         "vit_b16+mixer_b16+r50", "dinov2_b14+siglip_b16,runlocal"],
     "localization": ["runlocal", *localization.MODELS, "vit_b16+r50,gap=/runs/gap/params,cheap",
                      "vit_b16+r50,runlocal", "dinov2_b14+siglip_b16,runlocal",
                     "dinov2_b14+siglip_b16+r50", "dinov2_b14+siglip_b16+r50,runlocal"],
     "linear_probes": ["runlocal", *linear_probes.PAPER_MODELS, "vit_b16+r50,full",
-                      "vit_b16+r50,runlocal"],
+                      "vit_b16+r50,runlocal", "dinov2_b14+siglip_b16,runlocal"],
     "data_scale": [*data_scale.SETTINGS, "runlocal", "local,fractions=0.03/0.1/0.3",
                    "imagenet_vit_b16,runlocal"],
     "train": [*train.EMBEDDED, *train.REAL, "vit_noskip,block=2,runlocal", "vit_cls,fraction=0.1",
@@ -215,3 +218,16 @@ def _specs(node, path=""):
   else:
     for key, value in node.items():
       yield from _specs(value, f"{path}.{key}" if path else key)
+
+
+@pytest.mark.parametrize("key", common.FAMILY_OVERRIDES)
+@pytest.mark.parametrize("name", ["cka_heatmap", "attention_distance", "receptive_field",
+                                  "localization", "linear_probes", "skip_connections"])
+def test_todays_vit_families_carry_their_overrides(name, key):
+  """Every study that names a family key builds that family's model (its public checkpoint and
+  every constructor field of `common.FAMILY_OVERRIDES`), not a plain ViT-B/16."""
+  config = importlib.import_module(f"configs.{name}").get_config(key).to_dict()
+  (spec,) = dict(_specs(config)).values()
+  assert (spec["name"], spec["checkpoint"]) == common.PUBLIC_CHECKPOINTS[key]
+  family = common.FAMILY_OVERRIDES[key]
+  assert {field: spec["overrides"][field] for field in family} == family

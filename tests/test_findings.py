@@ -110,10 +110,13 @@ def test_cross_statistics_reject_a_non_heatmap(statistic, shape):
      "Receptive-field radius (px) from the first to the last layer: ViT 1.2 → 10.0; BiT 2.0."),
     ("skip_connections",
      {"norm_ratios": {"mean_ratio_of_means": {"vit": {"cls": 10.123, "spatial": 3.0},
-                                              "bit": {"all": 1.5}}},
+                                              "bit": {"all": 1.5},
+                                              "dinov2": {"cls": 2.0, "spatial": 1.0,
+                                                         "register": 7.0}}},
       "ablation": {"test_accuracy": {"vit": 0.5, "vit_noskip": 0.126},
                    "mean_diagonal_cka_vs_reference": {"vit_noskip": 0.777}}},
-     "Mean norm ratio (CLS / spatial tokens): vit 10.12 / 3.00; bit 1.50. Test accuracy: vit "
+     "Mean norm ratio (CLS / spatial tokens): vit 10.12 / 3.00; bit 1.50; dinov2 2.00 / 1.00. "
+     "Test accuracy: vit "
      "50%, vit_noskip 13%; mean diagonal CKA of each ablated ViT with the unablated one: "
      "vit_noskip 0.78."),
     ("localization",

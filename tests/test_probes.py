@@ -262,3 +262,59 @@ linear_probes.run(config, {str(tmp_path)!r} + '/' + str(jax.device_count()))
   one, _ = results.read_results(str(tmp_path / "1"), "linear_probes")
   np.testing.assert_allclose(eight["vit_cls/fewshot/mean"], one["vit_cls/fewshot/mean"],
                              atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dinov2_probes_tell_registers_from_patches(tmp_path):
+  """`dinov2_b14,runlocal` with per-token probes (12 blocks; 16 x 16 patches behind CLS and 4
+  registers; blocks 0 and 11 probed, for time): 'mean' is the mean of the 256 patch tokens
+  (tokens 5..), 'cls' token 0, recomputed in float64 from the saved per-token features; the
+  per-token results keep the 5 prefix tokens' kinds; the summary's 'token' entry averages the
+  patch tokens' probes only."""
+  config = probe_configs.get_config("dinov2_b14,runlocal")
+  config.specs.dinov2_b14.layers = (r"Transformer/encoderblock_(0|11)/out",)
+  config.probes.update(per_token=True, shots=(1,), seeds=(0,))  # 40 digits: 1 of each.
+  config.data.update(train_num_examples=40, test_num_examples=40)
+  summary = linear_probes.run(config, str(tmp_path)).summary
+  arrays, metadata = results.read_results(str(tmp_path), "linear_probes")
+  meta = metadata["models"]["dinov2_b14"]
+  prefix = ["cls", "register", "register", "register", "register"]
+  assert meta["kinds"] == ["cls", "mean", "token"] and meta["prefix_tokens"] == prefix
+  per_token = arrays["dinov2_b14/fewshot/token"]
+  assert per_token.shape == (2, 1, 1, 5 + 16 * 16)
+  np.testing.assert_allclose(per_token[..., 0], arrays["dinov2_b14/fewshot/cls"], atol=1e-6)
+  assert summary["dinov2_b14"]["fewshot_1shot_last_layer"]["token"] == pytest.approx(
+      per_token[-1, -1, :, 5:].mean(), abs=1e-4)
+  with np.load(tmp_path / "features_dinov2_b14_test.npz") as saved:
+    for layer in arrays["dinov2_b14/layers"]:
+      tokens = np.asarray(saved[f"token:{layer}"], np.float64)  # [40, 261, 96]
+      assert tokens.shape == (40, 261, 96)
+      np.testing.assert_allclose(saved[f"mean:{layer}"], tokens[:, 5:].mean(1), rtol=1e-5,
+                                 atol=1e-5)
+      np.testing.assert_array_equal(saved[f"cls:{layer}"], saved[f"token:{layer}"][:, 0])
+  assert os.path.getsize(tmp_path / "figures" / "linear_probes_tokens.png") > 1000
+
+
+def test_token_figure_and_summary_keep_prefix_tokens_apart(monkeypatch, tmp_path):
+  """Per-token accuracies 0.9 on CLS, 0.7 on the 4 registers, 0.2 on the 4 patches (DINOv2's
+  prefix), and a MAP-head model without prefix tokens: the figure's curves and the summary's
+  'token' entry see each kind apart; the MAP model has no CLS curve."""
+  prefix = ["cls", "register", "register", "register", "register"]
+  dinov2 = np.concatenate([[0.9], [0.7] * 4, [0.2] * 4])[None, None, None].repeat(3, 0)
+  arrays = {"dinov2/fewshot/token": dinov2, "map/fewshot/token": np.full((3, 1, 1, 4), 0.4)}
+  layers = np.asarray([f"Transformer/encoderblock_{i}/out" for i in range(3)])
+  arrays.update({"dinov2/layers": layers, "map/layers": layers})
+  meta = {"dinov2": dict(kinds=["token"], prefix_tokens=prefix, has_cls_token=True),
+          "map": dict(kinds=["token"], prefix_tokens=[], has_cls_token=False)}
+  config = probe_configs.get_config("runlocal")
+  drawn = []
+  monkeypatch.setattr(linear_probes.plotting, "plot_layer_curves",
+                      lambda panels, path, **kw: drawn.extend(panels))
+  linear_probes._figures(config, arrays, meta, 10)["linear_probes_tokens"](str(tmp_path / "t"))
+  curves = {key: {name: np.unique(np.round(c, 6)).tolist() for name, c in panel.curves.items()}
+            for key, panel in zip(meta, drawn)}
+  assert curves == {"dinov2": {"CLS token": [0.9], "spatial tokens (mean)": [0.2],
+                               "register tokens (mean)": [0.7]},
+                    "map": {"spatial tokens (mean)": [0.4]}}
+  assert linear_probes._last_layer(dinov2[:, -1], "token", prefix) == pytest.approx(0.2)
+  assert linear_probes._last_layer(np.array([[0.1, 0.3], [0.5, 0.7]]), "cls", prefix) == 0.6

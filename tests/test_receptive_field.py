@@ -282,3 +282,39 @@ def test_runlocal_end_to_end_resumes(tmp_path):
   assert radius_b[0] < radius_b[1] < radius_b[3]
   assert metadata["estimator"] == "mean_abs" and summary["ViT-Ti/16"]["num_examples"] == 20
   assert (tmp_path / "figures" / "receptive_field.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_dinov2_centres_on_a_patch_behind_its_registers(tmp_path):
+  """`dinov2_b14,runlocal` (12 blocks, 16 x 16 patches of 14 px behind CLS and 4 registers):
+  the centre location is patch (8, 8), token 5 + 8 * 16 + 8. The tokens entering block 0
+  (`Transformer/in`: patch embedding plus position embedding) have exactly their patch's pixels
+  as receptive field, so that layer's map is the patch's 14 x 14 square: a register
+  (image-independent) would give an empty map, a token counted from 0 the patch 5 cells to
+  the left. Layers (for time): `Transformer/in`, block 0's 'mid' and the last block's 'out',
+  in model order; one channel per layer, two images."""
+  config = erf_config.get_config("dinov2_b14,runlocal")
+  config.data.num_examples = config.analysis.minibatch_size = 2
+  config.analysis.max_channels = 1
+  config.model_a.layers = ("Transformer/in", "Transformer/encoderblock_0/mid",
+                           "Transformer/encoderblock_11/out")
+  erf_study.run(config, str(tmp_path))
+  arrays, metadata = results.read_results(str(tmp_path), "receptive_field")
+  assert list(arrays["names_a"]) == list(config.model_a.layers)
+  maps = arrays["maps_a"]
+  support = np.zeros((224, 224), bool)
+  support[112:126, 112:126] = True  # Patch (8, 8) of 14 px.
+  np.testing.assert_array_equal(maps[0] > 0, support)
+  np.testing.assert_allclose(arrays["centres_a"], np.full((3, 2), 119.0))
+  np.testing.assert_allclose(maps.max(axis=(1, 2)), 1.0)
+  assert np.all(maps[1:] > 0)  # From block 0's attention on: every patch contributes.
+  assert metadata["models"]["a"]["overrides"]["num_registers"] == 4
+
+
+def test_models_of_one_registered_name_keep_apart_in_the_summary():
+  """DINOv2 and SigLIP are both 'ViT-B/16': the summary and the figure tell A from B."""
+  specs = [("a", erf_config.get_config("dinov2_b14").model_a),
+           ("b", erf_config.get_config("siglip_b16").model_a)]
+  assert erf_study._labels(specs) == {"a": "ViT-B/16 (A)", "b": "ViT-B/16 (B)"}
+  specs[1] = ("b", erf_config.get_config("r50").model_a)
+  assert erf_study._labels(specs) == {"a": "ViT-B/16", "b": "BiT-R50x1"}

@@ -5,20 +5,27 @@ import pytest
 
 from tests.conftest import run_python
 from vit_repr import models, residual
+from vit_repr.models import layout
+
+
+REGISTERS = ("cls", "register", "register", "register", "register")  # DINOv2's prefix.
 
 
 def reference_ratios(zs, fs, prefix):
-  """(ratio_of_means, mean_of_ratios) `[2]` (cls = the `prefix` tokens, spatial) over all
-  batches, float64."""
+  """(ratio_of_means, mean_of_ratios) `[3]` over all batches, float64, for the groups (cls:
+  the tokens of kind 'cls' or 'distillation' in `prefix`, spatial: the tokens after the
+  prefix, register: the tokens of kind 'register')."""
   z = np.concatenate([np.asarray(a, np.float64) for a in zs])
   f = np.concatenate([np.asarray(a, np.float64) for a in fs])
   if z.ndim == 4:
     z, f = z.reshape(z.shape[0], -1, z.shape[-1]), f.reshape(f.shape[0], -1, f.shape[-1])
   nz, nf = np.sqrt((z**2).sum(-1)), np.sqrt((f**2).sum(-1))
-  cls, spatial = (slice(0, prefix), slice(prefix, None)) if prefix else (None, slice(None))
+  groups = ([t for t, kind in enumerate(prefix) if kind in ("cls", "distillation")],
+            list(range(len(prefix), z.shape[1])),
+            [t for t, kind in enumerate(prefix) if kind == "register"])
   of_means, of_ratios = [], []
-  for tokens in (cls, spatial):
-    if tokens is None:
+  for tokens in groups:
+    if not tokens:
       of_means.append(np.nan)
       of_ratios.append(np.nan)
     else:
@@ -27,24 +34,31 @@ def reference_ratios(zs, fs, prefix):
   return np.array(of_means), np.array(of_ratios)
 
 
-LAYOUTS = {  # (shape, prefix tokens)
-    "vit_cls_tokens": ((6, 5, 8), 1),
-    "gap_tokens": ((6, 5, 8), 0),
-    "two_prefix_tokens": ((6, 5, 8), 2),  # E.g. CLS and a distillation token.
-    "feature_map": ((6, 3, 3, 4), 0),
+LAYOUTS = {  # (shape, prefix token kinds)
+    "vit_cls_tokens": ((6, 5, 8), ("cls",)),
+    "gap_tokens": ((6, 5, 8), ()),
+    "cls_and_distillation": ((6, 5, 8), ("cls", "distillation")),  # DeiT distilled.
+    "cls_and_registers": ((6, 8, 8), REGISTERS),                   # DINOv2.
+    "registers_without_cls": ((6, 5, 8), ("register", "register")),
+    "feature_map": ((6, 3, 3, 4), ()),
 }
 
 
 @pytest.mark.parametrize("shape,prefix", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_known_branch_gives_known_ratio(shape, prefix):
-  """f(z) = z / 4 on the prefix (CLS) tokens and z / 2 elsewhere: the ratio is 4 and 2."""
+  """f(z) = z / 4 on the CLS (and distillation) tokens, z / 8 on the registers and z / 2 on the
+  patches: the ratios are 4, 2 and 8 (NaN for a group without tokens)."""
   z = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   f = z / 2
-  f[:, :prefix] = z[:, :prefix] / 4
+  kinds = np.asarray(prefix + ("patch",) * (shape[1] - len(prefix)))
+  if len(shape) == 3:
+    f[:, np.isin(kinds, ("cls", "distillation"))] /= 2
+    f[:, kinds == "register"] /= 4
   estimator = residual.NormRatio()
-  state = estimator.init({"layer": z}, num_prefix_tokens=prefix)
+  state = estimator.init({"layer": z}, prefix=prefix)
   result = estimator.result(estimator.update(state, {"layer": z}, {"layer": f}))
-  expected = np.array([4.0 if prefix else np.nan, 2.0])
+  expected = np.array([4.0 if {"cls", "distillation"} & set(prefix) else np.nan, 2.0,
+                       8.0 if "register" in prefix else np.nan])
   for values in (result.ratio_of_means[0], result.mean_of_ratios[0]):
     np.testing.assert_allclose(values, expected, rtol=1e-6)
   assert result.num_examples == shape[0]
@@ -56,7 +70,7 @@ def test_streamed_batches_match_numpy_float64(shape, prefix):
   batches = [(rng.normal(size=shape).astype(np.float32) * 3,
               rng.normal(size=shape).astype(np.float32)) for _ in range(3)]
   estimator = residual.NormRatio()
-  state = estimator.init({"a": batches[0][0], "b": batches[0][0]}, num_prefix_tokens=prefix)
+  state = estimator.init({"a": batches[0][0], "b": batches[0][0]}, prefix=prefix)
   for z, f in batches:
     state = estimator.update(state, {"a": z, "b": f}, {"a": f, "b": z})
   result = estimator.result(state)
@@ -66,8 +80,31 @@ def test_streamed_batches_match_numpy_float64(shape, prefix):
     np.testing.assert_allclose(result.ratio_of_means[row], of_means, rtol=1e-5)
     np.testing.assert_allclose(result.mean_of_ratios[row], of_ratios, rtol=1e-5)
   tokens = shape[1] if len(shape) == 3 else shape[1] * shape[2]
-  assert result.num_tokens[0].tolist() == [prefix, tokens - prefix]
+  assert result.num_tokens[0].tolist() == [
+      sum(k in ("cls", "distillation") for k in prefix), tokens - len(prefix),
+      prefix.count("register")]
   assert result.num_examples == 3 * shape[0]
+
+
+def test_every_prefix_kind_of_the_models_has_one_group():
+  """A prefix kind added to the models (`layout.PREFIX_KINDS`) must be given a group here."""
+  kinds = [kind for group in residual.PREFIX_GROUPS.values() for kind in group]
+  assert sorted(kinds) == sorted(layout.PREFIX_KINDS)
+  assert set(residual.PREFIX_GROUPS) | {"spatial"} == set(residual.GROUPS)
+  assert residual.GROUPS[:2] == ("cls", "spatial")  # Columns 0 and 1 keep their meaning.
+  tokens = models.create("ViT-B/16", num_registers=4).token_layout()
+  assert layout.prefix_kinds(tokens) == REGISTERS and layout.prefix_kinds(None) == ()
+
+
+def test_saved_state_keeps_the_token_kinds():
+  """A state saved and restored (how a study resumes) still tells registers from CLS."""
+  z = np.random.default_rng(4).normal(size=(4, 8, 8)).astype(np.float32)
+  estimator = residual.NormRatio()
+  state = estimator.init({"a": z}, prefix=REGISTERS)
+  restored = residual.NormRatioState.from_numpy(state.to_numpy())
+  assert restored.prefix == REGISTERS
+  result = estimator.result(estimator.update(restored, {"a": z}, {"a": z / 2}))
+  assert result.num_tokens.tolist() == [[1, 3, 4]]
 
 
 def test_vit_sublayers_pair_stream_and_branch_and_skip_removed_blocks():
@@ -118,7 +155,7 @@ def test_a_model_without_skip_connections_has_nothing_to_measure():
                         tokens_mlp_dim=4, channels_mlp_dim=8, num_classes=3, remove_skips=(0, 1))
   assert model.residual_sublayers() == ()
   with pytest.raises(ValueError, match="at least one sub-layer"):
-    residual.NormRatio().init({}, num_prefix_tokens=0)
+    residual.NormRatio().init({})
 
 
 def test_nonfinite_values_name_the_layer():
@@ -126,7 +163,7 @@ def test_nonfinite_values_name_the_layer():
   f = z.copy()
   f[1, 2, 0] = np.nan
   estimator = residual.NormRatio()
-  state = estimator.init({"good": z, "bad": z}, num_prefix_tokens=0)
+  state = estimator.init({"good": z, "bad": z})
   state = estimator.update(state, {"good": z, "bad": z}, {"good": z, "bad": f})
   with pytest.raises(ValueError, match=r"\['bad'\]"):
     estimator.result(state)
@@ -135,11 +172,12 @@ def test_nonfinite_values_name_the_layer():
 @pytest.mark.parametrize("streams,branches,match", [
     ({"a": np.ones((4, 3, 2))}, {"a": np.ones((4, 3, 3))}, "same shape"),
     ({"a": np.ones((4, 3, 2))}, {"b": np.ones((4, 3, 2))}, "same sub-layers"),
-    ({"a": np.ones((4, 4, 2))}, {"a": np.ones((4, 4, 2))}, r"tokens \(0, 4\), init saw \(0, 3\)"),
+    ({"a": np.ones((4, 4, 2))}, {"a": np.ones((4, 4, 2))},
+     r"tokens \(0, 4, 0\), init saw \(0, 3, 0\)"),
 ], ids=["shape_mismatch", "unknown_layer", "other_token_count"])
 def test_bad_updates_are_refused(streams, branches, match):
   estimator = residual.NormRatio()
-  state = estimator.init({"a": np.ones((4, 3, 2))}, num_prefix_tokens=0)
+  state = estimator.init({"a": np.ones((4, 3, 2))})
   with pytest.raises(ValueError, match=match):
     estimator.update(state, streams, branches)
 
@@ -147,11 +185,13 @@ def test_bad_updates_are_refused(streams, branches, match):
 def test_bad_shapes_and_empty_results_are_refused():
   estimator = residual.NormRatio()
   with pytest.raises(ValueError, match="tokens"):
-    estimator.init({"a": np.ones((4, 3))}, num_prefix_tokens=0)
-  with pytest.raises(ValueError, match=r"more than num_prefix_tokens \(3\)"):
-    estimator.init({"a": np.ones((4, 3, 2))}, num_prefix_tokens=3)
+    estimator.init({"a": np.ones((4, 3))})
+  with pytest.raises(ValueError, match=r"more than the 3 prefix tokens"):
+    estimator.init({"a": np.ones((4, 3, 2))}, prefix=("cls", "register", "register"))
+  with pytest.raises(ValueError, match="token kinds of"):
+    estimator.init({"a": np.ones((4, 3, 2))}, prefix=("cls", "patch"))
   with pytest.raises(ValueError, match="No batch"):
-    estimator.result(estimator.init({"a": np.ones((4, 3, 2))}, num_prefix_tokens=0))
+    estimator.result(estimator.init({"a": np.ones((4, 3, 2))}))
 
 
 _SHARDED = """
@@ -162,7 +202,7 @@ batches = [(rng.normal(size=(16, 5, 8)).astype(np.float32) * 2,
              rng.normal(size=(16, 5, 8)).astype(np.float32)) for _ in range(3)]
 mesh = parallel.make_mesh()
 estimator = residual.NormRatio(mesh)
-state = estimator.init({"x": batches[0][0]}, num_prefix_tokens=1)
+state = estimator.init({"x": batches[0][0]}, prefix=("cls",))
 for z, f in batches:
   batch = parallel.global_batch({"z": z, "f": f}, mesh)
   state = estimator.update(state, {"x": batch["z"]}, {"x": batch["f"]})
@@ -178,7 +218,8 @@ def test_result_does_not_depend_on_device_count(tmp_path, num_devices):
   rng = np.random.default_rng(3)
   batches = [(rng.normal(size=(16, 5, 8)).astype(np.float32) * 2,
               rng.normal(size=(16, 5, 8)).astype(np.float32)) for _ in range(3)]
-  of_means, of_ratios = reference_ratios([z for z, _ in batches], [f for _, f in batches], 1)
+  of_means, of_ratios = reference_ratios([z for z, _ in batches], [f for _, f in batches],
+                                          ("cls",))
   got = np.load(out)
   np.testing.assert_allclose(got[0, 0], of_means, rtol=1e-5)
   np.testing.assert_allclose(got[1, 0], of_ratios, rtol=1e-5)

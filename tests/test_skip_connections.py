@@ -10,7 +10,7 @@ import pytest
 from configs import common
 from configs import skip_connections as skip_configs
 from vit_repr import checkpoints, data, features, models, parallel, results
-from vit_repr.studies import runner, skip_connections
+from vit_repr.studies import loading, runner, skip_connections
 
 LN_EPS = 1e-6
 
@@ -129,12 +129,13 @@ def test_bad_configs_fail_before_training(tmp_path, ablation, match):
 
 
 def direct_norm_ratios(model, params, config):
-  """ratio_of_means of every sub-layer recomputed on the host in float64 from `params`."""
+  """ratio_of_means `[L, 3]` (cls, spatial, register: NaN, these models have no registers) of
+  every sub-layer recomputed on the host in float64 from `params`."""
   cfg = config.data
   layers = model.residual_sublayers()
   names = sorted({n for layer in layers for n in (layer.stream, layer.branch)})
   extractor = features.FeatureExtractor(model, names, image_size=cfg.image_size)
-  sums = np.zeros((2, len(layers), 2))
+  sums = np.zeros((2, len(layers), 3))
   for batch in data.eval_batches(cfg.name, cfg.split, image_size=cfg.image_size,
                                  global_batch_size=40, mesh=parallel.make_mesh(),
                                  num_examples=cfg.num_examples):
@@ -181,7 +182,8 @@ def test_runlocal_end_to_end(tmp_path):
                                direct_norm_ratios(model, params, config), rtol=1e-4)
   assert list(ratios["vit_cls/names"]) == [f"Transformer/encoderblock_{i}/{k}"
                                            for i in range(2) for k in ("attn", "mlp")]
-  assert np.all(np.isfinite(ratios["vit_cls/ratio_of_means"]))
+  assert np.all(np.isfinite(ratios["vit_cls/ratio_of_means"][:, :2]))
+  assert np.all(np.isnan(ratios["vit_cls/ratio_of_means"][:, 2]))  # No registers.
   assert ratios["resnet/identity_shortcut"].tolist() == [False, True, False, False, False]
   assert np.all(np.isnan(ratios["resnet/ratio_of_means"][:, 0]))
   assert set(summary["norm_ratios"]["mean_ratio_of_means"]) == {"resnet", "vit_cls"}
@@ -251,3 +253,62 @@ def test_norm_ratio_rows_follow_the_computation_order(key, tmp_path):
                       / np.linalg.norm(f[:, spatial], axis=-1).mean())
     np.testing.assert_allclose(result.ratio_of_means[row, 1], expected_ratio, rtol=1e-4,
                                err_msg=block)
+
+
+def test_family_settings_name_the_norm_ratio_models():
+  config = skip_configs.get_config("dinov2_b14+siglip_b16")
+  assert list(config.norm_ratio.models) == ["dinov2_b14", "siglip_b16"]
+  assert config.norm_ratio.models.dinov2_b14.overrides.num_registers == 4
+  assert not config.ablation.reference and not config.models  # Part (a) alone.
+  assert skip_configs.get_config("vit_b16").ablation.reference  # The paper setting stays.
+  with pytest.raises(ValueError, match="dinov2_b14"):
+    skip_configs.get_config("dinov2_b99")
+
+
+@pytest.mark.slow
+def test_dinov2_registers_are_their_own_group(tmp_path):
+  """`dinov2_b14,runlocal` (12 blocks, 16 x 16 patches behind CLS and 4 registers), one batch
+  of 8 images: the 'register' column (appended last) is finite and equals the float64 ratio of
+  mean norms over tokens 1..4 of the sown z and f(z); 'cls' is token 0 alone and 'spatial'
+  tokens 5.. (registers averaged into either would change them)."""
+  config = skip_configs.get_config("dinov2_b14,runlocal")
+  config.data.num_examples = config.norm_ratio.global_batch_size = 8
+  summary = skip_connections.run(config, str(tmp_path)).summary
+  ratios, meta = results.read_results(str(tmp_path), "norm_ratios")
+  assert meta["groups"] == ["cls", "spatial", "register"]
+  values = ratios["dinov2_b14/ratio_of_means"]
+  assert values.shape == (24, 3) and np.all(np.isfinite(values))
+  assert ratios["dinov2_b14/num_tokens"].tolist() == [[1, 256, 4]] * 24
+  assert set(summary["norm_ratios"]["mean_ratio_of_means"]["dinov2_b14"]) == {
+      "cls", "spatial", "register"}
+
+  spec = config.norm_ratio.models.dinov2_b14
+  model, params = loading.load_model(spec, image_size=224, num_classes=10)
+  images = next(iter(data.eval_batches("digits", config.data.split, image_size=224,
+                                       global_batch_size=8, mesh=parallel.make_mesh(),
+                                       num_examples=8)))["image"]
+  _, sown = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(
+      params, images)
+  sown = models.flatten_intermediates(sown)
+  expected = np.zeros((24, 3))
+  for row, layer in enumerate(model.residual_sublayers()):
+    nz, nf = (np.linalg.norm(np.asarray(sown[name], np.float64), axis=-1)  # [8, 261]
+              for name in (layer.stream, layer.branch))
+    for column, tokens in enumerate((slice(0, 1), slice(5, None), slice(1, 5))):
+      expected[row, column] = nz[:, tokens].mean() / nf[:, tokens].mean()
+  np.testing.assert_allclose(values, expected, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_map_head_has_no_cls_and_no_register_group(tmp_path):
+  """`siglip_b16,runlocal` (MAP head, 14 x 14 patches, no prefix token): both the 'cls' and
+  the 'register' columns are NaN, every token is spatial, the figure is drawn."""
+  config = skip_configs.get_config("siglip_b16,runlocal")
+  config.data.num_examples = config.norm_ratio.global_batch_size = 8
+  summary = skip_connections.run(config, str(tmp_path)).summary
+  ratios, _ = results.read_results(str(tmp_path), "norm_ratios")
+  values = ratios["siglip_b16/ratio_of_means"]
+  assert np.all(np.isnan(values[:, [0, 2]])) and np.all(np.isfinite(values[:, 1]))
+  assert ratios["siglip_b16/num_tokens"].tolist() == [[0, 196, 0]] * 24
+  assert set(summary["norm_ratios"]["mean_ratio_of_means"]["siglip_b16"]) == {"spatial"}
+  assert os.path.getsize(tmp_path / "figures" / "norm_ratios.png") > 1000

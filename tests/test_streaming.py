@@ -148,7 +148,7 @@ def _residual_case():
   rng = np.random.default_rng(6)
   z, f = rng.normal(size=(2, 9, 5, 4)).astype(np.float32)
   est = residual.NormRatio()
-  return est, est.init({"t": z}, num_prefix_tokens=1), lambda s, i: est.update(
+  return est, est.init({"t": z}, prefix=("cls", "register")), lambda s, i: est.update(
       s, {"t": z[3 * i:3 * (i + 1)]}, {"t": f[3 * i:3 * (i + 1)]})
 
 

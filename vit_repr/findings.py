@@ -141,11 +141,11 @@ def _receptive_fields(n: Mapping[str, Any]) -> str:
 
 
 def _skip_connections(n: Mapping[str, Any]) -> str:
-  """From 'norm_ratios' {'mean_ratio_of_means': {model: {token group: ratio}}} and
-  'ablation' {'test_accuracy': {model: accuracy}, 'mean_diagonal_cka_vs_reference':
-  {model: CKA}}."""
+  """From 'norm_ratios' {'mean_ratio_of_means': {model: {token group: ratio}}} (the paper's
+  CLS and spatial groups; register tokens left out) and 'ablation' {'test_accuracy': {model:
+  accuracy}, 'mean_diagonal_cka_vs_reference': {model: CKA}}."""
   return ("Mean norm ratio (CLS / spatial tokens): " + "; ".join(
-      f"{name} " + " / ".join(f"{v:.2f}" for v in groups.values())
+      f"{name} " + " / ".join(f"{v:.2f}" for group, v in groups.items() if group != "register")
       for name, groups in n["norm_ratios"]["mean_ratio_of_means"].items())
           + ". Test accuracy: " + ", ".join(
               f"{name} {_fraction(acc)}"

@@ -156,17 +156,22 @@ class NormRatioPanel:
     spatial: `[L]` ratio for the spatial tokens / feature-map locations.
     identity_shortcut: `[L]` bool; False (ResNet projection shortcuts) is drawn hollow.
     title: panel title.
+    register: `[L]` ratio for the register tokens (DINOv2's); None or NaN where a model has
+      none: not drawn.
   """
   names: Sequence[str]
   cls: np.ndarray
   spatial: np.ndarray
   identity_shortcut: np.ndarray
   title: str = ""
+  register: np.ndarray | None = None
 
 
 def plot_norm_ratios(panels: Sequence[NormRatioPanel], stem: str, *,
                      ylabel: str = "||z|| / ||f(z)||") -> tuple[str, str]:
   """Draws ratio-of-norms curves, CLS vs spatial tokens, one panel per model (paper Fig 7).
+
+  A panel with finite register ratios (`NormRatioPanel.register`) draws them as a third curve.
 
   The y axis is logarithmic and shared, so ViT and ResNet ratios compare directly; a dashed
   line marks ratio 1 (skip and branch equally strong).
@@ -185,7 +190,8 @@ def plot_norm_ratios(panels: Sequence[NormRatioPanel], stem: str, *,
                         sharey=True, layout="constrained")
   for ax, panel in zip(axes[0], panels):
     size = len(panel.names)
-    columns = {"cls": panel.cls, "spatial": panel.spatial,
+    register = np.full(size, np.nan) if panel.register is None else panel.register
+    columns = {"cls": panel.cls, "spatial": panel.spatial, "register": register,
                "identity_shortcut": panel.identity_shortcut}
     bad = {k: np.shape(v) for k, v in columns.items() if np.shape(v) != (size,)}
     if bad:
@@ -193,9 +199,10 @@ def plot_norm_ratios(panels: Sequence[NormRatioPanel], stem: str, *,
     x = np.arange(size)
     identity = np.asarray(panel.identity_shortcut, bool)
     for values, label, colour in ((panel.cls, "CLS token", "tab:orange"),
-                                  (panel.spatial, "spatial tokens", "tab:blue")):
+                                  (panel.spatial, "spatial tokens", "tab:blue"),
+                                  (register, "register tokens", "tab:green")):
       values = np.asarray(values, np.float64)
-      if np.all(np.isnan(values)):
+      if not np.isfinite(values).any():
         continue
       ax.plot(x, values, color=colour, label=label)
       ax.scatter(x[identity], values[identity], color=colour, s=14)

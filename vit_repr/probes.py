@@ -32,9 +32,11 @@ Figs 12-13). This module takes feature arrays (no models, no data access) and im
   training stops after `patience` evaluations without improvement (or at `max_steps`).
 
 Per-token probes take `[n, tokens, width]` features and fit one independent probe per token
-position (`jax.vmap`), e.g. a ViT's `[b, 1 + N, D]` block output (token 0 the CLS token for
-CLS-classifier models) or a ResNet feature map `[b, h, w, C]` seen as `h * w` tokens
-(`tokens_and_width`).
+position (`jax.vmap`), e.g. a ViT's `[b, P + N, D]` block output (its P prefix tokens first:
+CLS, a distillation token, registers, as the model's `token_layout().prefix` says; P = 0 for a
+GAP or MAP-head ViT) or a ResNet feature map `[b, h, w, C]` seen as `h * w` tokens
+(`tokens_and_width`). Which position is which is for the caller to say
+(`vit_repr.studies.linear_probes` keeps the token kinds beside the results).
 """
 
 import dataclasses

@@ -17,8 +17,9 @@ runs `max_channels` = K averages over a fixed random subset of K channels of eac
 layers with at most K channels; the cost of 'mean_abs' is one backward pass per channel used).
 The colour channels of a pixel are summed (any fixed reduction is the same after normalisation).
 
-Representations are ViT token sequences `[batch, T, D]` (the first `num_prefix_tokens`, e.g.
-CLS, skipped; patches row-major on `token_grid`) or feature maps `[batch, h, w, C]`. The centre
+Representations are ViT token sequences `[batch, T, D]` (the first `num_prefix_tokens` skipped:
+CLS, a distillation token, registers, e.g. DINOv2's 5; patches row-major on `token_grid`, so
+the centre is always a patch token) or feature maps `[batch, h, w, C]`. The centre
 location: for an odd grid the middle cell; for an even grid `center='single'` (default) takes
 cell (rows // 2, cols // 2), the one containing the image-centre pixel (H / 2, W / 2) (0-based,
 i.e. the lower-right of the four central cells), and `center='mean'` averages the ERF maps of
@@ -214,7 +215,8 @@ class ReceptiveField:
       shapes: `{name: per-example shape}`, in layer order: `(T, D)` tokens or `(h, w, C)` maps.
       image_size: H = W of the inputs.
       token_grid: (rows, columns) of the patch grid of token representations.
-      num_prefix_tokens: tokens before the patches (1 for a CLS-token ViT).
+      num_prefix_tokens: tokens before the patches (1 for a CLS-token ViT, 5 for DINOv2's CLS
+        and 4 registers, 0 for a GAP or MAP-head ViT).
       center: 'single' or 'mean' (see the module docstring).
       estimator: 'mean_abs' (the paper's, exact per-channel gradients) or 'abs_of_sum'.
       channel_chunk: backward passes (probes) vmapped together; memory grows with it times the

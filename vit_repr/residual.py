@@ -8,16 +8,23 @@ ratio of norms ||z|| / ||f(z)||, separately for the CLS token and the spatial to
 Definition used here (the paper does not spell out the averaging; recorded in every result).
 For sub-layer l, example e and token t (a ViT/Mixer token, or a ResNet feature-map location),
   n_z(e, t) = ||z[e, t, :]||_2  and  n_f(e, t) = ||f(z)[e, t, :]||_2   (L2 norm over width),
-and, over every example e and the tokens t of a group G ('cls': the `num_prefix_tokens` tokens
-before the patches, i.e. the CLS token; 'spatial': the patch tokens or feature-map locations),
+and, over every example e and the tokens t of a group G,
   ratio_of_means = mean_{e, t in G} n_z / mean_{e, t in G} n_f   (the ratio of mean norms),
   mean_of_ratios = mean_{e, t in G} n_z / n_f                     (the mean per-token ratio).
 Both are accumulated; `ratio_of_means` is the default statistic of the study (it is not thrown
-off by the rare token whose branch output is almost zero). A group a layer does not have (CLS
-in a Mixer, a GAP ViT or a ResNet) is NaN.
+off by the rare token whose branch output is almost zero). The groups (`GROUPS`, the columns of
+every result array, in this order), read from the kinds of the tokens before the patches (a
+model's `token_layout().prefix`, kinds of `vit_repr.models.layout.PREFIX_KINDS`):
+  'cls'       the classification tokens: the CLS token and, in a distilled DeiT, its
+              distillation token (the paper's CLS group);
+  'spatial'   the patch tokens, or every location of a feature map;
+  'register'  register tokens (DINOv2's 4), which carry no patch and classify nothing; the
+              last column, so that 'cls' and 'spatial' are columns 0 and 1 in every result.
+A group a layer does not have is NaN: 'cls' in a Mixer, a GAP ViT, a MAP-head ViT (SigLIP) or a
+ResNet; 'register' in every model without registers.
 
 This module takes arrays only: `{sub-layer name: z}` and `{sub-layer name: f(z)}` (tokens
-`[batch, T, D]` or maps `[batch, h, w, C]`) and the model's number of prefix tokens. Which
+`[batch, T, D]` or maps `[batch, h, w, C]`) and the kinds of the model's prefix tokens. Which
 intermediates are z and f(z) is for the model to say: each model of `vit_repr.models` lists its
 sub-layers (`model.residual_sublayers()`; ViT attn and mlp, Mixer token and channel mixing,
 ResNet units with identity or projected shortcuts; blocks without skip connections left out),
@@ -41,7 +48,9 @@ from jax.sharding import Mesh
 
 from vit_repr import parallel, streaming
 
-GROUPS = ("cls", "spatial")
+GROUPS = ("cls", "spatial", "register")
+# The prefix token kinds (vit_repr.models.layout.PREFIX_KINDS) each non-spatial group holds.
+PREFIX_GROUPS = {"cls": ("cls", "distillation"), "register": ("register",)}
 STATISTICS = ("ratio_of_means", "mean_of_ratios")
 # Accumulated sums, in this order, per layer and group.
 _SUMS = ("norm_stream", "norm_branch", "ratio")
@@ -53,22 +62,23 @@ class NormRatioState(streaming.State):
   """Running sums of the per-token norms; its size does not grow with the data.
 
   Attributes:
-    sums: `[3, L, 2]` float32 sums over examples and tokens of n_z, n_f and n_z / n_f (channel
+    sums: `[3, L, 3]` float32 sums over examples and tokens of n_z, n_f and n_z / n_f (channel
       order `_SUMS`) per layer and group (`GROUPS`).
-    compensation: `[3, L, 2]` Kahan compensation of `sums` (`streaming.kahan_add`).
+    compensation: `[3, L, 3]` Kahan compensation of `sums` (`streaming.kahan_add`).
     num_examples: int32 examples accumulated.
     nonfinite: `[L]` bool, whether a layer ever had NaN/Inf in z or f(z).
     names: sub-layer names (static).
-    tokens: `((cls tokens, spatial tokens), ...)` per layer (static).
-    num_prefix_tokens: tokens before the patches of a `[batch, T, D]` layer (static).
+    tokens: `((cls tokens, spatial tokens, register tokens), ...)` per layer (static).
+    prefix: kinds of the tokens before the patches of a `[batch, T, D]` layer, in token order,
+      e.g. ('cls', 'register', 'register', 'register', 'register') (static).
   """
   sums: jax.Array
   compensation: jax.Array
   num_examples: jax.Array
   nonfinite: jax.Array
   names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
-  tokens: tuple[tuple[int, int], ...] = dataclasses.field(metadata=dict(static=True))
-  num_prefix_tokens: int = dataclasses.field(metadata=dict(static=True))
+  tokens: tuple[tuple[int, int, int], ...] = dataclasses.field(metadata=dict(static=True))
+  prefix: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
 
 
 class NormRatioResult(NamedTuple):
@@ -76,11 +86,12 @@ class NormRatioResult(NamedTuple):
 
   Attributes:
     names: `[L]` sub-layer names.
-    ratio_of_means: `[L, 2]` mean n_z / mean n_f, columns `GROUPS` ('cls', 'spatial').
-    mean_of_ratios: `[L, 2]` mean of n_z / n_f.
-    norm_stream: `[L, 2]` mean n_z = mean ||z|| per token.
-    norm_branch: `[L, 2]` mean n_f = mean ||f(z)|| per token.
-    num_tokens: `[L, 2]` int, tokens per example in each group.
+    ratio_of_means: `[L, 3]` mean n_z / mean n_f, columns `GROUPS` ('cls', 'spatial',
+      'register').
+    mean_of_ratios: `[L, 3]` mean of n_z / n_f.
+    norm_stream: `[L, 3]` mean n_z = mean ||z|| per token.
+    norm_branch: `[L, 3]` mean n_f = mean ||f(z)|| per token.
+    num_tokens: `[L, 3]` int, tokens per example in each group.
     num_examples: examples accumulated.
   """
   names: tuple[str, ...]
@@ -92,28 +103,38 @@ class NormRatioResult(NamedTuple):
   num_examples: int
 
 
-def _token_norms(x: jax.Array, prefix: int) -> tuple[jax.Array | None, jax.Array]:
-  """(prefix norms `[batch, prefix]` or None, spatial norms `[batch, tokens]`) of tokens
-  `[batch, T, D]` or a feature map `[batch, h, w, C]`."""
+def _prefix_indices(prefix: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """(cls-group indices, register indices) `[k]` of the prefix tokens of kinds `prefix`."""
+  return tuple(np.asarray([t for t, kind in enumerate(prefix) if kind in PREFIX_GROUPS[group]],
+                          np.int32) for group in ("cls", "register"))
+
+
+def _token_norms(x: jax.Array, prefix: Sequence[str]) -> tuple[jax.Array | None, ...]:
+  """Per-group token norms (`GROUPS` order; None for a group without tokens) `[batch, tokens]`
+  of tokens `[batch, T, D]` or a feature map `[batch, h, w, C]`."""
   norms = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
   if x.ndim == 4:
-    return None, norms.reshape(norms.shape[0], -1)
-  return (norms[:, :prefix], norms[:, prefix:]) if prefix else (None, norms)
+    return None, norms.reshape(norms.shape[0], -1), None
+  cls, register = _prefix_indices(prefix)
+  return (norms[:, cls] if cls.size else None, norms[:, len(prefix):],
+          norms[:, register] if register.size else None)
 
 
-def _group_tokens(shape: Sequence[int], prefix: int, name: str) -> tuple[int, int]:
-  """(cls, spatial) tokens per example of a sub-layer's `[batch, ...]` shape."""
+def _group_tokens(shape: Sequence[int], prefix: Sequence[str], name: str
+                  ) -> tuple[int, int, int]:
+  """(cls, spatial, register) tokens per example of a sub-layer's `[batch, ...]` shape."""
   if len(shape) == 4:
-    return 0, int(np.prod(shape[1:-1]))
-  if len(shape) == 3 and shape[1] > prefix:
-    return prefix, shape[1] - prefix
+    return 0, int(np.prod(shape[1:-1])), 0
+  if len(shape) == 3 and shape[1] > len(prefix):
+    cls, register = _prefix_indices(prefix)
+    return cls.size, shape[1] - len(prefix), register.size
   raise ValueError(f"Sub-layer {name!r}: expected tokens [batch, tokens, width] with more than "
-                   f"num_prefix_tokens ({prefix}) tokens, or a feature map [batch, height, "
-                   f"width, channels]; got shape {tuple(shape)}.")
+                   f"the {len(prefix)} prefix tokens {tuple(prefix)}, or a feature map [batch, "
+                   f"height, width, channels]; got shape {tuple(shape)}.")
 
 
-def _group_sums(stream: jax.Array, branch: jax.Array, prefix: int) -> jax.Array:
-  """`[3, 2]` batch sums of n_z, n_f, n_z / n_f for the (cls, spatial) groups."""
+def _group_sums(stream: jax.Array, branch: jax.Array, prefix: Sequence[str]) -> jax.Array:
+  """`[3, 3]` batch sums of n_z, n_f, n_z / n_f (rows) for the groups `GROUPS` (columns)."""
   sums = []
   for norms_z, norms_f in zip(_token_norms(stream, prefix), _token_norms(branch, prefix)):
     if norms_z is None:
@@ -125,7 +146,7 @@ def _group_sums(stream: jax.Array, branch: jax.Array, prefix: int) -> jax.Array:
 
 def _update(state: NormRatioState, streams: tuple[jax.Array, ...],
             branches: tuple[jax.Array, ...]) -> NormRatioState:
-  batch_sums = jnp.stack([_group_sums(z, f, state.num_prefix_tokens)
+  batch_sums = jnp.stack([_group_sums(z, f, state.prefix)
                           for z, f in zip(streams, branches)], axis=1)
   finite = jnp.stack([jnp.isfinite(z).all() & jnp.isfinite(f).all()
                       for z, f in zip(streams, branches)])
@@ -144,10 +165,9 @@ class NormRatio:
     state = None
     for batch in batches:
       streams, branches = models.streams_and_branches(layers, intermediates(batch))
-      state = state or estimator.init(
-          streams, num_prefix_tokens=model.token_layout().num_prefix_tokens)
+      state = state or estimator.init(streams, prefix=model.token_layout().prefix)
       state = estimator.update(state, streams, branches)
-    result = estimator.result(state)   # result.ratio_of_means: [L, 2] (cls, spatial)
+    result = estimator.result(state)   # ratio_of_means: [L, 3] (cls, spatial, register)
 
   The jitted update donates the state: do not reuse a state passed to `update`.
   """
@@ -166,33 +186,38 @@ class NormRatio:
     self._update = jax.jit(_update, donate_argnums=0,
                            out_shardings=parallel.replicated(self.mesh))
 
-  def init(self, streams: Mapping[str, Any], *, num_prefix_tokens: int) -> NormRatioState:
+  def init(self, streams: Mapping[str, Any], *, prefix: Sequence[str] = ()
+           ) -> NormRatioState:
     """An empty state for the sub-layers of `streams`.
 
     Args:
       streams: `{sub-layer name: z}`; only names and shapes are used (a first batch or
         `jax.ShapeDtypeStruct`s), `[batch, T, D]` tokens or `[batch, h, w, C]` feature maps.
-      num_prefix_tokens: tokens before the patches of the `[batch, T, D]` layers (the 'cls'
-        group; 1 for a CLS-token ViT, 0 for a GAP ViT or a Mixer).
+      prefix: the kinds of the tokens before the patches of the `[batch, T, D]` layers, in
+        token order (the model's `token_layout().prefix`; kinds of `PREFIX_GROUPS`): ('cls',)
+        for a CLS-token ViT, ('cls', 'register', 'register', 'register', 'register') for
+        DINOv2, () for a GAP or MAP-head ViT, a Mixer or a ResNet.
 
     Returns:
       The zero state, replicated over the mesh.
 
     Raises:
-      ValueError: no sub-layers, a negative num_prefix_tokens, or a layer that is neither
-        tokens (more than the prefix) nor a feature map.
+      ValueError: no sub-layers, an unknown prefix kind, or a layer that is neither tokens
+        (more than the prefix) nor a feature map.
     """
     if not streams:
       raise ValueError("NormRatio.init needs at least one sub-layer; pass {name: z}.")
-    if num_prefix_tokens < 0:
-      raise ValueError(f"num_prefix_tokens must be >= 0; got {num_prefix_tokens}.")
+    known = sum(PREFIX_GROUPS.values(), ())
+    unknown = [kind for kind in prefix if kind not in known]
+    if unknown:
+      raise ValueError(f"prefix must be a sequence of token kinds of {known} (a model's "
+                       f"token_layout().prefix); got {prefix!r}.")
     zeros = np.zeros((len(_SUMS), len(streams), len(GROUPS)), np.float32)
     state = NormRatioState(
         sums=zeros, compensation=zeros, num_examples=np.zeros((), np.int32),
         nonfinite=np.zeros(len(streams), bool), names=tuple(streams),
-        tokens=tuple(_group_tokens(z.shape, num_prefix_tokens, name)
-                     for name, z in streams.items()),
-        num_prefix_tokens=int(num_prefix_tokens))
+        tokens=tuple(_group_tokens(z.shape, prefix, name) for name, z in streams.items()),
+        prefix=tuple(prefix))
     return streaming.replicated(state, self.mesh)
 
   def update(self, state: NormRatioState, streams: Mapping[str, jax.typing.ArrayLike],
@@ -220,10 +245,10 @@ class NormRatio:
     if bad:
       raise ValueError(f"z and f(z) must have the same shape; got (z, f) shapes {bad}.")
     for name, tokens in zip(state.names, state.tokens):
-      found = _group_tokens(np.shape(streams[name]), state.num_prefix_tokens, name)
+      found = _group_tokens(np.shape(streams[name]), state.prefix, name)
       if found != tokens:
-        raise ValueError(f"Sub-layer {name!r} has (cls, spatial) tokens {found}, init saw "
-                         f"{tokens}; pass the same sub-layers to init and update.")
+        raise ValueError(f"Sub-layer {name!r} has (cls, spatial, register) tokens {found}, "
+                         f"init saw {tokens}; pass the same sub-layers to init and update.")
     return self._update(streaming.replicated(state, self.mesh),
                         tuple(streams[n] for n in state.names),
                         tuple(branches[n] for n in state.names))

@@ -87,6 +87,12 @@ def num_prefix_tokens(token_layout: TokenLayout | None) -> int:
   return 0 if token_layout is None else token_layout.num_prefix_tokens
 
 
+def prefix_kinds(token_layout: TokenLayout | None) -> tuple[str, ...]:
+  """The kinds of the tokens before the patches, in order; () for a model without token
+  sequences (`token_layout` None)."""
+  return () if token_layout is None else token_layout.prefix
+
+
 def token_grid(token_layout: TokenLayout | None) -> tuple[int, int] | None:
   """The patch grid `(rows, columns)`; None for a model without token sequences."""
   return None if token_layout is None else token_layout.grid

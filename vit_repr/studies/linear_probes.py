@@ -9,7 +9,14 @@ For every model of `config.specs`, streams the training pool (`data.train_split`
                     flattened) (`features.reduce_tokens`); 'cls' is skipped, with a warning,
                     for models without a CLS token;
   'token:<layer>'   `[n, T, D]` every token position (`probes.per_token`), for one probe per
-                    token (a ResNet map `[h, w, C]` is `h * w` tokens of width C).
+                    token (a ResNet map `[h, w, C]` is `h * w` tokens of width C); the model's
+                    prefix tokens first (CLS, distillation, registers: their kinds, in order,
+                    are the metadata's `prefix_tokens`), then its N patch tokens.
+
+The token kinds come from the model's `token_layout()`: 'cls' is the CLS token wherever it sits
+among the prefix tokens, and 'mean', the per-token summary and the per-token figure's spatial
+curve take the patch tokens only (DINOv2's 4 registers, DeiT's distillation token and CLS left
+out); a model without a CLS token (GAP, SigLIP's MAP head) has no 'cls' kind and no CLS curve.
 
 The reduction runs inside the jitted forward pass, whose outputs are gathered (replicated over
 the mesh) and copied to the host batch by batch. The feature matrices are materialised on the
@@ -35,7 +42,9 @@ Outputs in the workdir: `linear_probes.{npz,json}` with, per model m,
 and `figures/linear_probes.{png,pdf}` (accuracy per layer, one curve per model, a panel per
 mode; few-shot at the largest shot count, then full probes) and, with per-token probes,
 `figures/linear_probes_tokens.{png,pdf}` (per model: the CLS token's probe against the mean
-accuracy of the spatial tokens' probes, per layer: the paper's Fig 11 comparison).
+accuracy of the spatial tokens' probes, per layer: the paper's Fig 11 comparison; with register
+tokens, their mean accuracy as a third curve). The summary's 'token' entries are the mean
+accuracy of the spatial tokens' probes.
 """
 
 import time
@@ -69,6 +78,20 @@ def _kinds(has_cls: bool, modes: Sequence[str], per_token: bool, name: str) -> l
       continue
     kinds.append(mode)
   return kinds + ([TOKEN] if per_token else [])
+
+
+def _spatial_tokens(per_token: np.ndarray, prefix: Sequence[str]) -> np.ndarray:
+  """The patch tokens' values `[..., N]` of per-token values `[..., T]` whose first tokens
+  have the kinds `prefix` (CLS, distillation, registers: left out)."""
+  return per_token[..., len(prefix):]
+
+
+def _last_layer(values: np.ndarray, kind: str, prefix: Sequence[str]) -> float:
+  """The summary number of a probe array `[layers, ...]`: the last layer's mean accuracy (over
+  shot seeds; for 'token', over the spatial tokens' probes)."""
+  last = values[-1]
+  return round(float(np.nanmean(_spatial_tokens(last, prefix)) if kind == TOKEN
+                     else np.mean(last)), 4)
 
 
 def _feature_fn(extractor: features.FeatureExtractor, kinds: Sequence[str], mesh: Mesh):
@@ -254,6 +277,7 @@ def _probe_model(study: runner.Study, key: str, spec: ml_collections.ConfigDict
   metadata = {"model": loading.describe(spec), "kinds": kinds,
               "has_cls_token": layout.has_cls(tokens),
               "num_prefix_tokens": layout.num_prefix_tokens(tokens),
+              "prefix_tokens": list(layout.prefix_kinds(tokens)),
               "num_train_examples": int(len(train_labels)),
               "num_test_examples": int(len(test_labels)),
               "feature_sizes": {k: list(v.shape[1:]) for k, v in train.items()}}
@@ -283,15 +307,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
       return probed
     model_arrays, models[key] = probed
     arrays.update(model_arrays)
+    kinds, prefix = models[key]["kinds"], models[key]["prefix_tokens"]
     summary[key] = {
         f"fewshot_{config.probes.shots[-1]}shot_last_layer": {
-            kind: round(float(np.mean(arrays[f"{key}/fewshot/{kind}"][-1, -1])), 4)
-            for kind in models[key]["kinds"]},
+            kind: _last_layer(arrays[f"{key}/fewshot/{kind}"][:, -1], kind, prefix)
+            for kind in kinds},
         "seconds": round(time.perf_counter() - start, 1)}
     if config.linear.enabled:
       summary[key]["linear_last_layer"] = {
-          kind: round(float(np.mean(arrays[f"{key}/linear/{kind}"][-1])), 4)
-          for kind in models[key]["kinds"]}
+          kind: _last_layer(arrays[f"{key}/linear/{kind}"], kind, prefix) for kind in kinds}
   metadata = {
       "models": models,
       "dataset": {"name": info.name, "num_classes": info.num_classes,
@@ -335,10 +359,13 @@ def _figures(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], m
   token_panels = []
   for key, meta in models.items():
     per_token = arrays[f"{key}/fewshot/{TOKEN}"][:, -1].mean(1)  # [layers, T]
-    curves = {"spatial tokens (mean)": np.nanmean(per_token[:, meta["num_prefix_tokens"]:],
-                                                  axis=-1)}
+    prefix = meta["prefix_tokens"]
+    curves = {"spatial tokens (mean)": np.nanmean(_spatial_tokens(per_token, prefix), axis=-1)}
     if meta["has_cls_token"]:
-      curves = {"CLS token": per_token[:, 0], **curves}
+      curves = {"CLS token": per_token[:, prefix.index("cls")], **curves}
+    registers = [t for t, kind in enumerate(prefix) if kind == "register"]
+    if registers:
+      curves["register tokens (mean)"] = per_token[:, registers].mean(-1)
     token_panels.append(plotting.CurvePanel(
         curves=curves, layer_names=dict.fromkeys(curves, list(arrays[f"{key}/layers"])),
         title=f"{key}: {shots}-shot probe per token", ylabel="test accuracy",

@@ -33,6 +33,14 @@ def _model_specs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collec
   return specs
 
 
+def _labels(specs: list[tuple[str, ml_collections.ConfigDict]]) -> dict[str, str]:
+  """A distinct label per model for the summary and the figure: its registered name, with the
+  model's letter when both models share one (e.g. DINOv2 and SigLIP are both 'ViT-B/16')."""
+  names = [spec.name for _, spec in specs]
+  return {key: spec.name if names.count(spec.name) == 1 else f"{spec.name} ({key.upper()})"
+          for key, spec in specs}
+
+
 def _estimator(model, spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                mesh) -> receptive_field.ReceptiveField:
   """The ERF accumulator of one model's selected layers."""
@@ -63,11 +71,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
     workdir: output directory.
 
   Returns:
-    The result; summary: per model the images and the ERF radius (pixels) of each layer.
+    The result; summary: per model (its registered name; with its letter, e.g.
+    'ViT-B/16 (A)', when both models share one) the images and the ERF radius (pixels) of each
+    layer.
   """
   study = runner.Study(config, workdir)
   arrays, panels, summary, models_meta = {}, [], {}, {}
-  for key, spec in _model_specs(config):
+  specs = _model_specs(config)
+  labels = _labels(specs)
+  for key, spec in specs:
     model, params = study.model(spec)
     estimator = _estimator(model, spec, config, study.mesh)
     logging.info("Model %s (%s): receptive fields of %d layers.", key.upper(), spec.name,
@@ -83,8 +95,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
     arrays.update({f"maps_{key}": result.maps, f"raw_maps_{key}": result.raw_maps,
                    f"radius_{key}": result.radius, f"centres_{key}": result.centres,
                    f"names_{key}": np.asarray(result.names, dtype=str)})
-    panels.append((spec.name, result.maps, [display_name(n) for n in result.names]))
-    summary[spec.name] = {
+    panels.append((labels[key], result.maps, [display_name(n) for n in result.names]))
+    summary[labels[key]] = {
         "num_examples": result.num_examples,
         "radius_px": {display_name(n): round(float(r), 2)
                       for n, r in zip(result.names, result.radius)},

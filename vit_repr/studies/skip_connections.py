@@ -12,9 +12,12 @@ uniform CKA structure of the model around that block and costs accuracy (Fig 8).
     (its `residual_sublayers()`; `vit_repr.residual.NormRatio`, definitions there) in one
     jitted step per batch (forward pass and accumulation fused, batch sharded over the mesh).
     Writes `norm_ratios.{npz,json}` (per model: `<key>/ratio_of_means`,
-    `<key>/mean_of_ratios`, `<key>/norm_stream`, `<key>/norm_branch` `[L, 2]` with columns
-    (cls, spatial), `<key>/names`, `<key>/blocks`, `<key>/identity_shortcut`) and
-    `figures/norm_ratios`.
+    `<key>/mean_of_ratios`, `<key>/norm_stream`, `<key>/norm_branch` and `<key>/num_tokens`
+    `[L, 3]` with columns `residual.GROUPS` (cls, spatial, register: the CLS and distillation
+    tokens, the patch tokens, the register tokens, from the model's `token_layout().prefix`;
+    NaN for a group the model lacks), `<key>/names`, `<key>/blocks`,
+    `<key>/identity_shortcut`) and `figures/norm_ratios` (the register curve only for models
+    with registers).
 (b) Ablation: trains (or reuses) `config.ablation.reference` and every model of
     `config.ablation.models` with `training.run` into `<models_dir>/<name>`, then runs Study 1
     (`vit_repr.studies.representation.run`) once per ablated model with model A = the ablated
@@ -116,7 +119,7 @@ def norm_ratios(spec: ml_collections.ConfigDict, study: runner.Study, state_file
   streams, _ = jax.eval_shape(streams_and_branches, params, images)
   # eval_shape returns the dict with sorted keys: the state's rows follow the model's order.
   state = estimator.init({layer.name: streams[layer.name] for layer in layers},
-                         num_prefix_tokens=layout.num_prefix_tokens(tokens))
+                         prefix=layout.prefix_kinds(tokens))
   state, progress = study.accumulate(
       state, lambda state, batch: step(state, params, batch["image"]),
       study.passes(global_batch_size=batch_size), state_file=state_file,
@@ -142,7 +145,7 @@ def _run_norm_ratios(study: runner.Study, models_dir: str) -> runner.Outcome:
         [layer.identity_shortcut for layer in layers])
     values = getattr(result, statistic)
     panels.append(plotting.NormRatioPanel(
-        names=result.names, cls=values[:, 0], spatial=values[:, 1],
+        names=result.names, cls=values[:, 0], spatial=values[:, 1], register=values[:, 2],
         identity_shortcut=arrays[f"{key}/identity_shortcut"], title=f"{key} ({spec.name})"))
     with np.errstate(all="ignore"):
       summary[key] = {group: round(float(np.nanmean(values[:, g])), 3)
@@ -159,8 +162,9 @@ def _run_norm_ratios(study: runner.Study, models_dir: str) -> runner.Outcome:
       "statistic": statistic,
       "definition": "per example e and token t: n_z = ||z[e,t,:]||_2, n_f = ||f(z)[e,t,:]||_2 "
                     "(L2 over width); ratio_of_means = mean_{e,t} n_z / mean_{e,t} n_f; "
-                    "mean_of_ratios = mean_{e,t} n_z / n_f; groups: the CLS token, the other "
-                    "(spatial) tokens / every feature-map location",
+                    "mean_of_ratios = mean_{e,t} n_z / n_f; groups: 'cls' the CLS (and "
+                    "distillation) token, 'spatial' the patch tokens / every feature-map "
+                    "location, 'register' the register tokens; NaN for a group a model lacks",
       "sublayers": "ViT: attn (z = block in, f = attn_branch), mlp (z = mid, f = mlp_branch); "
                    "Mixer: token_mixing, channel_mixing likewise; ResNet unit: f = branch, z = "
                    "the unit input if the shortcut is the identity, else the projected "

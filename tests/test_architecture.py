@@ -20,7 +20,7 @@ PARTS = {
     "data": ["vit_repr/data"],
     "analyses": ["vit_repr/streaming", "vit_repr/cka", "vit_repr/attention",
                  "vit_repr/receptive_field", "vit_repr/residual", "vit_repr/localization",
-                 "vit_repr/probes"],
+                 "vit_repr/probes", "vit_repr/similarity"],
     "features": ["vit_repr/features"],
     "outputs": ["vit_repr/plotting", "vit_repr/report", "vit_repr/results", "vit_repr/findings"],
     "training": ["vit_repr/recipe", "vit_repr/training", "vit_repr/metrics_log"],

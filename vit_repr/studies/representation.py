@@ -75,9 +75,9 @@ def measure_of(analysis: ml_collections.ConfigDict) -> similarity.Measure:
     ValueError: an unknown measure, an option it does not take, a bad option value, or a
       bootstrap asked of a measure without a streaming form.
   """
-  options = {k: v for k, v in analysis.get("measure_options", {}).items() if v is not None}
-  measure = similarity.get_measure(analysis.get("measure", "cka"), **options)
-  if analysis.get("num_bootstrap", 0) and not measure.streaming:
+  options = {k: v for k, v in analysis.measure_options.items() if v is not None}
+  measure = similarity.get_measure(analysis.measure, **options)
+  if analysis.num_bootstrap and not measure.streaming:
     raise ValueError(f"analysis.num_bootstrap={analysis.num_bootstrap}: bootstrap intervals are "
                      f"computed for the streaming measures (cka, angular_cka), not "
                      f"{measure.name!r}; set it to 0, or use num_permutations for a chance level.")

@@ -365,24 +365,28 @@ def test_float32_accumulation_over_12000_batches_matches_float64(grams):
   np.testing.assert_allclose(result.cka, expected, atol=1e-5, rtol=0)
 
 
-def test_save_restore_continue_equals_uninterrupted(tmp_path):
-  xs, ys = layered(14, n=96)
+def interrupted_stream(tmp_path, seed, estimator):
+  """Six minibatches of 16 of `layered(seed, 96)`: (layers xs, ys, the batches, the result of
+  all six, the state after three saved to `.npz` and read back)."""
+  xs, ys = layered(seed, n=96)
   batches = [([x[16 * i:16 * (i + 1)] for x in xs], [y[16 * i:16 * (i + 1)] for y in ys])
              for i in range(6)]
-  estimator = cka.MinibatchCKA()
   state = estimator.init(xs, ys)
   for batch in batches:
     state = estimator.update(state, *batch)
   uninterrupted = estimator.result(state)
-
   state = estimator.init(xs, ys)
   for batch in batches[:3]:
     state = estimator.update(state, *batch)
   np.savez(tmp_path / "state.npz", **state.to_numpy())
-  del state
-  resumed_estimator = cka.MinibatchCKA()
   with np.load(tmp_path / "state.npz", allow_pickle=False) as saved:
-    state = cka.MinibatchCKAState.from_numpy(dict(saved))
+    restored = cka.MinibatchCKAState.from_numpy(dict(saved))
+  return xs, ys, batches, uninterrupted, restored
+
+
+def test_save_restore_continue_equals_uninterrupted(tmp_path):
+  _, _, batches, uninterrupted, state = interrupted_stream(tmp_path, 14, cka.MinibatchCKA())
+  resumed_estimator = cka.MinibatchCKA()
   for batch in batches[3:]:
     state = resumed_estimator.update(state, *batch)
   resumed = resumed_estimator.result(state)
@@ -842,20 +846,8 @@ np.savez({str(tmp_path / 'out.npz')!r}, **{{f: getattr(res, f) for f in
 
 
 def test_calibrated_state_saves_restores_and_refuses_other_settings(tmp_path):
-  xs, ys = layered(45, n=96)
-  batches = [([x[16 * i:16 * (i + 1)] for x in xs], [y[16 * i:16 * (i + 1)] for y in ys])
-             for i in range(6)]
-  estimator = cka.MinibatchCKA(num_permutations=5, num_bootstrap=20, seed=7)
-  state = estimator.init(xs, ys)
-  for batch in batches:
-    state = estimator.update(state, *batch)
-  uninterrupted = estimator.result(state)
-  state = estimator.init(xs, ys)
-  for batch in batches[:3]:
-    state = estimator.update(state, *batch)
-  np.savez(tmp_path / "state.npz", **state.to_numpy())
-  with np.load(tmp_path / "state.npz", allow_pickle=False) as saved:
-    restored = cka.MinibatchCKAState.from_numpy(dict(saved))
+  xs, ys, batches, uninterrupted, restored = interrupted_stream(
+      tmp_path, 45, cka.MinibatchCKA(num_permutations=5, num_bootstrap=20, seed=7))
   assert restored.calibration == (5, 20, 7) and restored.null_sums.shape == (5, 3, 2)
   for other in (dict(num_permutations=4, num_bootstrap=20, seed=7),
                 dict(num_permutations=5, num_bootstrap=20, seed=8), {}):

@@ -136,7 +136,8 @@ def _streaming(study: runner.Study, measure: similarity.Measure,
 
   state, progress = study.accumulate(
       estimator.init({n: None for n in layer_names}), update,
-      study.passes(minibatch_size=analysis.minibatch_size, shuffle_seed=analysis.shuffle_seed),
+      study.passes(minibatch_size=analysis.minibatch_size, shuffle_seed=analysis.shuffle_seed,
+                   numbered=True),
       state_file=STATE_FILE, what="CKA", num_passes=analysis.num_passes)
   if not progress.complete:
     return runner.Interrupted(progress)

@@ -134,7 +134,7 @@ class Study:
                                      token_mode=token_mode), params
 
   def passes(self, *, minibatch_size: int | None = None, global_batch_size: int | None = None,
-             shuffle_seed: int | None = None
+             shuffle_seed: int | None = None, numbered: bool = False
              ) -> Callable[[int], "data.EvalBatches | NumberedMinibatches"]:
     """`pass_index -> batches` over `config.data`.
 
@@ -145,9 +145,14 @@ class Study:
       shuffle_seed: pass p > 0 reads the examples in an order shuffled by `shuffle_seed + p`
         (same examples, new minibatches), as the reference minibatch-CKA code does; None:
         every pass in canonical order.
+      numbered: with minibatch_size, each batch also holds its rows' global minibatch numbers
+        (`NumberedMinibatches`).
     """
     if (minibatch_size is None) == (global_batch_size is None):
       raise ValueError("Give exactly one of minibatch_size and global_batch_size.")
+    if numbered and minibatch_size is None:
+      raise ValueError("numbered=True needs minibatch_size: plain global batches have no "
+                       "minibatches to number.")
     if minibatch_size is not None:
       global_batch_size = minibatch_size * self.mesh.devices.size
 
@@ -159,9 +164,7 @@ class Study:
           mesh=self.mesh, num_examples=cfg.num_examples, data_dir=cfg.data_dir,
           crop_fraction=cfg.crop_fraction, sample_seed=cfg.sample_seed, shuffle_seed=seed,
           minibatch_size=minibatch_size)
-      if minibatch_size is None:
-        return read
-      return NumberedMinibatches(read, minibatch_size, pass_index, self.mesh)
+      return NumberedMinibatches(read, minibatch_size, pass_index, self.mesh) if numbered else read
     return batches
 
   def accumulate(self, state: State, update: Callable[[State, dict], State],

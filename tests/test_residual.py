@@ -86,6 +86,39 @@ def test_streamed_batches_match_numpy_float64(shape, prefix):
   assert result.num_examples == 3 * shape[0]
 
 
+@pytest.mark.parametrize("shape,prefix", [LAYOUTS["vit_cls_tokens"], LAYOUTS["feature_map"]],
+                         ids=["vit_cls_tokens", "feature_map"])
+def test_ratio_of_means_stderr_is_the_delta_method_and_close_to_the_jackknife(shape, prefix):
+  """Standard error of ratio_of_means over examples: the ratio estimator's delta method
+  sqrt(n / (n - 1) * sum_e (a_e - R b_e)^2) / sum_e b_e, from the residuals in float64, and
+  within 10% of the jackknife's, which shares no algebra with it."""
+  rng = np.random.default_rng(4)
+  scales = rng.uniform(0.5, 2.0, size=(20 * shape[0],) + (1,) * (len(shape) - 1))
+  z = (rng.normal(size=(20 * shape[0],) + shape[1:]) * 3 * scales).astype(np.float32)
+  f = (rng.normal(size=z.shape) * (1 + scales ** 2)).astype(np.float32)
+  estimator = residual.NormRatio()
+  state = estimator.init({"a": z[:shape[0]]}, prefix=prefix)
+  for start in range(0, len(z), shape[0]):
+    state = estimator.update(state, {"a": z[start:start + shape[0]]},
+                             {"a": f[start:start + shape[0]]})
+  result = estimator.result(state)
+  flat = lambda x: np.asarray(x, np.float64).reshape(len(x), -1, x.shape[-1])
+  nz, nf = np.linalg.norm(flat(z), axis=-1), np.linalg.norm(flat(f), axis=-1)
+  groups = {1: slice(len(prefix), None)} | ({0: slice(0, 1)} if prefix else {})
+  n = len(z)
+  for column, tokens in groups.items():
+    a, b = nz[:, tokens].sum(1), nf[:, tokens].sum(1)
+    ratio = a.sum() / b.sum()
+    delta = np.sqrt(n / (n - 1) * ((a - ratio * b) ** 2).sum()) / b.sum()
+    np.testing.assert_allclose(result.ratio_of_means_stderr[0, column], delta, rtol=1e-4)
+    leave_one_out = (a.sum() - a) / (b.sum() - b)
+    jackknife = np.sqrt((n - 1) / n * ((leave_one_out - leave_one_out.mean()) ** 2).sum())
+    np.testing.assert_allclose(result.ratio_of_means_stderr[0, column], jackknife, rtol=0.1)
+  assert np.isnan(result.ratio_of_means_stderr[0, 2])  # No registers.
+  if not prefix:
+    assert np.isnan(result.ratio_of_means_stderr[0, 0])
+
+
 def test_every_prefix_kind_of_the_models_has_one_group():
   """A prefix kind added to the models (`layout.PREFIX_KINDS`) must be given a group here."""
   kinds = [kind for group in residual.PREFIX_GROUPS.values() for kind in group]

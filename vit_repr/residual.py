@@ -12,7 +12,11 @@ and, over every example e and the tokens t of a group G,
   ratio_of_means = mean_{e, t in G} n_z / mean_{e, t in G} n_f   (the ratio of mean norms),
   mean_of_ratios = mean_{e, t in G} n_z / n_f                     (the mean per-token ratio).
 Both are accumulated; `ratio_of_means` is the default statistic of the study (it is not thrown
-off by the rare token whose branch output is almost zero). The groups (`GROUPS`, the columns of
+off by the rare token whose branch output is almost zero). Its standard error over examples is
+the ratio estimator's delta-method one: with a_e = sum_{t in G} n_z(e, t), b_e likewise for n_f,
+R = sum_e a_e / sum_e b_e and n examples,
+  stderr(R)^2 = n / (n - 1) * sum_e (a_e - R b_e)^2 / (sum_e b_e)^2,
+from the accumulated sums of a_e^2, b_e^2 and a_e b_e (NaN below 2 examples). The groups (`GROUPS`, the columns of
 every result array, in this order), read from the kinds of the tokens before the patches (a
 model's `token_layout().prefix`, kinds of `vit_repr.models.layout.PREFIX_KINDS`):
   'cls'       the classification tokens: the CLS token and, in a distilled DeiT, its
@@ -52,8 +56,10 @@ GROUPS = ("cls", "spatial", "register")
 # The prefix token kinds (vit_repr.models.layout.PREFIX_KINDS) each non-spatial group holds.
 PREFIX_GROUPS = {"cls": ("cls", "distillation"), "register": ("register",)}
 STATISTICS = ("ratio_of_means", "mean_of_ratios")
-# Accumulated sums, in this order, per layer and group.
-_SUMS = ("norm_stream", "norm_branch", "ratio")
+# Accumulated sums, in this order, per layer and group: over examples and tokens of n_z, n_f
+# and n_z / n_f, then over examples of a_e^2, b_e^2 and a_e b_e (module docstring).
+_SUMS = ("norm_stream", "norm_branch", "ratio", "example_stream_sq", "example_branch_sq",
+         "example_cross")
 
 
 @jax.tree_util.register_dataclass
@@ -62,9 +68,8 @@ class NormRatioState(streaming.State):
   """Running sums of the per-token norms; its size does not grow with the data.
 
   Attributes:
-    sums: `[3, L, 3]` float32 sums over examples and tokens of n_z, n_f and n_z / n_f (channel
-      order `_SUMS`) per layer and group (`GROUPS`).
-    compensation: `[3, L, 3]` Kahan compensation of `sums` (`streaming.kahan_add`).
+    sums: `[6, L, 3]` float32 sums (channel order `_SUMS`) per layer and group (`GROUPS`).
+    compensation: `[6, L, 3]` Kahan compensation of `sums` (`streaming.kahan_add`).
     num_examples: int32 examples accumulated.
     nonfinite: `[L]` bool, whether a layer ever had NaN/Inf in z or f(z).
     names: sub-layer names (static).
@@ -88,6 +93,7 @@ class NormRatioResult(NamedTuple):
     names: `[L]` sub-layer names.
     ratio_of_means: `[L, 3]` mean n_z / mean n_f, columns `GROUPS` ('cls', 'spatial',
       'register').
+    ratio_of_means_stderr: `[L, 3]` its standard error over examples (delta method).
     mean_of_ratios: `[L, 3]` mean of n_z / n_f.
     norm_stream: `[L, 3]` mean n_z = mean ||z|| per token.
     norm_branch: `[L, 3]` mean n_f = mean ||f(z)|| per token.
@@ -96,6 +102,7 @@ class NormRatioResult(NamedTuple):
   """
   names: tuple[str, ...]
   ratio_of_means: np.ndarray
+  ratio_of_means_stderr: np.ndarray
   mean_of_ratios: np.ndarray
   norm_stream: np.ndarray
   norm_branch: np.ndarray
@@ -134,13 +141,17 @@ def _group_tokens(shape: Sequence[int], prefix: Sequence[str], name: str
 
 
 def _group_sums(stream: jax.Array, branch: jax.Array, prefix: Sequence[str]) -> jax.Array:
-  """`[3, 3]` batch sums of n_z, n_f, n_z / n_f (rows) for the groups `GROUPS` (columns)."""
+  """`[6, 3]` batch sums `_SUMS` (rows) for the groups `GROUPS` (columns)."""
   sums = []
   for norms_z, norms_f in zip(_token_norms(stream, prefix), _token_norms(branch, prefix)):
     if norms_z is None:
-      sums.append(jnp.zeros(3, jnp.float32))
+      sums.append(jnp.zeros(len(_SUMS), jnp.float32))
     else:
-      sums.append(jnp.stack([norms_z.sum(), norms_f.sum(), (norms_z / norms_f).sum()]))
+      per_example_z, per_example_f = norms_z.sum(1), norms_f.sum(1)  # a_e, b_e `[batch]`
+      sums.append(jnp.stack([
+          norms_z.sum(), norms_f.sum(), (norms_z / norms_f).sum(),
+          (per_example_z ** 2).sum(), (per_example_f ** 2).sum(),
+          (per_example_z * per_example_f).sum()]))
   return jnp.stack(sums, axis=-1)
 
 
@@ -269,13 +280,18 @@ class NormRatio:
     if nonfinite:
       raise ValueError(f"NaN or Inf in the stream or branch of sub-layers {nonfinite}; check "
                        "the checkpoint and the input range (expected images in [-1, 1]).")
-    sums = streaming.kahan_total(host["sums"], host["compensation"])
+    sums = streaming.kahan_total(host["sums"], host["compensation"]).astype(np.float64)
     tokens = np.asarray(state.tokens, np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
-      means = sums / np.where(tokens > 0, tokens * num_examples, np.nan)
+      means = sums[:3] / np.where(tokens > 0, tokens * num_examples, np.nan)
       ratio_of_means = means[0] / means[1]
+      stream_sq, branch_sq, cross = sums[3:]
+      residual_sq = np.maximum(
+          stream_sq - 2 * ratio_of_means * cross + ratio_of_means ** 2 * branch_sq, 0.0)
+      stderr = (np.sqrt(num_examples / (num_examples - 1) * residual_sq) / sums[1]
+                if num_examples > 1 else np.full_like(ratio_of_means, np.nan))
     if np.isinf(means[2]).any():
       logging.warning("Some branch outputs are exactly zero: mean_of_ratios is inf there.")
     return NormRatioResult(names=state.names, ratio_of_means=ratio_of_means,
-                           mean_of_ratios=means[2], norm_stream=means[0],
+                           ratio_of_means_stderr=stderr, mean_of_ratios=means[2], norm_stream=means[0],
                            norm_branch=means[1], num_tokens=tokens, num_examples=num_examples)

@@ -13,7 +13,7 @@ from configs import attention_distance as attention_config
 from tests.conftest import run_python
 from tests.test_cka import ref_minibatch_cka
 from vit_repr import attention, features, results
-from vit_repr.models import create
+from vit_repr.models import create, display_name
 from vit_repr.studies import attention_distance
 
 
@@ -225,6 +225,16 @@ def test_runlocal_end_to_end_resumes_and_matches_references(tmp_path):
                                  err_msg=f"{name} vs {layer}")
   np.testing.assert_allclose(arrays["head_distance"], arrays["distance"].ravel(), rtol=1e-6)
   assert list(arrays["head_block"]) == [0, 0, 0, 1, 1, 1]
+  # The summary's correlation per ResNet layer: Pearson, over heads, of each head's mean
+  # distance with its CKA to that layer, recomputed in float64 from the saved arrays.
+  correlation = summary["distance_cka_correlation"]
+  assert list(correlation) == [display_name(r) for r in arrays["resnet_names"]]
+  x = arrays["head_distance"].astype(np.float64) - arrays["head_distance"].mean()
+  for column, value in enumerate(correlation.values()):
+    y = arrays["head_cka"][:, column].astype(np.float64)
+    y = y - y.mean()
+    assert value == pytest.approx(np.sum(x * y) / np.sqrt(np.sum(x * x) * np.sum(y * y)),
+                                  abs=6e-4)  # Rounded to 3 decimals.
   for stem in ("attention_distance", "head_cka_vs_distance"):
     assert (tmp_path / "figures" / f"{stem}.png").stat().st_size > 1000
 

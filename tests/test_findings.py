@@ -79,35 +79,43 @@ def test_cross_statistics_reject_a_non_heatmap(statistic, shape):
 @pytest.mark.parametrize("key, numbers, sentence", [
     ("dataset",
      {"splits": {"train": 1437, "test": 360}, "num_classes": 10,
-      "pipeline_examples_per_second": 1900.2},
+      "pipeline_examples_per_second": 1900.2, "pipeline_rate_includes_startup": False},
      "1797 images in 10 classes ({'train': 1437, 'test': 360}); the sharded pipeline streamed "
-     "1900.2 images/s."),
+     "1900.2 images/s (after the first batch: start-up excluded)."),
+    ("dataset",
+     {"splits": {"train": 100, "test": 20}, "num_classes": 10,
+      "pipeline_examples_per_second": 30.5, "pipeline_rate_includes_startup": True},
+     "120 images in 10 classes ({'train': 100, 'test': 20}); the sharded pipeline streamed "
+     "30.5 images/s (one batch only: start-up included)."),
     ("models", {"test_accuracy": {"vit_cls": 0.6789, "bit": 0.1}},
      "Test accuracy of each model trained here: vit_cls 68%, bit 10%."),
     ("representation",
      {"mean_cka": {"cka_aa": 0.912, "cka_bb": 0.5, "cka_ab": 0.301},
       "vit_depth_matching_lower_resnet": 0.25, "top_vit_best_cka_to_resnet": 0.4567,
       "num_examples": 720},
-     "Mean CKA within ViT 0.91, within ResNet 0.50, across 0.30; ResNet's lower half best "
-     "matches ViT layers at relative depth 0.25 (0 = first, 1 = last); ViT's top quarter "
-     "reaches CKA 0.46 with its best ResNet layer (720 examples accumulated)."),
+     "Mean CKA over all layer pairs within ViT 0.91, within ResNet 0.50, across 0.30; "
+     "ResNet's lower-half layers best match ViT layers at mean relative depth 0.25 (0 = first, "
+     "1 = last); ViT's top-quarter layers reach mean CKA 0.46 with their best ResNet layer "
+     "(720 examples accumulated)."),
     ("attention",
      {"mean_distance_per_layer": [3.1, 7.2], "first_layer_distance_range": [1.0, 5.5],
       "last_layer_distance_range": [6.0, 8.0], "num_examples": 120,
-      "distance_cka_correlation": -0.42},
-     "Mean distance per block (px): [3.1, 7.2]; first block's heads span [1.0, 5.5] px, last "
-     "block's [6.0, 8.0] px; correlation of a head's distance with its CKA to ResNet layers: "
-     "-0.42 (120 examples)."),
+      "distance_cka_correlation": {"stem": -0.42, "block1/unit01": -0.1}},
+     "Mean attention distance per block, averaged over heads (px): [3.1, 7.2]; first block's "
+     "heads span [1.0, 5.5] px, last block's [6.0, 8.0] px; Pearson correlation over heads of "
+     "a head's distance with its CKA to each ResNet layer: {'stem': -0.42, 'block1/unit01': "
+     "-0.1} (120 examples)."),
     ("attention",
      {"mean_distance_per_layer": [3.1], "first_layer_distance_range": [1.0, 5.5],
       "last_layer_distance_range": [1.0, 5.5], "num_examples": 8},
-     "Mean distance per block (px): [3.1]; first block's heads span [1.0, 5.5] px, last "
-     "block's [1.0, 5.5] px; correlation of a head's distance with its CKA to ResNet layers: "
-     "not computed (8 examples)."),
+     "Mean attention distance per block, averaged over heads (px): [3.1]; first block's heads "
+     "span [1.0, 5.5] px, last block's [1.0, 5.5] px; Pearson correlation over heads of a "
+     "head's distance with its CKA to each ResNet layer: not computed (8 examples)."),
     ("receptive_fields",
      {"models": {"ViT": {"radius_px": {"block_0": 1.234, "block_5": 10.0}},
                  "BiT": {"radius_px": {"stem": 2.0}}}},
-     "Receptive-field radius (px) from the first to the last layer: ViT 1.2 → 10.0; BiT 2.0."),
+     "Effective receptive-field radius (px; RMS distance from the centre, weighted by the "
+     "receptive field) from the first to the last layer: ViT 1.2 → 10.0; BiT 2.0."),
     ("skip_connections",
      {"norm_ratios": {"mean_ratio_of_means": {"vit": {"cls": 10.123, "spatial": 3.0},
                                               "bit": {"all": 1.5},
@@ -115,30 +123,41 @@ def test_cross_statistics_reject_a_non_heatmap(statistic, shape):
                                                          "register": 7.0}}},
       "ablation": {"test_accuracy": {"vit": 0.5, "vit_noskip": 0.126},
                    "mean_diagonal_cka_vs_reference": {"vit_noskip": 0.777}}},
-     "Mean norm ratio (CLS / spatial tokens): vit 10.12 / 3.00; bit 1.50; dinov2 2.00 / 1.00. "
-     "Test accuracy: vit "
-     "50%, vit_noskip 13%; mean diagonal CKA of each ablated ViT with the unablated one: "
-     "vit_noskip 0.78."),
+     "Norm ratio ||z|| / ||f(z)|| of the residual stream to its branch, mean over sub-layers "
+     "(CLS / spatial tokens): vit 10.12 / 3.00; bit 1.50; dinov2 2.00 / 1.00. Test accuracy: "
+     "vit 50%, vit_noskip 13%; CKA of each ablated ViT's layer with the same layer of the "
+     "unablated one, mean over layers: vit_noskip 0.78."),
     ("localization",
      {"own_patch": {"ViT:block_5": {"own_patch_cka": 0.634, "peak_at_own_patch": 0.75},
                     "BiT:stage_4": {"own_patch_cka": 0.2, "peak_at_own_patch": 0.0}},
       "num_examples": 64},
      "Mean CKA of each token with its own patch (fraction of tokens most similar to their own "
      "patch): ViT:block_5 0.63 (75%); BiT:stage_4 0.20 (0%) (64 examples)."),
+    # Shaped like linear_probes.run's summary (modes 'cls', 'mean', per-token probes, full
+    # probes on): 'token' is the spatial tokens' mean; the GAP ViT has no 'cls'; a model
+    # probed without per-token probes is named as such.
     ("probes",
-     {"models": {"vit_cls": {"full": {"cls": 0.99}, "fewshot_10": {"cls": 0.9, "mean": 0.42,
-                                                                   "token_3": 0.1},
-                             "fewshot_5": {"cls": 0.0}}}},
-     "Few-shot probe accuracy on the last block (CLS token / mean of the spatial tokens): "
-     "vit_cls 90% / 42%."),
+     {"models": {
+         "vit_cls": {"fewshot_25shot_last_layer": {"cls": 0.9012, "mean": 0.42,
+                                                   "token": 0.1234},
+                     "seconds": 12.3,
+                     "linear_last_layer": {"cls": 0.99, "mean": 0.5, "token": 0.2}},
+         "vit_gap": {"fewshot_25shot_last_layer": {"mean": 0.8, "token": 0.7521},
+                     "seconds": 10.1,
+                     "linear_last_layer": {"mean": 0.9, "token": 0.85}},
+         "vit_old": {"fewshot_25shot_last_layer": {"cls": 0.5, "mean": 0.4}, "seconds": 3.0}}},
+     "25-shot probe accuracy on the last block of the CLS token and of a single spatial token "
+     "(mean over the spatial tokens' probes): vit_cls CLS 90%, spatial 12%; vit_gap spatial "
+     "75%; vit_old no per-token probes."),
     ("data_scale",
      {"models": {"vit": {"fraction": 1.0, "test_accuracy": 0.9},
                  "vit_0p1": {"fraction": 0.1, "test_accuracy": 0.55, "cka_first_layer": 0.951,
                              "cka_last_layer": 0.333}}},
-     "CKA with the full-data model, first → last layer: vit_0p1 (10% of the data, test "
-     "accuracy 55%) 0.95 → 0.33."),
-], ids=["dataset", "models", "representation", "attention", "attention_no_correlation",
-        "receptive_fields", "skip_connections", "localization", "probes", "data_scale"])
+     "CKA of a layer with the same layer of the full-data model, first → last layer: vit_0p1 "
+     "(10% of the data, test accuracy 55%) 0.95 → 0.33."),
+], ids=["dataset", "dataset_one_batch", "models", "representation", "attention",
+        "attention_no_correlation", "receptive_fields", "skip_connections", "localization",
+        "probes", "data_scale"])
 def test_observed_sentence(key, numbers, sentence):
   assert findings.FINDINGS[key].observed(numbers) == sentence
 

@@ -100,10 +100,13 @@ def _fraction(value: float) -> str:
 
 
 def _dataset(n: Mapping[str, Any]) -> str:
-  """From 'splits' {split: images}, 'num_classes', 'pipeline_examples_per_second'."""
+  """From 'splits' {split: images}, 'num_classes', 'pipeline_examples_per_second' and
+  'pipeline_rate_includes_startup' (absent: False)."""
+  timed = ("one batch only: start-up included" if n.get("pipeline_rate_includes_startup")
+           else "after the first batch: start-up excluded")
   return (f"{sum(n['splits'].values())} images in {n['num_classes']} classes "
           f"({n['splits']}); the sharded pipeline streamed "
-          f"{n['pipeline_examples_per_second']} images/s.")
+          f"{n['pipeline_examples_per_second']} images/s ({timed}).")
 
 
 def _models(n: Mapping[str, Any]) -> str:
@@ -115,27 +118,30 @@ def _models(n: Mapping[str, Any]) -> str:
 def _representation(n: Mapping[str, Any]) -> str:
   """From 'mean_cka' {'cka_aa', 'cka_bb', 'cka_ab'}, 'vit_depth_matching_lower_resnet',
   'top_vit_best_cka_to_resnet' and 'num_examples'."""
-  return (f"Mean CKA within ViT {n['mean_cka']['cka_aa']:.2f}, within ResNet "
-          f"{n['mean_cka']['cka_bb']:.2f}, across {n['mean_cka']['cka_ab']:.2f}; ResNet's "
-          f"lower half best matches ViT layers at relative depth "
-          f"{n['vit_depth_matching_lower_resnet']:.2f} (0 = first, 1 = last); ViT's top "
-          f"quarter reaches CKA {n['top_vit_best_cka_to_resnet']:.2f} with its best ResNet "
-          f"layer ({n['num_examples']} examples accumulated).")
+  return (f"Mean CKA over all layer pairs within ViT {n['mean_cka']['cka_aa']:.2f}, within "
+          f"ResNet {n['mean_cka']['cka_bb']:.2f}, across {n['mean_cka']['cka_ab']:.2f}; "
+          f"ResNet's lower-half layers best match ViT layers at mean relative depth "
+          f"{n['vit_depth_matching_lower_resnet']:.2f} (0 = first, 1 = last); ViT's "
+          f"top-quarter layers reach mean CKA {n['top_vit_best_cka_to_resnet']:.2f} with their "
+          f"best ResNet layer ({n['num_examples']} examples accumulated).")
 
 
 def _attention(n: Mapping[str, Any]) -> str:
   """From 'mean_distance_per_layer', 'first_layer_distance_range',
-  'last_layer_distance_range', 'num_examples' and, if computed, 'distance_cka_correlation'."""
-  return (f"Mean distance per block (px): {n['mean_distance_per_layer']}; first block's "
-          f"heads span {n['first_layer_distance_range']} px, last block's "
-          f"{n['last_layer_distance_range']} px; correlation of a head's distance with its "
-          f"CKA to ResNet layers: {n.get('distance_cka_correlation', 'not computed')} "
-          f"({n['num_examples']} examples).")
+  'last_layer_distance_range', 'num_examples' and, if computed, 'distance_cka_correlation'
+  {ResNet layer: correlation}."""
+  return (f"Mean attention distance per block, averaged over heads (px): "
+          f"{n['mean_distance_per_layer']}; first block's heads span "
+          f"{n['first_layer_distance_range']} px, last block's "
+          f"{n['last_layer_distance_range']} px; Pearson correlation over heads of a head's "
+          f"distance with its CKA to each ResNet layer: "
+          f"{n.get('distance_cka_correlation', 'not computed')} ({n['num_examples']} examples).")
 
 
 def _receptive_fields(n: Mapping[str, Any]) -> str:
   """From 'models' {model: {'radius_px': {layer: radius in pixels}}}."""
-  return "Receptive-field radius (px) from the first to the last layer: " + (
+  return ("Effective receptive-field radius (px; RMS distance from the centre, weighted by the "
+          "receptive field) from the first to the last layer: ") + (
       "; ".join(f"{name} " + " → ".join(f"{r:.1f}" for r in m["radius_px"].values())
                 for name, m in n["models"].items()) + ".")
 
@@ -144,13 +150,15 @@ def _skip_connections(n: Mapping[str, Any]) -> str:
   """From 'norm_ratios' {'mean_ratio_of_means': {model: {token group: ratio}}} (the paper's
   CLS and spatial groups; register tokens left out) and 'ablation' {'test_accuracy': {model:
   accuracy}, 'mean_diagonal_cka_vs_reference': {model: CKA}}."""
-  return ("Mean norm ratio (CLS / spatial tokens): " + "; ".join(
+  return ("Norm ratio ||z|| / ||f(z)|| of the residual stream to its branch, mean over "
+          "sub-layers (CLS / spatial tokens): " + "; ".join(
       f"{name} " + " / ".join(f"{v:.2f}" for group, v in groups.items() if group != "register")
       for name, groups in n["norm_ratios"]["mean_ratio_of_means"].items())
           + ". Test accuracy: " + ", ".join(
               f"{name} {_fraction(acc)}"
               for name, acc in n["ablation"]["test_accuracy"].items())
-          + "; mean diagonal CKA of each ablated ViT with the unablated one: " + ", ".join(
+          + "; CKA of each ablated ViT's layer with the same layer of the unablated one, mean "
+          "over layers: " + ", ".join(
               f"{name} {v:.2f}"
               for name, v in n["ablation"]["mean_diagonal_cka_vs_reference"].items())
           + ".")
@@ -166,24 +174,34 @@ def _localization(n: Mapping[str, Any]) -> str:
 
 
 def _probes(n: Mapping[str, Any]) -> str:
-  """From 'models' {model: {probe: {token: accuracy}}}: each model's first 'fewshot*' probe,
-  its 'cls' and 'mean' tokens."""
-  return ("Few-shot probe accuracy on the last block (CLS token / mean of the spatial "
-          "tokens): " + "; ".join((
-              f"{name} " + " / ".join(f"{_fraction(acc)}" for kind, acc in next(
-                  v for k, v in m.items() if k.startswith("fewshot")).items()
-                                      if kind in ("cls", "mean"))
-              for name, m in n["models"].items())) + ".")
+  """From 'models' {model: {'fewshot_<shots>shot_last_layer': {kind: accuracy}, ...}} (the
+  linear-probes study's summary): per model, its 'cls' entry (the CLS token's probe, absent
+  without a CLS token) and its 'token' entry (the mean over the spatial tokens of their
+  per-token probes; absent without per-token probes)."""
+  fewshot = {name: next((k, v) for k, v in m.items() if k.startswith("fewshot_"))
+             for name, m in n["models"].items()}
+  shots = "/".join(sorted({k[len("fewshot_"):].split("shot")[0] for k, _ in fewshot.values()},
+                          key=int))
+
+  def model(name: str, accuracy: Mapping[str, float]) -> str:
+    if "token" not in accuracy:
+      return f"{name} no per-token probes"
+    cls = f"CLS {_fraction(accuracy['cls'])}, " if "cls" in accuracy else ""
+    return f"{name} {cls}spatial {_fraction(accuracy['token'])}"
+
+  return (f"{shots}-shot probe accuracy on the last block of the CLS token and of a single "
+          "spatial token (mean over the spatial tokens' probes): "
+          + "; ".join(model(name, accuracy) for name, (_, accuracy) in fewshot.items()) + ".")
 
 
 def _data_scale(n: Mapping[str, Any]) -> str:
   """From 'models' {model: {'fraction', 'test_accuracy', 'cka_first_layer',
   'cka_last_layer'}} (models without 'cka_first_layer', the reference, are left out)."""
-  return "CKA with the full-data model, first → last layer: " + "; ".join((
-      f"{name} ({_fraction(m['fraction'])} of the data, test accuracy "
-      f"{_fraction(m['test_accuracy'])}) {m['cka_first_layer']:.2f} → "
-      f"{m['cka_last_layer']:.2f}"
-      for name, m in n["models"].items() if "cka_first_layer" in m)) + "."
+  return "CKA of a layer with the same layer of the full-data model, first → last layer: " + (
+      "; ".join(f"{name} ({_fraction(m['fraction'])} of the data, test accuracy "
+                f"{_fraction(m['test_accuracy'])}) {m['cka_first_layer']:.2f} → "
+                f"{m['cka_last_layer']:.2f}"
+                for name, m in n["models"].items() if "cka_first_layer" in m) + ".")
 
 
 # Step key -> its text, in the main job's order.

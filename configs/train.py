@@ -78,6 +78,7 @@ def _base() -> ml_collections.ConfigDict:
       # Reader shards (data.train_batches): None = gcd(batch, 64); a multiple of the hosts.
       num_shards=config_dict.placeholder(int),
       area_range=(0.5, 1.0),             # Random-crop area range (Inception crop).
+      random_flip=True,                  # Left-right flips (False for digits: see reproduce).
       # None: the whole eval split (last partial batch dropped).
       eval_num_examples=config_dict.placeholder(int),
       eval_global_batch_size=120,

@@ -412,7 +412,8 @@ def _train_loop(config: ml_collections.ConfigDict, model: nn.Module,
       global_batch_size=train.global_batch_size, mesh=mesh, seed=config.seed,
       data_dir=cfg_data.data_dir, subset_fraction=cfg_data.subset_fraction,
       subset_seed=cfg_data.subset_seed, start_step=start, shuffle_buffer=cfg_data.shuffle_buffer,
-      area_range=tuple(cfg_data.area_range), num_shards=cfg_data.num_shards)
+      area_range=tuple(cfg_data.area_range), random_flip=cfg_data.random_flip,
+      num_shards=cfg_data.num_shards)
   eval_batches = data.eval_batches(
       cfg_data.name, cfg_data.eval_split, image_size=cfg_data.image_size,
       global_batch_size=cfg_data.eval_global_batch_size, mesh=mesh,

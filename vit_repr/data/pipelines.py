@@ -231,8 +231,8 @@ def default_num_shards(global_batch_size: int) -> int:
 
 def _train_dataset(source: sources._Source, *, image_size: int, global_batch_size: int,
                    seed: int, subset_fraction: float, subset_seed: int, start_step: int,
-                   shuffle_buffer: int, area_range: tuple[float, float], num_shards: int,
-                   process_index: int, process_count: int) -> tf.data.Dataset:
+                   shuffle_buffer: int, area_range: tuple[float, float], random_flip: bool,
+                   num_shards: int, process_index: int, process_count: int) -> tf.data.Dataset:
   """This host's rows of every global training batch (see `train_batches`)."""
   if num_shards < 1 or global_batch_size % num_shards or num_shards % process_count:
     raise ValueError(
@@ -278,7 +278,7 @@ def _train_dataset(source: sources._Source, *, image_size: int, global_batch_siz
 
   def preprocess(ex):
     image = preprocessing._train_preprocess(source.decode(ex["image"]), image_size, ex["seed"],
-                                            area_range)
+                                            area_range, random_flip)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
@@ -291,13 +291,14 @@ def train_numpy_batches(name: str, split: str, *, image_size: int, global_batch_
                         subset_seed: int = 0, start_step: int = 0,
                         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                         area_range: tuple[float, float] = preprocessing.TRAIN_AREA_RANGE,
-                        num_shards: int | None = None, process_index: int | None = None,
+                        random_flip: bool = True, num_shards: int | None = None,
+                        process_index: int | None = None,
                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Host-local training batches as NumPy; same arguments as `train_batches`, no mesh.
 
   Args:
     name, split, image_size, global_batch_size, seed, data_dir, subset_fraction, subset_seed,
-      start_step, shuffle_buffer, area_range, num_shards: as in `train_batches`.
+      start_step, shuffle_buffer, area_range, random_flip, num_shards: as in `train_batches`.
     process_index: host whose rows to load (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
@@ -317,7 +318,7 @@ def train_numpy_batches(name: str, split: str, *, image_size: int, global_batch_
   return _train_dataset(
       source, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
       subset_fraction=subset_fraction, subset_seed=subset_seed, start_step=start_step,
-      shuffle_buffer=shuffle_buffer, area_range=area_range,
+      shuffle_buffer=shuffle_buffer, area_range=area_range, random_flip=random_flip,
       num_shards=num_shards or default_num_shards(global_batch_size),
       process_index=process_index, process_count=process_count).as_numpy_iterator()
 
@@ -327,6 +328,7 @@ def train_batches(name: str, split: str, *, image_size: int, global_batch_size: 
                   subset_seed: int = 0, start_step: int = 0,
                   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                   area_range: tuple[float, float] = preprocessing.TRAIN_AREA_RANGE,
+                  random_flip: bool = True,
                   num_shards: int | None = None) -> Iterator[dict[str, jax.Array]]:
   """Infinite augmented training batches, reshuffled every epoch from `seed`.
 
@@ -355,6 +357,8 @@ def train_batches(name: str, split: str, *, image_size: int, global_batch_size: 
       (each shard holds `shuffle_buffer / num_shards`; a full shuffle of each shard when
       that fits).
     area_range: random-crop area range as fractions of the image.
+    random_flip: flip half the images left-right (off for data that mirroring changes, such
+      as digits).
     num_shards: reader shards; must divide B and be a multiple of the host count (default
       `default_num_shards(B)`). Changing it changes the batches.
 
@@ -371,6 +375,6 @@ def train_batches(name: str, split: str, *, image_size: int, global_batch_size: 
       name, split, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
       data_dir=data_dir, subset_fraction=subset_fraction, subset_seed=subset_seed,
       start_step=start_step, shuffle_buffer=shuffle_buffer, area_range=area_range,
-      num_shards=num_shards)
+      random_flip=random_flip, num_shards=num_shards)
   return _device_prefetch(host_batches, mesh)
 

@@ -10,8 +10,9 @@ Following google-research/vision_transformer `vit_jax/input_pipeline.py` and big
   Inception / big_vision recipe (c = 0.875 gives 256 -> 224).
 * train: Inception-style random resized crop (`sample_distorted_bounding_box` with area
   5%-100%, aspect ratio 3/4-4/3, no minimum object coverage), bilinear resize to
-  `image_size`, random horizontal flip, `x / 127.5 - 1`. All randomness is stateless, keyed by
-  (seed, epoch, example index), so a batch does not depend on when or where it is computed.
+  `image_size`, random horizontal flip (optional), `x / 127.5 - 1`. All randomness is
+  stateless, keyed by (seed, epoch, example index), so a batch does not depend on when or
+  where it is computed.
 """
 
 import tensorflow as tf
@@ -41,11 +42,12 @@ def _eval_preprocess(image: tf.Tensor, image_size: int,
 
 
 def _train_preprocess(image: tf.Tensor, image_size: int, seed: tf.Tensor,
-                      area_range: tuple[float, float]) -> tf.Tensor:
+                      area_range: tuple[float, float], random_flip: bool = True) -> tf.Tensor:
   """uint8 `[h, w, 3]` -> random resized crop + flip, float32 `[size, size, 3]` in [-1, 1].
 
   `seed` is the example's int64 pair (epoch seed, example index); the crop and the flip use
-  the distinct stateless keys (epoch seed, 2 * index) and (epoch seed, 2 * index + 1).
+  the distinct stateless keys (epoch seed, 2 * index) and (epoch seed, 2 * index + 1). Without
+  `random_flip` (data that mirroring changes, such as digits) no image is flipped.
   """
   crop_seed = seed * tf.constant([1, 2], tf.int64)
   flip_seed = crop_seed + tf.constant([0, 1], tf.int64)
@@ -55,7 +57,8 @@ def _train_preprocess(image: tf.Tensor, image_size: int, seed: tf.Tensor,
       use_image_if_no_bounding_boxes=True)
   image = tf.slice(image, begin, size)
   image = tf.image.resize(image, [image_size, image_size])
-  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  if random_flip:
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
   return _to_model_range(image)
 
 

@@ -11,7 +11,7 @@ from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
 from tests.conftest import fake_tfds_cifar10, run_python
-from vit_repr import data
+from vit_repr import data, parallel
 from vit_repr.data import preprocessing, sources
 
 
@@ -363,6 +363,22 @@ def test_train_augmentation_is_crop_flip_of_the_image():
   assert 5 < flips < 35
 
 
+def test_train_without_random_flip_never_mirrors():
+  # Full-area crops and no flip: each training image is its eval image, never its mirror.
+  batch = take(data.train_numpy_batches("digits", "test", area_range=(1.0, 1.0),
+                                        random_flip=False, **TRAIN), 2)
+  ref_images, ref_labels = digits_reference("test")
+  candidates = np.stack([np_resize_bilinear(im, 12, 12) for im in ref_images]) / 127.5 - 1
+  mirrors = candidates[:, :, ::-1]
+  asymmetric = np.abs(candidates - mirrors).max(axis=(1, 2, 3)) > 0.1
+  for image, label in zip(np.concatenate([b["image"] for b in batch]),
+                          np.concatenate([b["label"] for b in batch])):
+    best = np.argmin(np.abs(candidates - image).max(axis=(1, 2, 3)))
+    assert np.abs(candidates[best] - image).max() < 2e-5 and ref_labels[best] == label
+    if asymmetric[best]:
+      assert np.abs(mirrors - image).max(axis=(1, 2, 3)).min() > 2e-5
+
+
 def test_train_hosts_cover_the_split():
   _, ref_labels = digits_reference("test")
   labels = [np.concatenate([b["label"] for b in take(data.train_numpy_batches(
@@ -596,3 +612,194 @@ def test_batches_sharded_over_eight_devices():
       print("OK")
       """)
   assert "OK" in run_python(code, num_devices=8).stdout
+
+
+# ------------------------------------------------------------------------------------------
+# Cluttered digits.
+
+
+def magnified(grey: np.ndarray) -> np.ndarray:
+  """uint8 `[n, 8 s, 8 s]`: grey digits `[n, 8, 8]`, every pixel an s x s block
+  (s = `_CLUTTER_SCALE`)."""
+  block = np.ones((1, sources._CLUTTER_SCALE, sources._CLUTTER_SCALE), np.uint8)
+  return np.kron(grey.astype(np.uint8), block)
+
+
+def cluttered_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The stored 'cluttered_digits' split: uint8 images `[n, 32, 32, 3]`, labels."""
+  _, images, labels, splits = sources._cluttered_digits()
+  return images[splits[split]], labels[splits[split]]
+
+
+def digit_corners(canvases: np.ndarray, digits: np.ndarray) -> np.ndarray:
+  """int `[n, 2]`: the first (row-major) top-left corner at which `canvases[i] >= digits[i]`
+  everywhere under the digit, or (-1, -1) where there is none."""
+  side = digits.shape[1]
+  fits = np.concatenate([
+      (np.lib.stride_tricks.sliding_window_view(canvases[i:i + 500], (side, side), axis=(1, 2))
+       >= digits[i:i + 500, None, None]).all(axis=(3, 4))
+      for i in range(0, len(canvases), 500)])
+  first = fits.reshape(len(fits), -1).argmax(axis=1)
+  corners = np.stack(np.unravel_index(first, fits.shape[1:]), axis=1)
+  return np.where(fits.any(axis=(1, 2))[:, None], corners, -1)
+
+
+def test_cluttered_digits_info():
+  info = data.dataset_info("cluttered_digits")
+  assert info.name == "cluttered_digits" and info.num_classes == 10
+  assert dict(info.splits) == {"train": 5748, "test": 720, "validation": 720}
+  assert info.image_shape == (32, 32, 3)
+  assert "BSD-3" in info.license and "CC BY 4.0" in info.license
+  assert "Alpaydin" in info.citation
+  assert "cluttered_digits" in data.known_datasets()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cluttered_digits_are_the_digits_placed_over_clutter(split):
+  """Placement p of reference digit i is row p * n + i: its label, and its magnified digit
+  lies under the canvas at some corner; every other pixel is clutter (a fragment value, no
+  more than the fragments' area); corners cover the canvas uniformly."""
+  images, labels = cluttered_split(split)
+  ref_images, ref_labels = digits_reference(split)
+  placements = sources._CLUTTER_PLACEMENTS[split]
+  assert images.shape == (placements * len(ref_labels), 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, np.tile(ref_labels, placements))
+  canvases = images[..., 0]
+  np.testing.assert_array_equal(images, np.repeat(canvases[..., None], 3, axis=-1))
+  digits = np.tile(magnified(ref_images[..., 0]), (placements, 1, 1))
+  side, fragment_side = digits.shape[1], sources._CLUTTER_FRAGMENT_SIZE * sources._CLUTTER_SCALE
+  corners = digit_corners(canvases, digits)
+  assert np.all(corners >= 0), f"{np.sum(corners[:, 0] < 0)} canvases lack their digit"
+  # The digit pasted at its corner; any pixel that differs is a fragment pixel: an ink value
+  # of a digit scaled by _CLUTTER_INTENSITY.
+  placed = np.zeros_like(canvases)
+  for canvas, digit, (top, left) in zip(placed, digits, corners):
+    canvas[top:top + side, left:left + side] = digit
+  ink = np.unique(ref_images)
+  fragment_values = np.round(ink * sources._CLUTTER_INTENSITY)
+  clutter = canvases != placed
+  assert np.isin(canvases[clutter], fragment_values).all()
+  assert clutter.any()
+  ink_pixels = np.count_nonzero(canvases, axis=(1, 2))
+  assert np.all(ink_pixels >= np.count_nonzero(digits, axis=(1, 2)))
+  assert np.all(ink_pixels <= np.count_nonzero(digits, axis=(1, 2))
+                + sources._CLUTTER_FRAGMENTS * fragment_side**2)
+  # Uniform corners: every position occurs, the mean within 5 standard errors of the centre.
+  positions = 32 - side + 1
+  standard_error = np.sqrt((positions**2 - 1) / 12 / len(corners))
+  for axis in range(2):
+    assert np.all(np.bincount(corners[:, axis], minlength=positions) > 0)
+    assert abs(corners[:, axis].mean() - (positions - 1) / 2) < 5 * standard_error
+
+
+def test_cluttered_digits_placements_are_drawn_independently():
+  """The placements of one digit, and the test and train splits, use different corners."""
+  train, _ = cluttered_split("train")
+  test, _ = cluttered_split("test")
+  train_digits = magnified(digits_reference("train")[0][..., 0])
+  test_digits = magnified(digits_reference("test")[0][..., 0])
+  n = len(test_digits)
+  first, second = (digit_corners(test[p * n:(p + 1) * n, ..., 0], test_digits) for p in (0, 1))
+  train_first = digit_corners(train[:n, ..., 0], train_digits[:n])
+  assert np.mean(np.all(first == second, axis=1)) < 0.1
+  assert np.mean(np.all(first == train_first, axis=1)) < 0.1
+
+
+def test_cluttered_digits_splits_share_no_digit():
+  """The splits are built from disjoint digits (their reference split, test above) and share
+  no canvas."""
+  _, _, _, digit_splits = sources._digits()
+  assert not np.intersect1d(digit_splits["train"], digit_splits["test"]).size
+  train, _ = cluttered_split("train")
+  test, _ = cluttered_split("test")
+  train_rows = {row.tobytes() for row in train[..., 0]}
+  assert not any(row.tobytes() in train_rows for row in test[..., 0])
+  assert len({row.tobytes() for row in test[..., 0]}) == len(test)
+
+
+def test_cluttered_split_fragments_come_from_the_other_digits(monkeypatch):
+  """Flat digits of distinct values (fragments at half intensity): row p * n + i holds digit i
+  and fragments of other digits only, at most `_CLUTTER_FRAGMENTS` of them."""
+  monkeypatch.setattr(sources, "_CLUTTER_INTENSITY", 0.5)
+  values = np.array([60, 100, 140, 180, 220, 252])
+  digits = np.broadcast_to(values[:, None, None], (6, 8, 8)).astype(np.uint8)
+  canvases = sources._cluttered_split(digits, 3, seed=0)
+  assert canvases.shape == (18, 32, 32) and canvases.dtype == np.uint8
+  assert np.all(digit_corners(canvases, magnified(np.tile(digits, (3, 1, 1)))) >= 0)
+  for row, canvas in enumerate(canvases):
+    own = values[row % 6]
+    clutter = set(np.unique(canvas)) - {0, own}
+    assert clutter <= set(values[values != own] // 2), row
+    assert len(clutter) <= sources._CLUTTER_FRAGMENTS
+  assert set(np.unique(canvases)) - {0, *values}  # Some clutter shows.
+
+
+def test_cluttered_split_is_seeded_and_stored_read_only():
+  digits = digits_reference("test")[0][..., 0].astype(np.uint8)
+  first = sources._cluttered_split(digits, 2, seed=2)
+  np.testing.assert_array_equal(first, sources._cluttered_split(digits, 2, seed=2))
+  assert not np.array_equal(first, sources._cluttered_split(digits, 2, seed=3))
+  _, images, labels, splits = sources._cluttered_digits()
+  for array in (images, labels, splits["test"]):
+    with pytest.raises(ValueError, match="read-only"):
+      array[0] = 1
+
+
+def layered(pieces, corners, canvas_size):
+  """`[len(pieces), canvas_size, canvas_size]`: each piece alone on a dark canvas at its
+  top-left corner."""
+  layers = np.zeros((len(pieces), canvas_size, canvas_size), np.int64)
+  for layer, piece, (top, left) in zip(layers, pieces, corners):
+    layer[top:top + piece.shape[0], left:left + piece.shape[1]] = piece
+  return layers
+
+
+def test_place_with_clutter_draws_fragments_then_digit_and_keeps_the_maximum():
+  # A 5 x 7 digit: its row and column are drawn from different ranges.
+  digit = np.random.default_rng(1).integers(100, 256, (5, 7)).astype(np.uint8)
+  fragments = np.random.default_rng(2).integers(100, 256, (3, 4, 4)).astype(np.uint8)
+  rng = np.random.default_rng(0)
+  canvas = sources.place_with_clutter(digit, fragments, rng, canvas_size=9)
+  draws = np.random.default_rng(0)
+  corners = [(draws.integers(0, 9 - 4 + 1), draws.integers(0, 9 - 4 + 1)) for _ in range(3)]
+  corners.append((draws.integers(0, 9 - 5 + 1), draws.integers(0, 9 - 7 + 1)))
+  layers = layered([*fragments, digit], corners, 9)
+  # The pieces overlap, and the digit lies under a fragment: np.add or pasting would differ.
+  assert (layers > 0).sum(axis=0).max() > 1
+  assert np.any((layers[3] > 0) & (layers[3] < layers[:3].max(axis=0)))
+  assert canvas.dtype == np.uint8 and canvas.shape == (9, 9)
+  np.testing.assert_array_equal(canvas, layers.max(axis=0))
+  assert rng.integers(0, 2**30) == draws.integers(0, 2**30)  # No other draws.
+
+
+def test_place_with_clutter_digit_as_large_as_the_canvas_lands_at_the_origin():
+  digit = np.random.default_rng(3).integers(0, 256, (12, 12)).astype(np.uint8)
+  fragments = np.full((2, 4, 4), 200, np.uint8)
+  canvas = sources.place_with_clutter(digit, fragments, np.random.default_rng(5),
+                                      canvas_size=12)
+  draws = np.random.default_rng(5)
+  corners = [(draws.integers(0, 12 - 4 + 1), draws.integers(0, 12 - 4 + 1)) for _ in range(2)]
+  corners.append((0, 0))
+  np.testing.assert_array_equal(canvas, layered([*fragments, digit], corners, 12).max(axis=0))
+
+
+def test_cluttered_digits_served_by_eval_batches():
+  """Sharded eval batches at the native 32 px hold the test canvases, scaled to [-1, 1], with
+  their labels, in canonical order; 'validation' is the same split."""
+  batches = data.eval_batches("cluttered_digits", "test", image_size=32, global_batch_size=120,
+                              mesh=parallel.make_mesh())
+  assert len(batches) == 6 and batches.plan.num_examples == 720
+  rows = [(np.asarray(b["image"]), np.asarray(b["label"])) for b in batches]
+  order = batches.plan.positions.ravel()
+  images, labels = np.empty((720, 32, 32, 3), np.float32), np.empty(720, np.int64)
+  images[order] = np.concatenate([image for image, _ in rows])
+  labels[order] = np.concatenate([label for _, label in rows])
+  canvases, split_labels = cluttered_split("test")
+  np.testing.assert_array_equal(labels, split_labels)
+  np.testing.assert_array_equal(labels, np.tile(digits_reference("test")[1], 2))
+  np.testing.assert_allclose(images, canvases / 127.5 - 1, atol=2e-5)
+  assert images.min() >= -1.0 and images.max() <= 1.0
+  validation, validation_labels = collect(data.eval_numpy_batches(
+      "cluttered_digits", "validation", image_size=32, global_batch_size=720))
+  np.testing.assert_array_equal(validation_labels, split_labels)
+  np.testing.assert_allclose(validation, canvases / 127.5 - 1, atol=2e-5)

@@ -17,6 +17,19 @@ gs://), or an embedded dataset that ships inside an installed package and needs 
   configs written for ImageNet's 'train' / 'validation' run on them with only the dataset name
   changed.
 
+* `'cluttered_digits'`: the same digits with spatial structure, built offline and
+  deterministically from them (`_cluttered_digits`): each digit, drawn at 24x24 (every pixel
+  repeated 3x3), is placed at a uniformly random position on a dark 32x32 canvas (a shift of up
+  to 8 px) over 2 clutter fragments (random 2x2 crops of other digits of the same split, drawn
+  as 6x6 at half the ink at random positions, overlapping ink kept at its maximum), in the
+  manner of cluttered MNIST (Mnih et al., "Recurrent Models of Visual Attention", NeurIPS 2014).
+  At 32 px with 4-px patches a ViT sees an 8x8 token grid in which the digit covers 6x6 tokens
+  at a varying place, so local and global heads, localization and the CLS-vs-GAP contrast have
+  room to appear. Splits follow the
+  source digits (no digit is in two splits): 'train' 5,748 (4 placements of each of the 1,437
+  train digits), 'test' 720 (2 placements of each of the 360 test digits); 'validation' names
+  'test'. Same provenance and licenses as 'digits'; served at its native 32x32.
+
 Example order and subsets. Examples are identified by their index in the split's canonical
 (on-disk, unshuffled) order. `subset_fraction=f, subset_seed=s` keeps the first
 `round(f * n)` entries of one fixed permutation of `range(n)` drawn from `jax.random.key(s)`,
@@ -28,6 +41,7 @@ are read in canonical order (`_read_indexed`).
 
 import dataclasses
 import difflib
+import functools
 import types
 from collections.abc import Callable, Mapping
 
@@ -39,6 +53,20 @@ from absl import logging
 
 _DIGITS_TEST_SIZE = 360
 _DIGITS_SPLIT_SEED = 0
+_DIGITS_LICENSE = ("scikit-learn: BSD-3-Clause; UCI Optical Recognition of Handwritten Digits "
+                   "data set: CC BY 4.0.")
+_DIGITS_CITATION = ("E. Alpaydin and C. Kaynak. Optical Recognition of Handwritten Digits. UCI "
+                    "Machine Learning Repository, 1998. doi:10.24432/C50P49")
+# 'cluttered_digits': canvas side, digit magnification, clutter fragments per image, their side
+# in source pixels and their ink relative to the digit's, placements of each source digit per
+# split, and the seed of each split.
+_CLUTTER_CANVAS = 32
+_CLUTTER_SCALE = 3
+_CLUTTER_FRAGMENTS = 2
+_CLUTTER_FRAGMENT_SIZE = 2
+_CLUTTER_INTENSITY = 0.5
+_CLUTTER_PLACEMENTS = {"train": 4, "test": 2}
+_CLUTTER_SEEDS = {"train": 1, "test": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,16 +133,87 @@ def _digits() -> tuple[DatasetInfo, np.ndarray, np.ndarray, dict[str, np.ndarray
           "digits 0-9 from 13 writers, values 0..16 rescaled to 0..255, grey repeated to RGB; "
           "stratified seeded split (seed 0) into 1,437 train / 360 test ('validation' names "
           "the same 360 test images)."),
-      license=("scikit-learn: BSD-3-Clause; UCI Optical Recognition of Handwritten Digits "
-               "data set: CC BY 4.0."),
-      citation=("E. Alpaydin and C. Kaynak. Optical Recognition of Handwritten Digits. UCI "
-                "Machine Learning Repository, 1998. doi:10.24432/C50P49"))
+      license=_DIGITS_LICENSE, citation=_DIGITS_CITATION)
+  return info, images, labels, splits
+
+
+def place_with_clutter(digit: np.ndarray, fragments: np.ndarray, rng: np.random.Generator,
+                       canvas_size: int = _CLUTTER_CANVAS) -> np.ndarray:
+  """One cluttered canvas: `fragments` then `digit` pasted at uniformly random positions.
+
+  Args:
+    digit: uint8 `[h, w]`, the magnified digit.
+    fragments: uint8 `[k, f, f]`, the magnified clutter fragments.
+    rng: draws each fragment's top-left corner, then the digit's (row before column), each
+      uniform over the positions where it fits on the canvas.
+    canvas_size: side of the square canvas, at least the digit's and the fragments' sides.
+
+  Returns:
+    uint8 `[canvas_size, canvas_size]`: zero where nothing is drawn, else the maximum of the
+    overlapping pasted pixels.
+  """
+  canvas = np.zeros((canvas_size, canvas_size), np.uint8)
+  for piece in (*fragments, digit):
+    rows, cols = piece.shape
+    top, left = rng.integers(0, canvas_size - rows + 1), rng.integers(0, canvas_size - cols + 1)
+    window = canvas[top:top + rows, left:left + cols]
+    np.maximum(window, piece, out=window)
+  return canvas
+
+
+def _cluttered_split(digits: np.ndarray, placements: int, seed: int) -> np.ndarray:
+  """uint8 `[placements * n, 32, 32]` from grey digits `[n, 8, 8]`: placement p of digit i is
+  row p * n + i; its fragments are crops of other digits of the same `digits`."""
+  rng = np.random.default_rng(seed)
+  magnified = digits.repeat(_CLUTTER_SCALE, axis=1).repeat(_CLUTTER_SCALE, axis=2)
+  size, side = _CLUTTER_FRAGMENT_SIZE * _CLUTTER_SCALE, magnified.shape[1]
+  canvases = []
+  for _ in range(placements):
+    for index, digit in enumerate(magnified):
+      others = (index + rng.integers(1, len(digits), size=_CLUTTER_FRAGMENTS)) % len(digits)
+      corners = rng.integers(0, side - size + 1, size=(_CLUTTER_FRAGMENTS, 2))
+      fragments = np.stack([magnified[o, r:r + size, c:c + size]
+                            for o, (r, c) in zip(others, corners)])
+      fragments = np.round(fragments * _CLUTTER_INTENSITY).astype(np.uint8)
+      canvases.append(place_with_clutter(digit, fragments, rng))
+  return np.stack(canvases)
+
+
+@functools.cache
+def _cluttered_digits() -> tuple[DatasetInfo, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+  """The digits placed on cluttered 32x32 canvases: uint8 images `[6468, 32, 32, 3]`, labels,
+  split indices (module docstring). Built once per process (about a second), read-only."""
+  _, digit_images, digit_labels, digit_splits = _digits()
+  images, labels, splits = [], [], {}
+  for split in ("train", "test"):
+    indices = digit_splits[split]
+    canvases = _cluttered_split(digit_images[indices, ..., 0], _CLUTTER_PLACEMENTS[split],
+                                _CLUTTER_SEEDS[split])
+    start = sum(len(i) for i in images)
+    splits[split] = np.arange(start, start + len(canvases))
+    images.append(np.repeat(canvases[..., None], 3, axis=-1))
+    labels.append(np.tile(digit_labels[indices], _CLUTTER_PLACEMENTS[split]))
+  splits["validation"] = splits["test"]
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  for array in (images, labels, *splits.values()):
+    array.setflags(write=False)
+  info = DatasetInfo(
+      name="cluttered_digits", num_classes=10, splits={k: len(v) for k, v in splits.items()},
+      image_shape=(_CLUTTER_CANVAS, _CLUTTER_CANVAS, 3),
+      class_names=tuple(str(i) for i in range(10)),
+      description=(
+          "The 'digits' (UCI ML hand-written digits as bundled with scikit-learn), each drawn "
+          "at 24x24 at a random position on a 32x32 canvas over 2 clutter fragments (2x2 crops "
+          "of other digits of its split, drawn at 6x6 with half the ink); 4 placements of "
+          "each of the 1,437 train digits (5,748 'train'), 2 of each of the 360 test digits "
+          "(720 'test', also named 'validation'); seeded, built offline."),
+      license=_DIGITS_LICENSE, citation=_DIGITS_CITATION)
   return info, images, labels, splits
 
 
 # To add an embedded dataset, add one function returning (info, uint8 images [N, h, w, 3],
 # int64 labels [N], {split: example indices}).
-_EMBEDDED = types.MappingProxyType({"digits": _digits})
+_EMBEDDED = types.MappingProxyType({"digits": _digits, "cluttered_digits": _cluttered_digits})
 
 
 def _embedded_source(name: str, split: str) -> _Source:

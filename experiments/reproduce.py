@@ -6,7 +6,6 @@ r"""The main job: reproduces the paper's studies into one work directory.
 `make demo` runs the first line on the embedded dataset.
 """
 
-import json
 import os
 import shlex
 import sys
@@ -28,11 +27,11 @@ def main(argv):
   common.setup(argv, _CONFIG.value, _WORKDIR.value)
   command = "python -m experiments.reproduce " + shlex.join(sys.argv[1:])
   summary = reproduction.run(_CONFIG.value, _WORKDIR.value, command=command)
-  logging.info("Summary: %s", json.dumps(summary))
   workdir = files.absolute(_WORKDIR.value)
-  figures = [path for path in files.walk_files(workdir) if path.endswith(".png")]
-  print(f"Results are in {workdir}; figures:\n  " + "\n  ".join(figures))
-  print(f"Report: {files.join(workdir, reproduction.REPORT_FILE)}")
+  logging.info("Headline numbers of every step: %s", files.join(workdir, "summary.json"))
+  print(f"Results (arrays, figures as PNG and PDF) are in {workdir}.\n")
+  print(reproduction.judgement_table(summary))
+  print(f"\nReport: {files.join(workdir, reproduction.REPORT_FILE)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import pytest
 
 from tests.conftest import images_loaded_in_chromium
-from vit_repr import plotting, report, results
+from vit_repr import judgements, plotting, report, results
 
 
 def _figure(stem: str, value: float) -> str:
@@ -47,6 +47,35 @@ def test_report_embeds_every_figure_and_caption(tmp_path):
   assert "python -m experiments.reproduce --workdir=/tmp/r" in page
   assert '"jax":' in page or "&quot;jax&quot;" in page  # Versions.
   assert "num_examples" in page
+
+
+def _judgement(finding: str, low: float) -> judgements.Judgement:
+  return judgements.Judgement(finding=finding, statistic="CKA <difference>", value=low + 0.1,
+                              low=low, high=low + 0.2, threshold=0.0, side="above",
+                              interval="95% interval")
+
+
+def test_report_tables_the_judged_findings_on_top_and_in_their_sections(tmp_path):
+  shown, not_shown = _judgement("ViT is uniform", 0.05), _judgement("heads & depth", -0.05)
+  path = report.write_html_report(
+      str(tmp_path / "report.html"), title="Reproduction", intro="On digits.",
+      sections=[_section([], judgements=[shown]), _section([], title="Attention",
+                                                           judgements=[not_shown])],
+      environment={}, judgements=[shown, not_shown])
+  with open(path) as f:
+    page = f.read()
+  top = page[:page.index("<section")]
+  assert "Findings judged on this run: 1 of 2 shown" in top
+  for judgement in (shown, not_shown):
+    finding = judgement.finding.replace("&", "&amp;")
+    assert page.count(f"<td>{finding}</td>") == 2  # On top and in its section.
+  assert '<td class="shown">shown</td>' in top
+  assert '<td class="not-shown">not shown on this data</td>' in top
+  assert "+0.150 [+0.050, +0.250]" in top and "+0.050 [-0.050, +0.150]" in top
+  assert "CKA &lt;difference&gt;; needs above 0 (95% interval)" in top
+  sections = page[page.index("<section"):]
+  assert sections.index("ViT is uniform") < sections.index("<h2>2. Attention")
+  assert sections.index("heads &amp; depth") > sections.index("<h2>2. Attention")
 
 
 def test_missing_figure_names_the_section(tmp_path):

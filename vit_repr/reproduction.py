@@ -21,9 +21,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
-from vit_repr import files, findings, report, results, training
+from vit_repr import files, findings, judgements, report, results, training
 from vit_repr.studies import (attention_distance, data_scale, dataset, linear_probes, loading,
                               localization, receptive_field, representation, runner,
                               skip_connections)
@@ -118,14 +119,20 @@ def completed(result: runner.Outcome, key: str) -> runner.StudyResult:
   return result
 
 
+def _judged(*judged: judgements.Judgement) -> dict[str, list[dict[str, Any]]]:
+  """{'judgements': the JSON records of `judged`}, the key every step's numbers use."""
+  return {"judgements": [judgement.to_json() for judgement in judged]}
+
+
 def dataset_summary(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The dataset every study reads: class counts, pixel statistics, examples, the pipeline."""
   return dataset.run(config, workdir).summary
 
 
 def representation_structure(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Study 1 (paper Figs 1-2): CKA heatmaps within and across the trained ViT and ResNet, and
-  the `findings` statistics of those heatmaps (rounded to 3 decimals)."""
+  """Study 1 (paper Figs 1-2): CKA heatmaps within and across the trained ViT and ResNet, the
+  `findings` statistics of those heatmaps (rounded to 3 decimals), and the judgements of
+  'ViT uniform, ResNet staged' and 'ResNet's lower half matches ViT's lower layers'."""
   study = study_config(config, workdir, "representation")
   heatmaps = completed(representation.run(study, files.join(workdir, "representation")),
                        "representation")
@@ -136,25 +143,42 @@ def representation_structure(config: ml_collections.ConfigDict, workdir: str) ->
                        for k in ("cka_aa", "cka_bb", "cka_ab")},
           "vit_depth_matching_lower_resnet": round(
               findings.vit_depth_matching_lower_resnet(cross), 3),
-          "top_vit_best_cka_to_resnet": round(findings.top_vit_best_cka_to_resnet(cross), 3)}
+          "top_vit_best_cka_to_resnet": round(findings.top_vit_best_cka_to_resnet(cross), 3),
+          **_judged(judgements.judge_uniformity(arrays["cka_aa"], arrays["stderr_aa"],
+                                                arrays["cka_bb"], arrays["stderr_bb"]),
+                    judgements.judge_lower_vit_depth(cross, arrays["stderr_ab"]))}
 
 
 def spatial_localization(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Study 4a (paper Figs 9-10): token-vs-patch CKA maps of the ViT-CLS, ViT-GAP and ResNet."""
-  summary = dict(completed(localization.run(study_config(config, workdir, "localization"),
-                                            files.join(workdir, "localization")),
-                           "localization").summary)
+  """Study 4a (paper Figs 9-10): token-vs-patch CKA maps of the ViT-CLS, ViT-GAP and ResNet,
+  and the judgement of 'a CLS ViT keeps location better than a GAP ViT' on their top layers
+  (the last layer each lists; models `config.findings.cls_vit` and `gap_vit`)."""
+  result = completed(localization.run(study_config(config, workdir, "localization"),
+                                      files.join(workdir, "localization")), "localization")
+  summary = dict(result.summary)
   layers = summary.pop("layers")
+
+  def top_layer(model: str) -> tuple[np.ndarray, np.ndarray]:
+    """Own-patch CKA of each token of `model`'s last layer, and its standard error `[tokens]`."""
+    layer = result.arrays[f"layers/{model}"][-1]
+    return (result.arrays[f"own_patch/{model}/{layer}"].ravel(),
+            result.arrays[f"own_patch_stderr/{model}/{layer}"].ravel())
+
   return {**summary, "own_patch": {f"{model}:{layer}": numbers
                                    for model, by_layer in layers.items()
-                                   for layer, numbers in by_layer.items()}}
+                                   for layer, numbers in by_layer.items()},
+          **_judged(judgements.judge_cls_localization(*top_layer(config.findings.cls_vit),
+                                                      *top_layer(config.findings.gap_vit)))}
 
 
 def attention_distances(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Study 2a (paper Figs 3-5): mean attention distance of every head of the trained ViT, and
-  the CKA of each lower-block head with the lower layers of the trained ResNet."""
-  return completed(attention_distance.run(study_config(config, workdir, "attention"),
-                                          files.join(workdir, "attention")), "attention").summary
+  """Study 2a (paper Figs 3-5): mean attention distance of every head of the trained ViT, the
+  CKA of each lower-block head with the lower layers of the trained ResNet, and the judgement
+  of 'lower blocks mix local and global heads, higher blocks are global'."""
+  result = completed(attention_distance.run(study_config(config, workdir, "attention"),
+                                            files.join(workdir, "attention")), "attention")
+  return {**result.summary, **_judged(judgements.judge_local_and_global_heads(
+      result.arrays["distance"], result.arrays["distance_stderr"]))}
 
 
 def receptive_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -165,13 +189,28 @@ def receptive_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def skip_connection_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Study 3 (paper Figs 7-8): norm ratios of the trained models, and ViTs trained without the
-  skip connections of one block against the unablated ViT."""
+  """Study 3 (paper Figs 7-8): norm ratios of the trained models, ViTs trained without the
+  skip connections of one block against the unablated ViT, and the judgements of 'the CLS
+  token's norm ratio falls relative to the spatial tokens' with depth' (the ViT
+  `config.findings.cls_vit`) and 'removing skip connections lowers accuracy'."""
   study = study_config(config, workdir, "skip_connections")
   study.models = config.models
   study.models_dir = files.join(workdir, "models")
-  return completed(skip_connections.run(study, files.join(workdir, "skip_connections")),
-                   "skip_connections").summary
+  result = completed(skip_connections.run(study, files.join(workdir, "skip_connections")),
+                     "skip_connections")
+  norm_ratios = result.parts["norm_ratios"]
+  ratios, vit = norm_ratios.arrays, config.findings.cls_vit
+  cls, spatial = (norm_ratios.metadata["groups"].index(group) for group in ("cls", "spatial"))
+  of_means, stderr = ratios[f"{vit}/ratio_of_means"], ratios[f"{vit}/ratio_of_means_stderr"]
+  accuracy = result.summary["ablation"]["test_accuracy"]
+  reference = config.skip_connections.ablation.reference
+  test_examples = trained_model(config, workdir, reference).final_eval["num_examples"]
+  return {**result.summary, **_judged(
+      judgements.judge_norm_ratio_change(of_means[:, cls], of_means[:, spatial], stderr[:, cls],
+                                         stderr[:, spatial]),
+      judgements.judge_skip_removal(accuracy[reference],
+                                    [accuracy[name] for name in accuracy if name != reference],
+                                    test_examples))}
 
 
 def probes(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -184,12 +223,27 @@ def probes(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def data_scaling(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Study 4c (paper Figs 12-13): ViTs trained on nested subsets of the training data against
-  the full-data ViT, layer by layer (CKA) and by probe accuracy."""
+  the full-data ViT, layer by layer (CKA) and by probe accuracy, and the judgement of
+  'intermediate layers probe better with more data': the few-shot probe accuracy of the
+  layers between the first and the last (per seed, averaged over those layers) of the
+  full-data model against the model trained on the smallest subset."""
   study = study_config(config, workdir, "data_scale")
   study.models = {name: config.models[name] for name in study.models}
   study.models_dir = files.join(workdir, "models")
-  return completed(data_scale.run(study, files.join(workdir, "data_scale")),
-                   "data_scale").summary
+  result = completed(data_scale.run(study, files.join(workdir, "data_scale")), "data_scale")
+  arrays, full = result.arrays, config.data_scale.reference
+  smallest = str(arrays["models"][np.argmin(arrays["fractions"])])
+
+  def intermediate_layers(model: str) -> np.ndarray:
+    """`[seeds]` few-shot accuracy of `model`'s CLS token (mean-pooled tokens without one),
+    averaged over its probed layers but the first and the last."""
+    mode = "cls" if f"probe/fewshot_seeds/cls/{model}" in arrays else "mean"
+    per_layer = arrays[f"probe/fewshot_seeds/{mode}/{model}"]  # [layers, seeds]
+    return per_layer[1:-1].mean(0) if len(per_layer) > 2 else per_layer.mean(0)
+
+  return {**result.summary, **_judged(judgements.judge_probe_data_scale(
+      intermediate_layers(full), intermediate_layers(smallest),
+      result.metadata["probe_test_examples"]))}
 
 
 def trained_models_of(config: ml_collections.ConfigDict, key: str) -> dict[tuple[str, ...], str]:
@@ -231,11 +285,11 @@ STEPS: tuple[Step, ...] = (
     Step(key="receptive_fields", run=receptive_fields, config_keys=("receptive_fields",),
          figures=("receptive_fields/figures/receptive_field.png",)),
     Step(key="skip_connections", run=skip_connection_study,
-         config_keys=("models", "skip_connections"),
+         config_keys=("models", "skip_connections", "findings"),
          figures=("skip_connections/figures/norm_ratios.png",
                   "skip_connections/figures/skip_ablation_self.png",
                   "skip_connections/figures/skip_ablation_vs_reference.png")),
-    Step(key="localization", run=spatial_localization, config_keys=("localization",),
+    Step(key="localization", run=spatial_localization, config_keys=("localization", "findings"),
          figures=("localization/figures/localization.png",)),
     Step(key="probes", run=probes, config_keys=("probes",),
          figures=("probes/figures/linear_probes.png",
@@ -277,6 +331,17 @@ def observations(summary: dict[str, dict[str, Any]]) -> dict[str, str]:
   """{step key: the sentence saying what this run shows} for the steps in `summary`."""
   return {step.key: step.finding.observed(summary[step.key])
           for step in STEPS if step.key in summary}
+
+
+def judged(summary: Mapping[str, Mapping[str, Any]]) -> list[judgements.Judgement]:
+  """The findings judged in `summary` ({step key: numbers}), in step order."""
+  return [judgements.Judgement.from_json(record) for step in STEPS if step.key in summary
+          for record in summary[step.key].get("judgements", ())]
+
+
+def judgement_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+  """The findings judged in `summary`, as a plain-text table (`judgements.table`)."""
+  return judgements.table(judged(summary))
 
 
 def figures(workdir: str, key: str) -> list[str]:
@@ -321,14 +386,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[str]
       numbers = {**step.run(config, workdir), "seconds": round(time.perf_counter() - start, 1)}
       _record(record_path, fingerprint, numbers)
       logging.info("[%d/%d] %s done in %.1f s: %s", index, len(selected), finding.title,
-                   numbers["seconds"], numbers)
+                   numbers["seconds"], finding.observed(numbers))
     summary[step.key] = numbers
     sections.append(report.Section(
         title=finding.title, paper_finding=finding.paper_finding,
         observed=finding.observed(numbers),
         figures=[files.join(workdir, f) for f in step.figures], command=command,
         config={k: config[k].to_dict() for k in step.config_keys if k in config},
-        numbers=numbers))
+        numbers={k: v for k, v in numbers.items() if k != "judgements"},
+        judgements=judged({step.key: numbers})))
   if steps is None:
     files.write_json(files.join(workdir, "summary.json"), summary, indent=2)
   if steps is None and jax.process_index() == 0:  # The report reads every figure back.
@@ -337,6 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, steps: Sequence[str]
         title="Do Vision Transformers See Like Convolutional Neural Networks? — reproduction",
         intro=(f"Raghu et al., NeurIPS 2021, reproduced by vit_repr on {config.data.name!r} "
                f"with `{command}`."),
-        sections=sections, environment=results.environment_metadata())
+        sections=sections, judgements=judged(summary),
+        environment=results.environment_metadata())
     logging.info("Report: %s", path)
   return summary

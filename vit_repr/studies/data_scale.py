@@ -21,7 +21,9 @@ Outputs in the workdir: `data_scale.{npz,json}` with 'models' (trained names, by
 'fractions', 'layers', 'cka_to_reference' `[models, layers]` (NaN for the reference itself:
 1 by definition), 'cka_stderr', the reference's layer names, and the probe curves
 'probe/<section>/<mode>/<model>' `[layers]` (section 'fewshot' at the largest shot count, mean
-over seeds, or 'linear') with each model's layer names 'probe/layers/<model>';
+over seeds, or 'linear') with each model's layer names 'probe/layers/<model>', and per seed
+'probe/fewshot_seeds/<mode>/<model>' `[layers, seeds]` (metadata 'probe_test_examples': the
+examples each probe is tested on);
 `figures/data_scale.{png,pdf}` (left: Fig 12, CKA per layer to the full-data model, one curve
 per fraction; right: Fig 13, probe accuracy per layer, one curve per model).
 """
@@ -118,6 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
         values = probe_arrays[f"{key}/{section}/{mode}"]
         arrays[f"probe/{section}/{mode}/{key}"] = (values[:, -1].mean(-1) if section == "fewshot"
                                                    else values)
+      arrays[f"probe/fewshot_seeds/{mode}/{key}"] = probe_arrays[f"{key}/fewshot/{mode}"][:, -1]
   metadata = {
       "reference": config.reference,
       "models": {n: {**loading.describe(specs[n]), "subset_fraction": fractions[n],
@@ -127,6 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> runner.Outcome:
       "cka": "Study 1 (minibatch linear CKA, unbiased HSIC) between each subset model and the "
              "reference; per-layer values are the diagonal of the cross heatmap",
       "probes": probe_meta["fewshot"],
+      "probe_test_examples": next(iter(probe_meta["models"].values()))["num_test_examples"],
       "models_dir": files.absolute(models_dir),
   }
   summary = {n: {"fraction": fractions[n], "test_accuracy": round(accuracies[n], 4)}

@@ -15,7 +15,8 @@ config resumes there and ends with the same numbers. A state from another config
 Outputs in the workdir: `localization.{npz,json}` (`layers/<model>` the model's layers in
 computation order, `maps/<model>/<layer>` `[g, g, g, g]` CKA of
 the token at (q_row, q_col) with the patch at (p_row, p_col), `stderr/<model>/<layer>`,
-`own_patch/<model>/<layer>` `[g, g]` each token's CKA with its own patch; metadata with the
+`own_patch/<model>/<layer>` `[g, g]` each token's CKA with its own patch and
+`own_patch_stderr/<model>/<layer>` its standard error; metadata with the
 config, models, grids, example counts and per-layer summaries) and
 `figures/localization.{png,pdf}` (one row per model and layer, one column per position).
 """
@@ -113,6 +114,8 @@ def _finish(study: runner.Study, found: dict[str, localization.LocalizationResul
       arrays[f"maps/{name}/{layer}"] = maps
       arrays[f"stderr/{name}/{layer}"] = res.stderr[layer]
       arrays[f"own_patch/{name}/{layer}"] = localization.own_patch_similarity(maps)
+      arrays[f"own_patch_stderr/{name}/{layer}"] = localization.own_patch_similarity(
+          res.stderr[layer])
       summaries[name][layer] = {"grid": res.grids[layer], **_layer_summary(maps)}
       rows.append(plotting.LocalizationRow(
           label=f"{name}\n{display_name(layer)}", maps=maps,

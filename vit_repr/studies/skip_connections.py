@@ -11,8 +11,8 @@ uniform CKA structure of the model around that block and costs accuracy (Fig 8).
     `config.data`, accumulating ||z|| / ||f(z)|| of every residual sub-layer the model lists
     (its `residual_sublayers()`; `vit_repr.residual.NormRatio`, definitions there) in one
     jitted step per batch (forward pass and accumulation fused, batch sharded over the mesh).
-    Writes `norm_ratios.{npz,json}` (per model: `<key>/ratio_of_means`,
-    `<key>/mean_of_ratios`, `<key>/norm_stream`, `<key>/norm_branch` and `<key>/num_tokens`
+    Writes `norm_ratios.{npz,json}` (per model: `<key>/ratio_of_means`, its standard error
+    `<key>/ratio_of_means_stderr`, `<key>/mean_of_ratios`, `<key>/norm_stream`, `<key>/norm_branch` and `<key>/num_tokens`
     `[L, 3]` with columns `residual.GROUPS` (cls, spatial, register: the CLS and distillation
     tokens, the patch tokens, the register tokens, from the model's `token_layout().prefix`;
     NaN for a group the model lacks), `<key>/names`, `<key>/blocks`,
@@ -136,8 +136,8 @@ def _run_norm_ratios(study: runner.Study, models_dir: str) -> runner.Outcome:
     result, layers = norm_ratios(spec, study, f"norm_ratio_state_{key}.npz")
     if isinstance(result, runner.Interrupted):
       return result
-    for field in ("ratio_of_means", "mean_of_ratios", "norm_stream", "norm_branch",
-                  "num_tokens"):
+    for field in ("ratio_of_means", "ratio_of_means_stderr", "mean_of_ratios", "norm_stream",
+                  "norm_branch", "num_tokens"):
       arrays[f"{key}/{field}"] = getattr(result, field)
     arrays[f"{key}/names"] = np.asarray(result.names, dtype=str)
     arrays[f"{key}/blocks"] = np.asarray([layer.block for layer in layers])

@@ -74,6 +74,50 @@ def _run_notebook_and_check_its_figures(path: str, workdir: str) -> None:
     assert f"{key}: " in printed, path
 
 
+def _judged_values_from_saved_arrays(workdir: str, summary: dict) -> list[float]:
+  """The seven judged statistics, in step order, recomputed with NumPy from the arrays the
+  steps saved (the definitions of vit_repr.judgements, written out here)."""
+  def load(subdir, name):
+    return results.read_results(os.path.join(workdir, subdir), name)[0]
+
+  def cross_half(heatmap):  # Lower-half rows x upper-half columns.
+    half = len(heatmap) // 2
+    return np.nanmean(heatmap[:half, len(heatmap) - half:])
+
+  def spread(rows):  # Mean over blocks of the range of head distances.
+    return np.mean([row.max() - row.min() for row in rows])
+
+  def halves(values):  # Mean of the lower half minus the mean of the upper half.
+    half = len(values) // 2
+    return np.nanmean(values[:half]) - np.nanmean(values[len(values) - half:])
+
+  cka = load("representation", "cka_heatmap")
+  cross = cka["cka_ab"]
+  lower_resnet = cross[:, :max(1, cross.shape[1] // 2)]
+  distance = load("attention", "attention_distance")["distance"]
+  third = max(1, len(distance) // 3)
+  ratios = load("skip_connections", "norm_ratios")["vit_cls/ratio_of_means"]
+  accuracy = summary["skip_connections"]["ablation"]["test_accuracy"]
+  maps = load("localization", "localization")
+
+  def top_own_patch(model):
+    return np.nanmean(maps[f"own_patch/{model}/{maps[f'layers/{model}'][-1]}"])
+
+  scale = load("data_scale", "data_scale")
+  smallest = scale["models"][np.argmin(scale["fractions"])]
+
+  def intermediate(model):
+    return scale[f"probe/fewshot_seeds/cls/{model}"][1:-1].mean()
+
+  return [cross_half(cka["cka_aa"]) - cross_half(cka["cka_bb"]),
+          np.mean(np.nanargmax(lower_resnet, axis=0)) / (len(cross) - 1),
+          spread(distance[:third]) - spread(distance[-third:]),
+          halves(np.log(ratios[:, 0] / ratios[:, 1])),
+          accuracy["vit_cls"] - accuracy["vit_noskip_block1"],
+          top_own_patch("vit_cls") - top_own_patch("vit_gap"),
+          intermediate("vit_cls") - intermediate(smallest)]
+
+
 @pytest.mark.slow
 @pytest.mark.seconds(350)
 def test_notebooks_then_the_demo_command(tmp_path):
@@ -86,23 +130,39 @@ def test_notebooks_then_the_demo_command(tmp_path):
                            for p in glob.glob(os.path.join(workdir, "steps", "*.json"))}
   before = {k: os.path.getmtime(os.path.join(workdir, "steps", f"{k}.json"))
             for k in computed_by_notebooks}
-  subprocess.run([sys.executable, "-m", "experiments.reproduce",
-                  "--config=configs/reproduce.py:runlocal", f"--workdir={workdir}"],
-                 cwd=REPO_ROOT, check=True, capture_output=True, timeout=1800)
+  printed = subprocess.run([sys.executable, "-m", "experiments.reproduce",
+                            "--config=configs/reproduce.py:runlocal", f"--workdir={workdir}"],
+                           cwd=REPO_ROOT, check=True, capture_output=True, timeout=1800,
+                           text=True).stdout
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   assert list(summary) == [step.key for step in reproduction.STEPS]
+
+  # Seven findings judged, each value the statistic of the saved arrays, each verdict its
+  # interval's; the terminal ends with their table and the report's path.
+  judged = reproduction.judged(summary)
+  assert [len(summary[k].get("judgements", ())) for k in summary] == [0, 0, 2, 1, 0, 2, 1, 0, 1]
+  np.testing.assert_allclose([j.value for j in judged],
+                             _judged_values_from_saved_arrays(workdir, summary), atol=1.5e-4)
+  for judgement in judged:
+    assert judgement.low <= judgement.value <= judgement.high or judgement.low == judgement.high
+  shown = sum(j.shown for j in judged)
+  lines = printed.rstrip().splitlines()
+  assert lines[-2] == f"Shown: {shown} of 7 findings." and lines[-1].startswith("Report: ")
+  assert all(len(line) <= 100 for line in lines)
+  for judgement in judged:
+    assert judgement.verdict() in printed
   # What the notebooks computed was reused, not recomputed.
   assert computed_by_notebooks >= {"representation", "attention", "localization"}
   for key, mtime in before.items():
     assert os.path.getmtime(os.path.join(workdir, "steps", f"{key}.json")) == mtime, key
 
   arrays, metadata = results.read_results(workdir, "dataset_summary")
-  # sklearn's digits: 1,797 images, a stratified 1,437 / 360 split.
-  assert metadata["train"]["num_examples"] == 1437
-  assert metadata["test"]["num_examples"] == 360
-  assert arrays["train/class_counts"].sum() + arrays["test/class_counts"].sum() == 1797
-  # The sharded pipeline sees exactly the labels the summary counted (360 = 3 batches of 120).
+  # The cluttered digits: 4 placements of the 1,437 train digits, 2 of the 360 test digits.
+  assert metadata["train"]["num_examples"] == 5748
+  assert metadata["test"]["num_examples"] == 720
+  assert arrays["train/class_counts"].sum() + arrays["test/class_counts"].sum() == 6468
+  # The sharded pipeline sees exactly the labels the summary counted (720 = 6 batches of 120).
   np.testing.assert_array_equal(arrays["pipeline/label_histogram"],
                                 arrays["test/class_counts"])
   # Every model was trained (smoke-test length) and its final parameters saved.
@@ -128,6 +188,9 @@ def test_notebooks_then_the_demo_command(tmp_path):
     assert (html.escape(step.finding.title) in page
             and html.escape(step.finding.paper_finding) in page)
   assert "python -m experiments.reproduce --config=configs/reproduce.py:runlocal" in page
+  assert f"Findings judged on this run: {shown} of 7 shown" in page
+  for judgement in judged:  # In the table at the top and in its step's section.
+    assert page.count(html.escape(judgement.finding)) == 2
   figures = [f for step in reproduction.STEPS for f in step.figures]
   loaded = images_loaded_in_chromium(report_path, workdir)
   assert [alt for alt, _ in loaded] == [os.path.basename(f) for f in figures]

@@ -218,6 +218,16 @@ def _resampled_judgement(compute: Callable[..., float], values: Sequence[np.ndar
                f"errors")
 
 
+def _normal_judgement(value: float, stderr: float, *, finding: str, statistic: str,
+                      noise: str, confidence: float) -> Judgement:
+  """A difference of accuracies judged above 0 with its normal interval; `noise` names what
+  `stderr` covers."""
+  low, high = normal_interval(value, stderr, confidence)
+  return Judgement(
+      finding=finding, statistic=statistic, value=value, low=low, high=high, threshold=0.0,
+      side="above", interval=f"{_percent(confidence)} normal interval, {noise}")
+
+
 def _within_model(heatmap: npt.ArrayLike, name: str) -> np.ndarray:
   """`heatmap` in float64, checked to be square `[L, L]` with L >= 2."""
   heatmap = np.asarray(heatmap, np.float64)
@@ -440,15 +450,13 @@ def judge_skip_removal(reference_accuracy: float, ablated_accuracies: Sequence[f
   _check_num_test_examples(num_test_examples)
   variance = (reference * (1 - reference) / num_test_examples
               + np.sum(ablated * (1 - ablated) / num_test_examples) / len(ablated) ** 2)
-  value = float(reference - np.mean(ablated))
-  low, high = normal_interval(value, math.sqrt(variance), confidence)
-  return Judgement(
+  return _normal_judgement(
+      float(reference - np.mean(ablated)), math.sqrt(variance),
       finding="removing a block's skip connections lowers accuracy",
       statistic="test accuracy of the unablated ViT minus the mean of the ablated ones "
                 "(fraction)",
-      value=value, low=low, high=high, threshold=0.0, side="above",
-      interval=f"{_percent(confidence)} normal interval, binomial noise of each accuracy on "
-               f"{num_test_examples} test examples")
+      noise=f"binomial noise of each accuracy on {num_test_examples} test examples",
+      confidence=confidence)
 
 
 def judge_cls_localization(cls_own: npt.ArrayLike, cls_stderr: npt.ArrayLike,
@@ -516,17 +524,15 @@ def judge_probe_data_scale(full_accuracies: npt.ArrayLike, subset_accuracies: np
   full = _accuracies(full_accuracies, "full_accuracies", "[seeds]")
   subset = _accuracies(subset_accuracies, "subset_accuracies", "[seeds]")
   _check_num_test_examples(num_test_examples)
-  value = float(np.mean(full) - np.mean(subset))
   stderr = math.sqrt(_mean_accuracy_variance(full, num_test_examples)
                      + _mean_accuracy_variance(subset, num_test_examples))
-  low, high = normal_interval(value, stderr, confidence)
-  return Judgement(
+  return _normal_judgement(
+      float(np.mean(full) - np.mean(subset)), stderr,
       finding="intermediate layers probe better with more training data",
       statistic="few-shot probe test accuracy of an intermediate layer, full-data minus subset "
                 "model (fraction)",
-      value=value, low=low, high=high, threshold=0.0, side="above",
-      interval=f"{_percent(confidence)} normal interval, few-shot seed variance and binomial "
-               f"noise on {num_test_examples} test examples")
+      noise=f"few-shot seed variance and binomial noise on {num_test_examples} test examples",
+      confidence=confidence)
 
 
 def _signed(number: float) -> str:

@@ -25,10 +25,10 @@ gs://), or an embedded dataset that ships inside an installed package and needs 
   manner of cluttered MNIST (Mnih et al., "Recurrent Models of Visual Attention", NeurIPS 2014).
   At 32 px with 4-px patches a ViT sees an 8x8 token grid in which the digit covers 6x6 tokens
   at a varying place, so local and global heads, localization and the CLS-vs-GAP contrast have
-  room to appear. Splits follow the
-  source digits (no digit is in two splits): 'train' 5,748 (4 placements of each of the 1,437
-  train digits), 'test' 720 (2 placements of each of the 360 test digits); 'validation' names
-  'test'. Same provenance and licenses as 'digits'; served at its native 32x32.
+  room to appear. Splits follow the source digits (no digit is in two splits): 'train' 5,748
+  (4 placements of each of the 1,437 train digits), 'test' 720 (2 placements of each of the 360
+  test digits); 'validation' names 'test'. Same provenance and licenses as 'digits'; served at
+  its native 32x32.
 
 Example order and subsets. Examples are identified by their index in the split's canonical
 (on-disk, unshuffled) order. `subset_fraction=f, subset_seed=s` keeps the first
@@ -182,7 +182,7 @@ def _cluttered_split(digits: np.ndarray, placements: int, seed: int) -> np.ndarr
 @functools.cache
 def _cluttered_digits() -> tuple[DatasetInfo, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
   """The digits placed on cluttered 32x32 canvases: uint8 images `[6468, 32, 32, 3]`, labels,
-  split indices (module docstring). Built once per process (about a second), read-only."""
+  split indices (module docstring). Built once per process (0.4 s here), read-only."""
   _, digit_images, digit_labels, digit_splits = _digits()
   images, labels, splits = [], [], {}
   for split in ("train", "test"):
